@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# One-step install: Debian packages, a virtual environment in .venv, torch, then the project.
+#
+# torch is installed before the project so that pip never resolves it itself:
+#   - a torch already in the venv (e.g. a CUDA build a GPU user put there) is kept as is;
+#   - on a machine without an NVIDIA driver, `torch==2.13.0` is installed, which takes the CPU wheel
+#     (pip's find-links on this kind of machine; the CPU index elsewhere, see TORCH_CPU_INDEX below);
+#   - with an NVIDIA driver, the default `torch` (CUDA) build.
+# The project itself only asks for a range (`torch>=2.4`) that any of these satisfies, so the final
+# `pip install -e .` never swaps torch or pulls CUDA wheels onto a CPU machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+TORCH_CPU_SPEC=${TORCH_CPU_SPEC:-torch==2.13.0}
+# Off this machine, a CPU wheel of that version lives on PyTorch's CPU index; set TORCH_CPU_INDEX to it
+# (e.g. https://download.pytorch.org/whl/cpu) if pip cannot find it otherwise.
+TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-}
+
+# This machine's pip config names local index folders that may be absent; pip warns once per package.
+quiet_pip() { "$@" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true; return "${PIPESTATUS[0]}"; }
+log() { printf '[install] %s\n' "$*"; }
+
+# --- Debian packages ------------------------------------------------------------------------------
+# espeak-ng: the default TTS engine for demo data and mixed-modal SFT; sox: audio inspection;
+# libsndfile1: soundfile's codec library (the wheel bundles one, the system one is a fallback).
+APT_PKGS=(espeak-ng sox libsndfile1)
+missing=()
+for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+    log "apt-get install ${missing[*]}"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "[install] missing Debian packages: ${missing[*]}" >&2
+    echo "[install] install them as root: sudo apt-get install -y ${missing[*]}" >&2
+    echo "[install] (without espeak-ng the demo corpus and mixed-modal TTS cannot be generated)" >&2
+  fi
+fi
+
+# --- virtual environment ----------------------------------------------------------------------------
+if [[ ! -x $VENV/bin/python ]]; then
+  log "creating $VENV with $($PY --version)"
+  $PY -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip)
+quiet_pip "${PIP[@]}" install -q --upgrade pip >/dev/null
+
+# --- torch ------------------------------------------------------------------------------------------
+if "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+  log "keeping installed torch $("$VENV/bin/python" -c 'import torch;print(torch.__version__)')"
+elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  log "NVIDIA driver found: installing the default (CUDA) torch build"
+  quiet_pip "${PIP[@]}" install -q torch
+else
+  log "no NVIDIA driver: installing $TORCH_CPU_SPEC (CPU build)"
+  if [[ -n $TORCH_CPU_INDEX ]]; then
+    quiet_pip "${PIP[@]}" install -q "$TORCH_CPU_SPEC" --index-url "$TORCH_CPU_INDEX"
+  else
+    quiet_pip "${PIP[@]}" install -q "$TORCH_CPU_SPEC"
+  fi
+fi
+
+# --- the project ------------------------------------------------------------------------------------
+log "installing the project and its dependencies (editable, with test extras)"
+quiet_pip "${PIP[@]}" install -q -e ".[dev]"
+"$VENV/bin/python" - <<'PY'
+import torch, ray, transformers, peft, lhotse, mlflow
+print(f"[install] ok: torch {torch.__version__} (cuda={torch.cuda.is_available()}), ray {ray.__version__}, "
+      f"transformers {transformers.__version__}, peft {peft.__version__}, lhotse {lhotse.__version__}, "
+      f"mlflow {mlflow.__version__}")
+PY
