@@ -1,0 +1,77 @@
+"""Text-to-speech engines for demo data and mixed-modal SFT. Pluggable: anything with `synthesize(text, rng)`.
+
+The default, `EspeakTTS`, shells out to Debian's `espeak-ng` (no weights, no network) and varies voice, rate and
+pitch per sample so that synthetic speech is not one fixed voice. Output is resampled to 16 kHz mono with
+lhotse's resampler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+from lhotse import Recording
+
+TARGET_SR = 16000
+
+# espeak-ng voices per language; "+f3"/"+m2" are its voice variants (timbre).
+ESPEAK_VOICES: dict[str, tuple[str, ...]] = {
+    "en": ("en-us", "en-gb", "en-us+f3", "en-gb+m3", "en-us+m2", "en-gb-x-rp+f2"),
+    "de": ("de", "de+f3", "de+m3"),
+    "es": ("es", "es+f3", "es+m3"),
+    "fr": ("fr", "fr+f3", "fr+m3"),
+}
+
+
+class TTSError(RuntimeError):
+    pass
+
+
+class TTSEngine(Protocol):
+    def synthesize(self, text: str, lang: str, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+        """Speak `text` in `lang`; return 16 kHz mono float32 samples (S,) and what was chosen (voice, ...)."""
+        ...
+
+
+@dataclasses.dataclass
+class EspeakTTS:
+    """espeak-ng with per-sample voice, rate (words/min) and pitch (0-99) drawn from the given ranges."""
+
+    voices: dict[str, Sequence[str]] = dataclasses.field(default_factory=lambda: dict(ESPEAK_VOICES))
+    rate: tuple[int, int] = (140, 190)
+    pitch: tuple[int, int] = (30, 70)
+    binary: str = "espeak-ng"
+
+    def __post_init__(self) -> None:
+        if shutil.which(self.binary) is None:
+            raise TTSError(
+                f"{self.binary} is not installed; install it with `apt-get install espeak-ng` "
+                "(infra/install.sh does this when run as root)"
+            )
+
+    def synthesize(self, text: str, lang: str, rng: np.random.Generator, voice: str | None = None) -> tuple[np.ndarray, dict]:
+        if not text.strip():
+            raise TTSError("cannot synthesize empty text")
+        if voice is None:
+            if lang not in self.voices:
+                raise TTSError(f"no espeak-ng voice configured for language {lang!r}; known: {sorted(self.voices)}")
+            voice = str(rng.choice(list(self.voices[lang])))
+        rate = int(rng.integers(self.rate[0], self.rate[1] + 1))
+        pitch = int(rng.integers(self.pitch[0], self.pitch[1] + 1))
+        with tempfile.TemporaryDirectory() as tmp:
+            wav = Path(tmp) / "tts.wav"
+            # Text goes through stdin, never the command line: it may start with '-' or be long.
+            proc = subprocess.run(
+                [self.binary, "-v", voice, "-s", str(rate), "-p", str(pitch), "-w", str(wav), "--stdin"],
+                input=text.encode("utf-8"), capture_output=True, timeout=120,
+            )
+            if proc.returncode != 0 or not wav.exists():
+                raise TTSError(f"espeak-ng failed for voice {voice!r}: {proc.stderr.decode(errors='replace')[:500]}")
+            rec = Recording.from_file(str(wav))
+            audio = rec.resample(TARGET_SR).load_audio()[0] if rec.sampling_rate != TARGET_SR else rec.load_audio()[0]
+        return audio.astype(np.float32), {"engine": "espeak-ng", "voice": voice, "rate": rate, "pitch": pitch}

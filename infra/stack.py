@@ -1,0 +1,281 @@
+"""The local stack: a Ray head, an MLflow tracking server and an S3 endpoint (moto), all on 127.0.0.1.
+
+Each service runs as a child process in its own process session, on a free port, with its log in
+`<root>/logs/`, and is health-checked before `start()` returns. `stop()` sends SIGTERM, waits, then kills the
+whole process group, so nothing is left behind. State (ports, pids) is kept in `<root>/state.json` so the CLI can
+stop what an earlier command started.
+
+    python -m infra.stack up [--services ray,mlflow,s3] [--root .stack]
+    python -m infra.stack status | env | down
+
+Ray auth: Ray 2.60 enables token auth when `~/.ray/auth_token` exists. This stack binds only to loopback and starts
+the head with `RAY_AUTH_MODE=disabled` on purpose; clients it prints (`env`) carry the same setting. A shared
+cluster should use token auth instead (see README).
+
+Product code never imports this module: jobs and services receive addresses as arguments or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+HOST = "127.0.0.1"
+ALL_SERVICES = ("ray", "mlflow", "s3")
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    # The executables of this interpreter's environment, whether or not the venv is activated.
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else name
+
+
+def _http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return 200 <= r.status < 500
+    except Exception:
+        return False
+
+
+@dataclasses.dataclass
+class Service:
+    name: str
+    pid: int
+    port: int
+    url: str
+    log: str
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+class LocalStack:
+    """Start/stop the local services. Usable as a context manager (tests) or through the CLI."""
+
+    def __init__(self, root: str | os.PathLike = ".stack", services: tuple[str, ...] = ALL_SERVICES,
+                 ray_num_cpus: int | None = None):
+        unknown = set(services) - set(ALL_SERVICES)
+        if unknown:
+            raise StackError(f"unknown service(s) {sorted(unknown)}; choose from {ALL_SERVICES}")
+        self.root = Path(root).resolve()
+        self.services_wanted = tuple(services)
+        self.ray_num_cpus = ray_num_cpus
+        self.services: dict[str, Service] = {}
+        self.state_file = self.root / "state.json"
+
+    # -- public ---------------------------------------------------------------------------------------------------
+    def start(self) -> "LocalStack":
+        (self.root / "logs").mkdir(parents=True, exist_ok=True)
+        self._load_state()
+        try:
+            for name in self.services_wanted:
+                if name in self.services and _pid_alive(self.services[name].pid):
+                    continue
+                self.services[name] = getattr(self, f"_start_{name}")()
+                self._save_state()
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._load_state()
+        for name in reversed(list(self.services)):
+            _terminate(self.services[name].pid, timeout)
+        self.services.clear()
+        if self.state_file.exists():
+            self.state_file.unlink()
+
+    def status(self) -> dict[str, dict]:
+        self._load_state()
+        return {n: {**dataclasses.asdict(s), "alive": _pid_alive(s.pid)} for n, s in self.services.items()}
+
+    def env(self) -> dict[str, str]:
+        """Client environment for the running services."""
+        self._load_state()
+        env = {}
+        if "ray" in self.services:
+            env["RAY_ADDRESS"] = self.services["ray"].url
+            env["RAY_AUTH_MODE"] = "disabled"
+        if "mlflow" in self.services:
+            env["MLFLOW_TRACKING_URI"] = self.services["mlflow"].url
+        if "s3" in self.services:
+            env["AWS_ENDPOINT_URL"] = self.services["s3"].url
+            env.update(S3_CREDENTIALS)
+        return env
+
+    @property
+    def urls(self) -> dict[str, str]:
+        return {n: s.url for n, s in self.services.items()}
+
+    def __enter__(self) -> "LocalStack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- services -----------------------------------------------------------------------------------------------
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
+        log = self.root / "logs" / f"{name}.log"
+        fh = open(log, "ab")
+        fh.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+        fh.flush()
+        try:
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**os.environ, **(env or {})}, start_new_session=True, cwd=self.root)
+        except FileNotFoundError as e:
+            raise StackError(f"cannot start {name}: `{cmd[0]}` is not installed in this environment "
+                             f"({sys.executable}); run infra/install.sh") from e
+        finally:
+            fh.close()
+        return proc, log
+
+    def _wait(self, name: str, proc: subprocess.Popen, log: Path, check, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                tail = log.read_text(errors="replace")[-2000:]
+                raise StackError(f"{name} exited with code {proc.returncode} while starting; log {log}:\n{tail}")
+            if check():
+                return
+            time.sleep(0.5)
+        _terminate(proc.pid, 10)
+        raise StackError(f"{name} did not become healthy within {timeout:.0f} s; see {log}")
+
+    def _start_ray(self) -> Service:
+        gcs, dash, client = free_port(), free_port(), free_port()
+        # Short path: Ray puts unix sockets under the temp dir and they are limited to 107 bytes.
+        temp_dir = Path("/tmp") / f"vtb-ray-{gcs}"
+        cmd = [_bin("ray"), "start", "--head", "--block", f"--port={gcs}", f"--node-ip-address={HOST}",
+               f"--dashboard-host={HOST}", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+               "--disable-usage-stats", "--include-dashboard=true", f"--temp-dir={temp_dir}"]
+        if self.ray_num_cpus is not None:
+            cmd.append(f"--num-cpus={self.ray_num_cpus}")
+        proc, log = self._spawn("ray", cmd, {"RAY_AUTH_MODE": "disabled"})
+        url = f"http://{HOST}:{dash}"
+        self._wait("ray", proc, log, lambda: _http_ok(f"{url}/api/version"), timeout=120)
+        return Service("ray", proc.pid, dash, url, str(log),
+                       {"gcs_address": f"{HOST}:{gcs}", "temp_dir": str(temp_dir)})
+
+    def _start_mlflow(self) -> Service:
+        port = free_port()
+        data = self.root / "mlflow"
+        data.mkdir(parents=True, exist_ok=True)
+        cmd = [_bin("mlflow"), "server", "--host", HOST, "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{data / 'mlflow.db'}",
+               "--artifacts-destination", str(data / "artifacts"), "--serve-artifacts"]
+        # The job consumers (seven huey processes) serve MLflow's GenAI scorer jobs, which this product does not use.
+        proc, log = self._spawn("mlflow", cmd, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        url = f"http://{HOST}:{port}"
+        self._wait("mlflow", proc, log, lambda: _http_ok(f"{url}/health"), timeout=120)
+        return Service("mlflow", proc.pid, port, url, str(log), {"data": str(data)})
+
+    def _start_s3(self) -> Service:
+        port = free_port()
+        proc, log = self._spawn("s3", [_bin("moto_server"), "-H", HOST, "-p", str(port)])
+        url = f"http://{HOST}:{port}"
+        self._wait("s3", proc, log, lambda: _http_ok(f"{url}/moto-api/"), timeout=60)
+        return Service("s3", proc.pid, port, url, str(log))
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    def _save_state(self) -> None:
+        self.state_file.write_text(json.dumps({n: dataclasses.asdict(s) for n, s in self.services.items()}, indent=2))
+
+    def _load_state(self) -> None:
+        if self.state_file.exists() and not self.services:
+            self.services = {n: Service(**d) for n, d in json.loads(self.state_file.read_text()).items()}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still "exists": reap it if it is ours.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _terminate(pid: int, timeout: float) -> None:
+    """SIGTERM the service (it shuts its children down), then SIGKILL whatever is left in its process group."""
+    pgid = pid  # each service leads its own session (start_new_session=True)
+    if not _pid_alive(pid) and not _group_alive(pgid):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.time() + timeout
+    while time.time() < deadline and (_pid_alive(pid) or _group_alive(pgid)):
+        time.sleep(0.25)
+    if _group_alive(pgid):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        time.sleep(0.5)
+    _pid_alive(pid)  # reap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m infra.stack", description=__doc__.split("\n\n")[0])
+    ap.add_argument("command", choices=["up", "down", "status", "env"])
+    ap.add_argument("--root", default=os.environ.get("VTB_STACK_ROOT", ".stack"), help="state and log folder")
+    ap.add_argument("--services", default=",".join(ALL_SERVICES), help=f"comma-separated subset of {ALL_SERVICES}")
+    ap.add_argument("--ray-num-cpus", type=int, default=None)
+    args = ap.parse_args(argv)
+    stack = LocalStack(args.root, tuple(s for s in args.services.split(",") if s), args.ray_num_cpus)
+    try:
+        if args.command == "up":
+            stack.start()
+            for name, url in stack.urls.items():
+                print(f"{name:7s} {url}")
+            print(f"logs    {stack.root / 'logs'}")
+        elif args.command == "down":
+            stack.stop()
+            print("stack stopped")
+        elif args.command == "status":
+            print(json.dumps(stack.status(), indent=2))
+        else:
+            for k, v in stack.env().items():
+                print(f"export {k}={v}")
+    except StackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
