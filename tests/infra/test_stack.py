@@ -55,16 +55,17 @@ def test_stack_starts_answers_and_stops_twice_leaving_nothing(tmp_path):
 def test_cli_down_stops_what_up_started(tmp_path):
     root = str(tmp_path / "cli")
     env = {**os.environ}
-    up = subprocess.run([sys.executable, "-m", "infra.stack", "up", "--root", root, "--services", "s3,mlflow"],
-                        capture_output=True, text=True, env=env, timeout=180)
-    assert up.returncode == 0, up.stderr
-    assert "s3" in up.stdout and "mlflow" in up.stdout
-    assert _processes_mentioning(root)
-    down = subprocess.run([sys.executable, "-m", "infra.stack", "down", "--root", root], capture_output=True, text=True,
-                          timeout=120)
+    try:
+        up = subprocess.run([sys.executable, "-m", "infra.stack", "up", "--root", root, "--services", "s3,mlflow"],
+                            capture_output=True, text=True, env=env, timeout=180)
+        assert up.returncode == 0, up.stderr
+        assert "s3" in up.stdout and "mlflow" in up.stdout
+        assert _processes_mentioning(root)
+    finally:
+        down = subprocess.run([sys.executable, "-m", "infra.stack", "down", "--root", root], capture_output=True,
+                              text=True, timeout=120)
     assert down.returncode == 0, down.stderr
     assert _processes_mentioning(root) == []
-
 
 def test_missing_binary_gives_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("infra.stack._bin", lambda name: f"/nonexistent/{name}")
