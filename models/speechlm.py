@@ -349,7 +349,7 @@ class SpeechLM(nn.Module):
             self.lm.save_pretrained(out / LORA_DIR)
         if cfg.lm.pretrained is None or cfg.lm.mode == "full":
             base = self.lm.get_base_model() if lora else self.lm
-            sd = self.lm.get_base_model().state_dict() if lora else self.lm.state_dict()
+            sd = base.state_dict()
             # PEFT wraps each target linear: keep the frozen base weights under their original names.
             sd = {k.replace(".base_layer.", "."): v for k, v in sd.items() if "lora_" not in k}
             base.save_pretrained(out / LM_DIR, state_dict=sd)
