@@ -1,0 +1,108 @@
+"""One conversation schema for all four SFT data types, on Lhotse cuts.
+
+A training example is one `MonoCut`:
+- `cut.recording` holds every audio segment of the conversation, concatenated (16 kHz mono); a text-only
+  conversation has no recording;
+- `cut.custom["conversation"]` is `Conversation.to_dict()`: turns of ordered parts, where each audio part's
+  `source` is `"samples:START:END"`, an exact sample range inside the cut's audio (sample indices, not float
+  seconds, so slicing back is exact);
+- `cut.custom["data_type"]` is one of `DATA_TYPES` (the mixture's unit: each mini-batch comes from one type),
+  `cut.custom["task"]` (e.g. "asr", "ast", "sqa", "mixed_modal", "text") and `cut.custom["langs"]` (e.g.
+  ["en"] or ["de", "en"] for De->En translation).
+
+`conversation_to_cut` builds such a cut; `cut_to_conversation` turns it back into a `Conversation` with samples.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Literal, Sequence
+
+import numpy as np
+import soundfile as sf
+from lhotse import MonoCut, Recording
+from lhotse.audio import AudioSource
+
+from models.conversation import AudioPart, Conversation, ConversationError
+
+DataType = Literal["text", "asr_ast", "sqa", "mixed_modal"]
+DATA_TYPES: tuple[str, ...] = ("text", "asr_ast", "sqa", "mixed_modal")
+SAMPLING_RATE = 16000
+_SOURCE = re.compile(r"^samples:(\d+):(\d+)$")
+
+
+class SchemaError(ValueError):
+    """A cut does not follow the conversation schema; the message names the cut and the problem."""
+
+
+def conversation_to_cut(
+    conv: Conversation,
+    *,
+    cut_id: str,
+    data_type: str,
+    task: str,
+    langs: Sequence[str],
+    extra: dict | None = None,
+) -> MonoCut:
+    """Pack a conversation whose audio parts hold samples (16 kHz mono float) into one cut."""
+    if data_type not in DATA_TYPES:
+        raise SchemaError(f"cut {cut_id}: data_type must be one of {DATA_TYPES}, got {data_type!r}")
+    segments, pos = [], 0
+    conv_dict = conv.to_dict()
+    for t, turn in enumerate(conv.turns):
+        for p, part in enumerate(turn.parts):
+            if not isinstance(part, AudioPart):
+                continue
+            if part.audio is None or part.num_samples == 0:
+                raise SchemaError(f"cut {cut_id}: turn {t} part {p} has no audio samples")
+            if part.sampling_rate != SAMPLING_RATE:
+                raise SchemaError(f"cut {cut_id}: turn {t} part {p} is {part.sampling_rate} Hz; store 16 kHz audio")
+            a = np.asarray(part.audio, dtype=np.float32).reshape(-1)
+            segments.append(a)
+            conv_dict["turns"][t]["parts"][p]["source"] = f"samples:{pos}:{pos + len(a)}"
+            pos += len(a)
+    custom = {"conversation": conv_dict, "data_type": data_type, "task": task, "langs": list(langs), **(extra or {})}
+    if not segments:
+        return MonoCut(id=cut_id, start=0.0, duration=0.0, channel=0, recording=None, custom=custom)
+    audio = np.concatenate(segments)
+    buf = io.BytesIO()
+    # FLOAT WAV in memory keeps the samples bit-exact until the Shar writer encodes them.
+    sf.write(buf, audio, SAMPLING_RATE, format="WAV", subtype="FLOAT")
+    recording = Recording(
+        id=cut_id, sources=[AudioSource(type="memory", channels=[0], source=buf.getvalue())],
+        sampling_rate=SAMPLING_RATE, num_samples=len(audio), duration=len(audio) / SAMPLING_RATE,
+    )
+    return MonoCut(id=cut_id, start=0.0, duration=recording.duration, channel=0, recording=recording, custom=custom)
+
+
+def cut_to_conversation(cut, audio: np.ndarray | None = None) -> Conversation:
+    """The cut's conversation with every audio part's samples filled in.
+
+    `audio` (S,) may be passed when the caller already decoded the cut's audio (e.g. a datasource that decoded
+    and resampled it); otherwise it is loaded from the cut.
+    """
+    custom = getattr(cut, "custom", None) or {}
+    if "conversation" not in custom:
+        raise SchemaError(f"cut {cut.id}: no 'conversation' in its custom fields; not written by this schema")
+    try:
+        conv = Conversation.from_dict(custom["conversation"])
+    except ConversationError as e:
+        raise SchemaError(f"cut {cut.id}: {e}") from e
+    parts = conv.audio_parts
+    if not parts:
+        return conv
+    if audio is None:
+        if cut.recording is None:
+            raise SchemaError(f"cut {cut.id}: the conversation has audio parts but the cut has no recording")
+        audio = cut.load_audio()[0]
+    for part in parts:
+        m = _SOURCE.match(part.source or "")
+        if not m:
+            raise SchemaError(f"cut {cut.id}: audio part source {part.source!r} is not 'samples:START:END'")
+        start, end = int(m.group(1)), int(m.group(2))
+        if not 0 <= start < end <= len(audio):
+            raise SchemaError(f"cut {cut.id}: audio part {part.source} lies outside the cut's {len(audio)} samples")
+        part.audio = np.asarray(audio[start:end], dtype=np.float32)
+        part.sampling_rate = SAMPLING_RATE
+    return conv
