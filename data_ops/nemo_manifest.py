@@ -1,0 +1,110 @@
+"""Import and export NeMo `multimodal_conversation` JSONL manifests, so users with NeMo data can bring it.
+
+One JSON object per line (NeMo's `NeMoMultimodalConversationJsonlAdapter`):
+
+    {"id": "...", "conversations": [
+        {"from": "User", "type": "text", "value": "Transcribe this:"},
+        {"from": "User", "type": "audio", "value": "audio/a.wav", "duration": 2.1},
+        {"from": "Assistant", "type": "text", "value": "hello"}]}
+
+Consecutive entries from the same speaker form one turn, in order (NeMo merges them the same way). Relative
+audio paths resolve against the manifest's folder. `custom._skipme` lines are skipped, as NeMo does.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import soundfile as sf
+from lhotse import Recording, MonoCut
+
+from data_ops.schema import SAMPLING_RATE, SchemaError, conversation_to_cut, cut_to_conversation
+from models.conversation import AudioPart, Conversation, TextPart, Turn
+
+_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
+
+
+def _load_16k(path: Path) -> np.ndarray:
+    rec = Recording.from_file(str(path))
+    if rec.sampling_rate != SAMPLING_RATE:
+        rec = rec.resample(SAMPLING_RATE)
+    audio = rec.load_audio()
+    return audio.mean(axis=0).astype(np.float32)  # mixes multi-channel audio down to mono
+
+
+def read_nemo_manifest(path: str | Path, *, data_type: str, task: str, langs: list[str]) -> Iterator[MonoCut]:
+    """Yield one cut per manifest line. A malformed line raises `SchemaError` naming the file and line."""
+    path = Path(path)
+    root = path.parent
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SchemaError(f"{where}: not JSON ({e.msg})") from e
+            if (obj.get("custom") or {}).get("_skipme"):
+                continue
+            entries = obj.get("conversations")
+            if not isinstance(entries, list) or not entries:
+                raise SchemaError(f"{where}: needs a non-empty 'conversations' list")
+            turns: list[Turn] = []
+            for j, e in enumerate(entries):
+                role = _ROLES.get(str(e.get("from", "")).lower())
+                if role is None:
+                    raise SchemaError(f"{where}: entry {j} 'from' must be User, Assistant or System, got {e.get('from')!r}")
+                kind = e.get("type", "text")
+                if kind == "text":
+                    part = TextPart(str(e.get("value", "")))
+                elif kind == "audio":
+                    audio_path = Path(e.get("value", ""))
+                    audio_path = audio_path if audio_path.is_absolute() else root / audio_path
+                    if not audio_path.is_file():
+                        raise SchemaError(f"{where}: entry {j} audio file {audio_path} does not exist")
+                    try:
+                        part = AudioPart(_load_16k(audio_path), SAMPLING_RATE, transcript=None)
+                    except Exception as ex:
+                        raise SchemaError(f"{where}: entry {j} audio file {audio_path} cannot be decoded: {ex}") from ex
+                else:
+                    raise SchemaError(f"{where}: entry {j} type must be 'text' or 'audio', got {kind!r}")
+                if turns and turns[-1].role == role:
+                    turns[-1].parts.append(part)
+                else:
+                    turns.append(Turn(role=role, parts=[part]))
+            cut_id = str(obj.get("id", f"{path.stem}-{lineno}"))
+            yield conversation_to_cut(Conversation(turns), cut_id=cut_id, data_type=data_type, task=task, langs=langs)
+
+
+def write_nemo_manifest(cuts, path: str | Path, audio_dir: str | Path) -> int:
+    """Write cuts of this project's schema as a NeMo manifest; audio segments become WAV files in `audio_dir`
+    (paths relative to the manifest's folder when inside it). Returns the number of lines written."""
+    path, audio_dir = Path(path), Path(audio_dir)
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for cut in cuts:
+            conv = cut_to_conversation(cut)
+            entries, k = [], 0
+            for turn in conv.turns:
+                speaker = {"user": "User", "assistant": "Assistant", "system": "System"}[turn.role]
+                for part in turn.parts:
+                    if isinstance(part, TextPart):
+                        entries.append({"from": speaker, "type": "text", "value": part.text})
+                        continue
+                    wav = audio_dir / f"{cut.id}-{k}.wav"
+                    k += 1
+                    sf.write(wav, part.audio, SAMPLING_RATE, subtype="FLOAT")
+                    try:
+                        value = str(wav.resolve().relative_to(path.parent.resolve()))
+                    except ValueError:
+                        value = str(wav.resolve())
+                    entries.append({"from": speaker, "type": "audio", "value": value,
+                                    "duration": round(part.duration, 6)})
+            f.write(json.dumps({"id": cut.id, "conversations": entries}) + "\n")
+            n += 1
+    return n
