@@ -17,22 +17,14 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import soundfile as sf
-from lhotse import Recording, MonoCut
+from lhotse import MonoCut
 
-from data_ops.schema import SAMPLING_RATE, SchemaError, conversation_to_cut, cut_to_conversation
+from data_ops.schema import SAMPLING_RATE, SchemaError, conversation_to_cut, cut_to_conversation, load_audio_16k
 from models.conversation import AudioPart, Conversation, TextPart, Turn
 
-_ROLES = {"user": "user", "assistant": "assistant", "system": "system"}
-
-
-def _load_16k(path: Path) -> np.ndarray:
-    rec = Recording.from_file(str(path))
-    if rec.sampling_rate != SAMPLING_RATE:
-        rec = rec.resample(SAMPLING_RATE)
-    audio = rec.load_audio()
-    return audio.mean(axis=0).astype(np.float32)  # mixes multi-channel audio down to mono
+SPEAKERS = {"user": "User", "assistant": "Assistant", "system": "System"}  # our role -> NeMo's "from"
+_ROLES = {v.lower(): k for k, v in SPEAKERS.items()}
 
 
 def read_nemo_manifest(path: str | Path, *, data_type: str, task: str, langs: list[str]) -> Iterator[MonoCut]:
@@ -67,7 +59,7 @@ def read_nemo_manifest(path: str | Path, *, data_type: str, task: str, langs: li
                     if not audio_path.is_file():
                         raise SchemaError(f"{where}: entry {j} audio file {audio_path} does not exist")
                     try:
-                        part = AudioPart(_load_16k(audio_path), SAMPLING_RATE, transcript=None)
+                        part = AudioPart(load_audio_16k(audio_path), SAMPLING_RATE)
                     except Exception as ex:
                         raise SchemaError(f"{where}: entry {j} audio file {audio_path} cannot be decoded: {ex}") from ex
                 else:
@@ -91,7 +83,7 @@ def write_nemo_manifest(cuts, path: str | Path, audio_dir: str | Path) -> int:
             conv = cut_to_conversation(cut)
             entries, k = [], 0
             for turn in conv.turns:
-                speaker = {"user": "User", "assistant": "Assistant", "system": "System"}[turn.role]
+                speaker = SPEAKERS[turn.role]
                 for part in turn.parts:
                     if isinstance(part, TextPart):
                         entries.append({"from": speaker, "type": "text", "value": part.text})

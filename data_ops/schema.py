@@ -32,6 +32,14 @@ SAMPLING_RATE = 16000
 _SOURCE = re.compile(r"^samples:(\d+):(\d+)$")
 
 
+def load_audio_16k(path) -> np.ndarray:
+    """Decode an audio file to 16 kHz mono float32 (S,), resampling with lhotse and averaging channels."""
+    rec = Recording.from_file(str(path))
+    if rec.sampling_rate != SAMPLING_RATE:
+        rec = rec.resample(SAMPLING_RATE)
+    return rec.load_audio().mean(axis=0).astype(np.float32)
+
+
 class SchemaError(ValueError):
     """A cut does not follow the conversation schema; the message names the cut and the problem."""
 

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
-from lhotse import Recording
 
-TARGET_SR = 16000
+from data_ops.schema import load_audio_16k
+
 
 # espeak-ng voices per language; "+f3"/"+m2" are its voice variants (timbre).
 ESPEAK_VOICES: dict[str, tuple[str, ...]] = {
@@ -72,6 +72,5 @@ class EspeakTTS:
             )
             if proc.returncode != 0 or not wav.exists():
                 raise TTSError(f"espeak-ng failed for voice {voice!r}: {proc.stderr.decode(errors='replace')[:500]}")
-            rec = Recording.from_file(str(wav))
-            audio = rec.resample(TARGET_SR).load_audio()[0] if rec.sampling_rate != TARGET_SR else rec.load_audio()[0]
-        return audio.astype(np.float32), {"engine": "espeak-ng", "voice": voice, "rate": rate, "pitch": pitch}
+            audio = load_audio_16k(wav)
+        return audio, {"engine": "espeak-ng", "voice": voice, "rate": rate, "pitch": pitch}
