@@ -93,24 +93,33 @@ def cut_to_conversation(cut, audio: np.ndarray | None = None) -> Conversation:
     custom = getattr(cut, "custom", None) or {}
     if "conversation" not in custom:
         raise SchemaError(f"cut {cut.id}: no 'conversation' in its custom fields; not written by this schema")
+    if audio is None and cut.recording is not None and custom["conversation"] and _has_audio(custom["conversation"]):
+        audio = cut.load_audio()[0]
+    return fill_conversation(cut.id, custom["conversation"], audio)
+
+
+def _has_audio(conv_dict: dict) -> bool:
+    return any(p.get("type") == "audio" for t in conv_dict.get("turns", []) for p in t.get("parts", []))
+
+
+def fill_conversation(cut_id: str, conv_dict: dict, audio: np.ndarray | None) -> Conversation:
+    """`Conversation.from_dict(conv_dict)` with each audio part's "samples:START:END" cut out of `audio` (S,)."""
     try:
-        conv = Conversation.from_dict(custom["conversation"])
+        conv = Conversation.from_dict(conv_dict)
     except ConversationError as e:
-        raise SchemaError(f"cut {cut.id}: {e}") from e
+        raise SchemaError(f"cut {cut_id}: {e}") from e
     parts = conv.audio_parts
     if not parts:
         return conv
     if audio is None:
-        if cut.recording is None:
-            raise SchemaError(f"cut {cut.id}: the conversation has audio parts but the cut has no recording")
-        audio = cut.load_audio()[0]
+        raise SchemaError(f"cut {cut_id}: the conversation has audio parts but the cut has no recording")
     for part in parts:
         m = _SOURCE.match(part.source or "")
         if not m:
-            raise SchemaError(f"cut {cut.id}: audio part source {part.source!r} is not 'samples:START:END'")
+            raise SchemaError(f"cut {cut_id}: audio part source {part.source!r} is not 'samples:START:END'")
         start, end = int(m.group(1)), int(m.group(2))
         if not 0 <= start < end <= len(audio):
-            raise SchemaError(f"cut {cut.id}: audio part {part.source} lies outside the cut's {len(audio)} samples")
+            raise SchemaError(f"cut {cut_id}: audio part {part.source} lies outside the cut's {len(audio)} samples")
         part.audio = np.asarray(audio[start:end], dtype=np.float32)
         part.sampling_rate = SAMPLING_RATE
     return conv

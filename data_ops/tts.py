@@ -74,3 +74,27 @@ class EspeakTTS:
                 raise TTSError(f"espeak-ng failed for voice {voice!r}: {proc.stderr.decode(errors='replace')[:500]}")
             audio = load_audio_16k(wav)
         return audio, {"engine": "espeak-ng", "voice": voice, "rate": rate, "pitch": pitch}
+
+
+class SpeakMapper:
+    """Ray Data callable class: rows {id, text, lang, seed} -> the same rows plus `audio` (float32 bytes, 16 kHz),
+    `tts` (JSON of the engine's choices) and `error` (None, or why this row has no audio). One engine per actor."""
+
+    def __init__(self, tts_factory=EspeakTTS):
+        self.tts = tts_factory()
+
+    def __call__(self, batch: dict) -> dict:
+        import json
+
+        audio, meta, error = [], [], []
+        for text, lang, seed in zip(batch["text"], batch["lang"], batch["seed"]):
+            try:
+                samples, info = self.tts.synthesize(str(text), str(lang), np.random.default_rng(int(seed)))
+                audio.append(samples.astype("<f4").tobytes())
+                meta.append(json.dumps(info))
+                error.append(None)
+            except TTSError as e:
+                audio.append(None)
+                meta.append(None)
+                error.append(str(e))
+        return {**batch, "audio": audio, "tts": meta, "error": error}

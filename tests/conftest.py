@@ -51,3 +51,56 @@ def audio():
         return (tone + 0.05 * rng.standard_normal(n)).astype(np.float32)
 
     return _audio
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray instance for Ray Data jobs (4 logical CPUs so TTS/LLM actors and read tasks fit on 2 cores)."""
+    import os
+
+    import ray
+
+    from infra.stack import S3_CREDENTIALS
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback-only test cluster; see infra/stack.py
+    # workers inherit the environment at start: give them the moto test credentials (moto accepts any)
+    for k, v in S3_CREDENTIALS.items():
+        os.environ.setdefault(k, v)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1; yields its URL with credentials set in the environment."""
+    import os
+
+    from infra.stack import S3_CREDENTIALS, LocalStack
+
+    stack = LocalStack(tmp_path_factory.mktemp("s3stack"), services=("s3",))
+    saved = {k: os.environ.get(k) for k in [*S3_CREDENTIALS, "AWS_ENDPOINT_URL"]}
+    stack.start()
+    try:
+        os.environ.update({**S3_CREDENTIALS, "AWS_ENDPOINT_URL": stack.urls["s3"]})
+        yield stack.urls["s3"]
+    finally:
+        stack.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def pcm_audio():
+    """pcm_audio(seconds, seed) -> float32 audio on the 16-bit grid, so FLAC shards round-trip it bit-exactly."""
+
+    def _pcm(seconds: float, seed: int = 0) -> np.ndarray:
+        k = np.random.default_rng(seed).integers(-20000, 20000, size=int(seconds * 16000))
+        return (k / 32768.0).astype(np.float32)
+
+    return _pcm

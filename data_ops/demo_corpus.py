@@ -1,0 +1,236 @@
+"""A demo corpus that needs nothing from outside: all four data types, generated and spoken here.
+
+- text SFT: arithmetic, counting, word and list tasks, some as multi-turn dialogues, and multi-sentence word
+  problems (single-turn; the source of the mixed-modal type);
+- ASR/AST: parallel sentences in En/De/Es/Fr (numbers, days, colours, times, names; one or two sentences per
+  utterance) spoken by espeak-ng with a voice of that language; every utterance gives an ASR conversation and
+  every other one an AST conversation (X->En for De/Es/Fr speech, En->X for English speech);
+- speech QA: English utterances with a question and answer derived from the sentence templates (what an LLM
+  would be asked for, `data_ops.sqa`, known exactly here);
+- mixed-modal: word problems with a span of their sentences spoken (`data_ops.mixed_modal`, as a Ray Data job).
+
+Everything is drawn from one seed; `SIZES` go from `tiny` (tests, seconds) to `demo` (a few thousand utterances).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import numpy as np
+from tqdm import tqdm
+
+from data_ops.importers import speech_cuts
+from data_ops.mixed_modal import mixed_modal_dataset, mixed_modal_row_to_cut
+from data_ops.schema import conversation_to_cut
+from data_ops.shards import CorpusManifest, ShardWriter
+from data_ops.sqa import sqa_conversation
+from data_ops.tts import EspeakTTS, SpeakMapper
+from models.conversation import Conversation, Turn
+
+logger = logging.getLogger("vtblender.data")
+
+LANGS = ("en", "de", "es", "fr")
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusSize:
+    text: int  # text SFT conversations (plus as many word problems as `mixed`)
+    speech: int  # spoken utterances; each gives an ASR cut, every other one an AST cut too
+    sqa: int  # of the English utterances, how many also get a speech-QA cut (at most all of them)
+    mixed: int  # mixed-modal conversations
+
+
+SIZES = {
+    "tiny": CorpusSize(text=24, speech=16, sqa=6, mixed=6),
+    "small": CorpusSize(text=300, speech=240, sqa=60, mixed=80),
+    "demo": CorpusSize(text=2000, speech=2400, sqa=600, mixed=600),
+}
+
+_DAYS = {
+    "en": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
+    "de": ["Montag", "Dienstag", "Mittwoch", "Donnerstag", "Freitag", "Samstag", "Sonntag"],
+    "es": ["lunes", "martes", "miércoles", "jueves", "viernes", "sábado", "domingo"],
+    "fr": ["lundi", "mardi", "mercredi", "jeudi", "vendredi", "samedi", "dimanche"],
+}
+_COLORS = {
+    "en": ["red", "blue", "green", "yellow", "black", "white"],
+    "de": ["rot", "blau", "grün", "gelb", "schwarz", "weiß"],
+    "es": ["rojo", "azul", "verde", "amarillo", "negro", "blanco"],
+    "fr": ["rouge", "bleu", "vert", "jaune", "noir", "blanc"],
+}
+_NAMES = ["Anna", "Paul", "Maria", "Lukas", "Sofia", "Hugo", "Emma", "Leo"]
+
+# Parallel sentence templates: per language, and the English question/answer a listener could be asked.
+_TEMPLATES = [
+    ({"en": "The number is {n}.", "de": "Die Zahl ist {n}.", "es": "El número es {n}.", "fr": "Le nombre est {n}."},
+     ("What number is mentioned?", "The number is {n}.")),
+    ({"en": "Today is {day}.", "de": "Heute ist {day}.", "es": "Hoy es {day}.", "fr": "Aujourd'hui, c'est {day}."},
+     ("What day is it today?", "Today is {day_en}.")),
+    ({"en": "My favorite color is {color}.", "de": "Meine Lieblingsfarbe ist {color}.",
+      "es": "Mi color favorito es el {color}.", "fr": "Ma couleur préférée est le {color}."},
+     ("What is the speaker's favorite color?", "The favorite color is {color_en}.")),
+    ({"en": "The train leaves at {h} o'clock.", "de": "Der Zug fährt um {h} Uhr ab.", "es": "El tren sale a las {h}.",
+      "fr": "Le train part à {h} heures."},
+     ("When does the train leave?", "The train leaves at {h} o'clock.")),
+    ({"en": "My name is {name}.", "de": "Ich heiße {name}.", "es": "Me llamo {name}.", "fr": "Je m'appelle {name}."},
+     ("What is the speaker's name?", "The speaker's name is {name}.")),
+]
+_WORDS = ["cat", "house", "river", "apple", "garden", "window", "music", "pencil", "orange", "planet", "bridge", "candle"]
+
+
+def parallel_sentence(rng: np.random.Generator) -> tuple[dict[str, str], tuple[str, str]]:
+    """One template filled in every language, and its English QA pair."""
+    texts, (q, a) = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
+    day, color = int(rng.integers(7)), int(rng.integers(6))
+    slots = {"n": int(rng.integers(0, 100)), "h": int(rng.integers(1, 13)), "name": str(rng.choice(_NAMES))}
+    out = {lang: t.format(day=_DAYS[lang][day], color=_COLORS[lang][color], **slots) for lang, t in texts.items()}
+    qa = (q, a.format(day_en=_DAYS["en"][day], color_en=_COLORS["en"][color], **slots))
+    return out, qa
+
+
+def utterance(rng: np.random.Generator) -> tuple[dict[str, str], tuple[str, str]]:
+    """One or two parallel sentences; the QA pair is about the first."""
+    first, qa = parallel_sentence(rng)
+    if rng.random() < 0.4:
+        second, _ = parallel_sentence(rng)
+        first = {lang: f"{first[lang]} {second[lang]}" for lang in first}
+    return first, qa
+
+
+# ---- text SFT ------------------------------------------------------------------------------------------------
+
+def _arithmetic(rng):
+    a, b = int(rng.integers(0, 50)), int(rng.integers(0, 50))
+    op = str(rng.choice(["plus", "minus", "times"]))
+    c = a + b if op == "plus" else a - b if op == "minus" else a * b
+    turns = [("user", f"What is {a} {op} {b}?"), ("assistant", f"{a} {op} {b} is {c}.")]
+    if rng.random() < 0.4:  # a follow-up turn that needs the previous answer
+        d = int(rng.integers(1, 10))
+        turns += [("user", f"Now add {d} to that."), ("assistant", f"{c} plus {d} is {c + d}.")]
+    return turns
+
+
+def _counting(rng):
+    a = int(rng.integers(0, 20))
+    b = a + int(rng.integers(2, 7))
+    return [("user", f"Count from {a} to {b}."), ("assistant", ", ".join(str(i) for i in range(a, b + 1)) + ".")]
+
+
+def _word(rng):
+    w = str(rng.choice(_WORDS))
+    kind = int(rng.integers(3))
+    if kind == 0:
+        return [("user", f"Spell the word {w}."), ("assistant", f"{w} is spelled " + "-".join(w) + ".")]
+    if kind == 1:
+        return [("user", f"Reverse the word {w}."), ("assistant", f"{w} reversed is {w[::-1]}.")]
+    return [("user", f"How many letters are in the word {w}?"), ("assistant", f"The word {w} has {len(w)} letters.")]
+
+
+def _lists(rng):
+    xs = [int(x) for x in rng.choice(100, size=int(rng.integers(3, 6)), replace=False)]
+    shown = ", ".join(map(str, xs))
+    if rng.random() < 0.5:
+        turns = [("user", f"Sort these numbers from smallest to largest: {shown}."),
+                 ("assistant", ", ".join(map(str, sorted(xs))) + ".")]
+    else:
+        turns = [("user", f"What is the largest number in this list: {shown}?"),
+                 ("assistant", f"The largest number is {max(xs)}.")]
+    if rng.random() < 0.3:
+        turns += [("user", "And the smallest?"), ("assistant", f"The smallest number is {min(xs)}.")]
+    return turns
+
+
+def word_problem(rng) -> list[tuple[str, str]]:
+    """A single-turn task whose user turn has several sentences (the mixed-modal source)."""
+    a, b = int(rng.integers(2, 20)), int(rng.integers(2, 20))
+    kind = int(rng.integers(4))
+    if kind == 0:
+        return [("user", f"I have {a} apples. My friend gives me {b} more. How many apples do I have now?"),
+                ("assistant", f"You have {a + b} apples now.")]
+    if kind == 1:
+        return [("user", f"Tom is {a} years old. His sister is {b} years older. How old is his sister?"),
+                ("assistant", f"His sister is {a + b} years old.")]
+    if kind == 2:
+        w = str(rng.choice(_WORDS))
+        return [("user", f"Here is a word. The word is {w}. Please spell it."),
+                ("assistant", f"{w} is spelled " + "-".join(w) + ".")]
+    return [("user", f"Think of the number {a}. Double it. Then add {b}. What do you get?"),
+            ("assistant", f"Doubling {a} gives {2 * a}, and adding {b} gives {2 * a + b}.")]
+
+
+def text_sft(rng: np.random.Generator, n: int) -> list[list[tuple[str, str]]]:
+    makers = [_arithmetic, _counting, _word, _lists, word_problem]
+    return [makers[i % len(makers)](rng) for i in range(n)]
+
+
+def _conversation(turns: list[tuple[str, str]]) -> Conversation:
+    return Conversation([Turn.text(role, text) for role, text in turns])  # type: ignore[arg-type]
+
+
+# ---- the corpus ----------------------------------------------------------------------------------------------
+
+def build_demo_corpus(out_uri: str, size: str | CorpusSize = "tiny", *, seed: int = 0, shard_size: int = 200,
+                      concurrency: int = 2, endpoint_url: str | None = None, tts_factory=EspeakTTS,
+                      progress: bool = True) -> CorpusManifest:
+    """Generate all four types and write them as shards (with manifest) to `out_uri`. Needs a Ray cluster
+    (`ray.init()` done by the caller, or a local one is started) for the TTS jobs."""
+    import ray.data
+
+    sz = SIZES[size] if isinstance(size, str) else size
+    rng = np.random.default_rng(seed)
+    with ShardWriter(out_uri, shard_size=shard_size, endpoint_url=endpoint_url, progress=progress) as writer:
+        # text SFT
+        text_cuts = (conversation_to_cut(_conversation(t), cut_id=f"text-{i:06d}", data_type="text", task="text",
+                                         langs=["en"]) for i, t in enumerate(text_sft(rng, sz.text)))
+        writer.write("text", text_cuts)
+
+        # ASR / AST / SQA from spoken parallel sentences
+        items, qa = [], {}
+        for i in range(sz.speech):
+            texts, pair = utterance(rng)
+            lang = LANGS[i % len(LANGS)]
+            target = "en" if lang != "en" else str(rng.choice(LANGS[1:]))
+            uid = f"utt-{i:06d}"
+            items.append({"id": uid, "lang": lang, "text": texts[lang], "seed": int(rng.integers(2**31)),
+                          "translation": texts[target] if i % 2 == 0 else None, "target_lang": target})
+            qa[uid] = pair
+        spoken = ray.data.from_items(items).map_batches(
+            SpeakMapper, fn_constructor_kwargs={"tts_factory": tts_factory}, batch_size=8,
+            compute=ray.data.ActorPoolStrategy(size=concurrency),
+            num_cpus=1)
+        sqa: list = []
+
+        def speech_stream():  # streamed into the writer; SQA cuts (a few) are collected on the side
+            for row in tqdm(spoken.iter_rows(), total=len(items), desc="speak utterances", disable=not progress):
+                if row["error"]:
+                    logger.warning("utterance %s skipped: %s", row["id"], row["error"])
+                    continue
+                audio = np.frombuffer(row["audio"], dtype="<f4").copy()
+                yield from speech_cuts(row["id"], audio, row["text"], row["lang"], row["translation"],
+                                       row["target_lang"])
+                if row["lang"] == "en" and len(sqa) < sz.sqa:
+                    q, a = qa[row["id"]]
+                    sqa.append(conversation_to_cut(sqa_conversation(audio, row["text"], q, a),
+                                                   cut_id=f"{row['id']}-sqa", data_type="sqa", task="sqa",
+                                                   langs=["en"]))
+
+        writer.write("asr_ast", speech_stream())
+        writer.write("sqa", sorted(sqa, key=lambda c: c.id))
+
+        # mixed-modal from word problems
+        problems = [{"id": f"mixed-{i:06d}", "lang": "en",
+                     "conversation": json.dumps(_conversation(word_problem(rng)).to_dict())} for i in range(sz.mixed)]
+        mixed_rows = mixed_modal_dataset(problems, seed=seed, concurrency=concurrency, tts_factory=tts_factory)
+
+        def mixed_stream():
+            for row in tqdm(mixed_rows.iter_rows(), total=len(problems), desc="mixed-modal", disable=not progress):
+                if row["error"]:
+                    logger.warning("mixed-modal %s skipped: %s", row["id"], row["error"])
+                    continue
+                yield mixed_modal_row_to_cut(row)
+
+        writer.write("mixed_modal", mixed_stream())
+    logger.info("demo corpus at %s: %s", out_uri, writer.manifest.summary())
+    return writer.manifest

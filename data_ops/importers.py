@@ -1,0 +1,270 @@
+"""Bring existing corpora into the conversation schema: ASR/AST corpora and multi-turn text SFT.
+
+- ASR/AST: any Lhotse manifests (a recipe's recordings + supervisions, or a cuts manifest) or a plain table
+  (CSV/TSV with a header: `audio_path, text[, translation, lang, target_lang]`). Every utterance becomes an ASR
+  conversation, and one with a translation also an AST conversation, with the paper's fixed instructions (one per
+  task and language, section 4.1):
+      "Transcribe the content to [language], with punctuations and capitalizations."
+      "Translate the [source] content to [target], with punctuations and capitalizations."
+  The user turn is [audio, instruction] (context first, then the request), the assistant turn the target text.
+- Text SFT: JSONL with OpenAI-style `messages` (`{"messages": [{"role": "user", "content": "..."}, ...]}`; content a
+  string or a list of `{"type": "text", "text": ...}` parts) -> text-only conversations.
+
+Importers skip bad items when given an `ImportReport` (counted, logged with file and line) and raise
+`SchemaError` naming the file and line otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from lhotse import CutSet, MonoCut
+
+from data_ops.schema import SAMPLING_RATE, SchemaError, conversation_to_cut, load_audio_16k
+from models.conversation import AudioPart, Conversation, TextPart, Turn
+
+logger = logging.getLogger("vtblender.data")
+
+LANGUAGE_NAMES = {
+    "en": "English", "de": "German", "es": "Spanish", "fr": "French", "it": "Italian", "pt": "Portuguese",
+    "nl": "Dutch", "pl": "Polish", "ru": "Russian", "zh": "Chinese", "ja": "Japanese", "ko": "Korean",
+}
+_CODES = {name.lower(): code for code, name in LANGUAGE_NAMES.items()}
+
+ASR_INSTRUCTION = "Transcribe the content to {language}, with punctuations and capitalizations."
+AST_INSTRUCTION = "Translate the {source} content to {target}, with punctuations and capitalizations."
+
+
+def language_code(lang: str) -> str:
+    """'en', 'EN', 'English', 'en-US' -> 'en'. Unknown languages are an error (the instruction names them)."""
+    key = str(lang).strip().lower()
+    code = key.split("-")[0].split("_")[0]
+    if code in LANGUAGE_NAMES:
+        return code
+    if key in _CODES:
+        return _CODES[key]
+    raise SchemaError(f"unknown language {lang!r}; known: {sorted(LANGUAGE_NAMES)} (or their English names)")
+
+
+def asr_instruction(lang: str) -> str:
+    return ASR_INSTRUCTION.format(language=LANGUAGE_NAMES[language_code(lang)])
+
+
+def ast_instruction(source: str, target: str) -> str:
+    return AST_INSTRUCTION.format(source=LANGUAGE_NAMES[language_code(source)],
+                                  target=LANGUAGE_NAMES[language_code(target)])
+
+
+def asr_conversation(audio: np.ndarray, text: str, lang: str) -> Conversation:
+    return Conversation([
+        Turn("user", [AudioPart(audio, SAMPLING_RATE, transcript=text), TextPart(asr_instruction(lang))]),
+        Turn.text("assistant", text),
+    ])
+
+
+def ast_conversation(audio: np.ndarray, text: str, translation: str, source: str, target: str) -> Conversation:
+    return Conversation([
+        Turn("user", [AudioPart(audio, SAMPLING_RATE, transcript=text), TextPart(ast_instruction(source, target))]),
+        Turn.text("assistant", translation),
+    ])
+
+
+def speech_cuts(utt_id: str, audio: np.ndarray, text: str, lang: str, translation: str | None = None,
+                target_lang: str | None = None) -> list[MonoCut]:
+    """The ASR cut of one utterance, plus its AST cut when a translation is given."""
+    if not text.strip():
+        raise SchemaError(f"{utt_id}: empty transcript")
+    src = language_code(lang)
+    cuts = [conversation_to_cut(asr_conversation(audio, text, src), cut_id=f"{utt_id}-asr-{src}",
+                                data_type="asr_ast", task="asr", langs=[src])]
+    if translation is not None and translation.strip():
+        if not target_lang:
+            raise SchemaError(f"{utt_id}: a translation needs its target language (target_lang)")
+        tgt = language_code(target_lang)
+        cuts.append(conversation_to_cut(ast_conversation(audio, text, translation, src, tgt),
+                                        cut_id=f"{utt_id}-ast-{src}-{tgt}", data_type="asr_ast", task="ast",
+                                        langs=[src, tgt]))
+    return cuts
+
+
+@dataclasses.dataclass
+class ImportReport:
+    """What an import kept and skipped; `skipped` holds one message per skipped item."""
+
+    kept: int = 0
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+    def skip(self, message: str) -> None:
+        logger.warning("skipped: %s", message)
+        self.skipped.append(message)
+
+
+def _guard(items: Iterator[list[MonoCut] | SchemaError], report: ImportReport | None) -> Iterator[MonoCut]:
+    """Items arrive as their cuts or as the SchemaError that stopped them: skip those (report given) or raise."""
+    for item in items:
+        if isinstance(item, SchemaError):
+            if report is None:
+                raise item
+            report.skip(str(item))
+            continue
+        if report is not None:
+            report.kept += len(item)
+        yield from item
+
+
+def read_audio_table(path: str | Path, *, lang: str | None = None, target_lang: str | None = None,
+                     report: ImportReport | None = None) -> Iterator[MonoCut]:
+    """ASR (and AST) cuts from a CSV/TSV table with a header row. Relative audio paths resolve against the table's
+    folder; `lang`/`target_lang` give defaults for rows without those columns."""
+    path = Path(path)
+    delimiter = "\t" if path.suffix in (".tsv", ".tab") else ","
+
+    def items() -> Iterator[list[MonoCut] | SchemaError]:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            missing = {"audio_path", "text"} - set(reader.fieldnames or [])
+            if missing:
+                raise SchemaError(f"{path}: header needs columns audio_path and text; missing {sorted(missing)}")
+            for lineno, row in enumerate(reader, 2):
+                where = f"{path}:{lineno}"
+                try:
+                    audio_path = Path(row["audio_path"])
+                    audio_path = audio_path if audio_path.is_absolute() else path.parent / audio_path
+                    row_lang = row.get("lang") or lang
+                    if not row_lang:
+                        raise SchemaError("no language: add a 'lang' column or pass lang=")
+                    audio = _load(audio_path)
+                    yield speech_cuts(f"{path.stem}-{lineno}", audio, row["text"] or "", row_lang,
+                                      row.get("translation"), row.get("target_lang") or target_lang)
+                except SchemaError as e:
+                    yield SchemaError(f"{where}: {e}")
+
+    return _guard(items(), report)
+
+
+def _load(audio_path: Path) -> np.ndarray:
+    if not audio_path.is_file():
+        raise SchemaError(f"audio file {audio_path} does not exist")
+    try:
+        audio = load_audio_16k(audio_path)
+    except Exception as e:
+        raise SchemaError(f"audio file {audio_path} cannot be decoded: {e}") from e
+    if audio.size == 0:
+        raise SchemaError(f"audio file {audio_path} is empty")
+    return audio
+
+
+def read_lhotse_manifests(cuts: CutSet | str | Path | None = None, *, recordings: str | Path | None = None,
+                          supervisions: str | Path | None = None, lang: str | None = None,
+                          target_lang: str | None = None, translation_key: str = "translation",
+                          report: ImportReport | None = None) -> Iterator[MonoCut]:
+    """ASR (and AST) cuts from Lhotse manifests: a CutSet (or its path), or a recipe's recordings + supervisions.
+
+    Every supervision becomes one utterance (`trim_to_supervisions`); its language comes from
+    `supervision.language` (codes or English names) or `lang`; a translation from
+    `supervision.custom[translation_key]`, its language from `supervision.custom["target_lang"]` or `target_lang`.
+    """
+    if cuts is None:
+        if recordings is None or supervisions is None:
+            raise SchemaError("give a cuts manifest, or both recordings and supervisions manifests")
+        cuts = CutSet.from_manifests(recordings=_load_manifest(recordings), supervisions=_load_manifest(supervisions))
+    elif not isinstance(cuts, CutSet):
+        cuts = CutSet.from_file(cuts)
+    utterances = cuts.trim_to_supervisions(keep_overlapping=False)
+
+    def items() -> Iterator[list[MonoCut] | SchemaError]:
+        for cut in utterances:
+            sup = cut.supervisions[0]
+            try:
+                try:
+                    audio = cut.resample(SAMPLING_RATE).load_audio().mean(axis=0).astype(np.float32)
+                except Exception as e:
+                    raise SchemaError(f"{cut.id}: audio cannot be loaded: {e}") from e
+                custom = sup.custom or {}
+                sup_lang = sup.language or lang
+                if not sup_lang:
+                    raise SchemaError(f"{cut.id}: supervision has no language; pass lang=")
+                yield speech_cuts(cut.id, audio, sup.text or "", sup_lang, custom.get(translation_key),
+                                  custom.get("target_lang") or target_lang)
+            except SchemaError as e:
+                yield e
+
+    return _guard(items(), report)
+
+
+def _load_manifest(path):
+    from lhotse import load_manifest
+
+    return load_manifest(path)
+
+
+def text_sft_conversation(messages: list, where: str) -> Conversation:
+    """OpenAI-style `messages` -> text-only Conversation (system first, at least one assistant turn)."""
+    if not isinstance(messages, list) or not messages:
+        raise SchemaError(f"{where}: needs a non-empty 'messages' list")
+    turns = []
+    for j, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ("system", "user", "assistant"):
+            raise SchemaError(f"{where}: message {j} role must be system, user or assistant, got {role!r}")
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = []
+            for p in content:
+                if not isinstance(p, dict) or p.get("type") != "text":
+                    raise SchemaError(f"{where}: message {j} has a non-text content part; text SFT is text only")
+                texts.append(str(p.get("text", "")))
+            content = "".join(texts)
+        if not isinstance(content, str) or not content.strip():
+            raise SchemaError(f"{where}: message {j} has empty or missing content")
+        if role == "system" and j != 0:
+            raise SchemaError(f"{where}: a system message may only come first")
+        turns.append(Turn.text(role, content))
+    if not any(t.role == "assistant" for t in turns):
+        raise SchemaError(f"{where}: no assistant message to learn from")
+    return Conversation(turns)
+
+
+def read_messages_jsonl(path: str | Path, *, lang: str = "en", report: ImportReport | None = None) -> Iterator[MonoCut]:
+    """Text-only SFT cuts from a JSONL file of `{"messages": [...]}` objects (an optional "id" is kept)."""
+    path = Path(path)
+
+    def items() -> Iterator[list[MonoCut] | SchemaError]:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise SchemaError(f"{where}: not JSON ({e.msg})") from e
+                    if not isinstance(obj, dict):
+                        raise SchemaError(f"{where}: each line must be a JSON object with 'messages'")
+                    conv = text_sft_conversation(obj.get("messages"), where)
+                    cut_id = str(obj.get("id") or f"{path.stem}-{lineno}")
+                    yield [conversation_to_cut(conv, cut_id=cut_id, data_type="text", task="text", langs=[lang])]
+                except SchemaError as e:
+                    yield e
+
+    return _guard(items(), report)
+
+
+def write_messages_jsonl(conversations: Iterable[tuple[str, Conversation]], path: str | Path) -> int:
+    """The inverse for text-only conversations: (id, conversation) pairs -> OpenAI-style JSONL."""
+    n = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for cut_id, conv in conversations:
+            if conv.audio_parts:
+                raise SchemaError(f"{cut_id}: has audio; messages JSONL holds text-only conversations")
+            messages = [{"role": t.role, "content": t.text_only} for t in conv.turns]
+            f.write(json.dumps({"id": cut_id, "messages": messages}, ensure_ascii=False) + "\n")
+            n += 1
+    return n

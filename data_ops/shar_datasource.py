@@ -1,0 +1,238 @@
+"""Stream Shar shards written by `data_ops.shards` into Ray Data, one read task per shard.
+
+Each row is one conversation, ready for the trainer:
+
+    id, data_type, task, langs (JSON list), conversation (JSON, audio parts as "samples:START:END"),
+    audio (float32 little-endian bytes of the cut's 16 kHz mono samples, null for text-only), num_samples,
+    duration, shard (the shard's cuts path), index (position inside the shard), error (null for good rows)
+
+Bad data never stops the stream: a missing shard, an unreadable cut line, audio that does not decode or is empty,
+a cut whose conversation does not fit its audio — each becomes one *error row* (every other field but
+`shard`/`index`/`id` empty, `error` saying what and where) and a log line naming the shard. Consumers drop error
+rows and count them (`is_error_row`), so the count reaches the consumer's metrics without any global state.
+
+Shard order is a permutation drawn from (seed, epoch); `start` maps a shard to the number of its rows already
+consumed, so a resumed reader continues each shard where it stopped (Ray Data itself cannot resume an iterator).
+
+Why our own reader instead of `lhotse.CutSet.from_shar`: lhotse's reader opens URLs with smart_open (no custom S3
+endpoint from our config) and raises on the first bad item; here each shard must stream from boto3 and turn bad
+items into counted rows. lhotse's tar pairing (`iterate_tarfile_pairwise`) and cut deserialization are reused.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import tarfile
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import soundfile as sf
+from lhotse.augmentation import Resample
+from lhotse.serialization import deserialize_item
+from lhotse.shar.readers.tar import iterate_tarfile_pairwise
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from data_ops.schema import SAMPLING_RATE, SchemaError, fill_conversation
+from data_ops.shards import ManifestError, ShardInfo, TypeInfo, read_manifest
+from data_ops.storage import Storage, StorageError, open_storage
+from models.conversation import Conversation
+
+logger = logging.getLogger("vtblender.data")
+
+ROW_SCHEMA = pa.schema([
+    ("id", pa.string()), ("data_type", pa.string()), ("task", pa.string()), ("langs", pa.string()),
+    ("conversation", pa.string()), ("audio", pa.binary()), ("num_samples", pa.int64()),
+    ("duration", pa.float64()), ("shard", pa.string()), ("index", pa.int64()), ("error", pa.string()),
+])
+
+
+def _error_row(shard: str, index: int, cut_id: str | None, message: str) -> dict:
+    logger.warning("shard %s item %d%s: %s", shard, index, f" ({cut_id})" if cut_id else "", message)
+    return {"id": cut_id, "data_type": None, "task": None, "langs": None, "conversation": None, "audio": None,
+            "num_samples": 0, "duration": 0.0, "shard": shard, "index": index, "error": message}
+
+
+def is_error_row(row: dict) -> bool:
+    return row.get("error") is not None
+
+
+def decode_audio(data: bytes) -> np.ndarray:
+    """Audio file bytes -> 16 kHz mono float32 (S,). Raises ValueError on undecodable or empty audio."""
+    if not data:
+        raise ValueError("empty audio file (0 bytes)")
+    try:
+        samples, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError subclasses
+        raise ValueError(f"audio does not decode: {e}") from e
+    if samples.shape[0] == 0:
+        raise ValueError("audio has 0 samples")
+    mono = samples.mean(axis=1)
+    if sr != SAMPLING_RATE:
+        mono = Resample(sr, SAMPLING_RATE)(mono[None, :])[0]
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _good_row(cut, data_type: str, audio: np.ndarray | None, shard: str, index: int) -> dict:
+    custom = cut.custom or {}
+    if "conversation" not in custom:
+        raise SchemaError(f"cut {cut.id}: no 'conversation' in its custom fields; not written by this schema")
+    fill_conversation(cut.id, custom["conversation"], audio)  # raises SchemaError if it does not fit the audio
+    if custom.get("data_type") != data_type:
+        raise SchemaError(f"cut {cut.id}: data_type {custom.get('data_type')!r} in the {data_type!r} folder")
+    return {"id": cut.id, "data_type": data_type, "task": str(custom.get("task")), "langs": json.dumps(custom.get("langs")),
+            "conversation": json.dumps(custom["conversation"]),
+            "audio": None if audio is None else audio.astype("<f4").tobytes(),
+            "num_samples": 0 if audio is None else len(audio),
+            "duration": 0.0 if audio is None else len(audio) / SAMPLING_RATE,
+            "shard": shard, "index": index, "error": None}
+
+
+def iter_shard_rows(storage: Storage, shard: ShardInfo, data_type: str, start: int = 0) -> Iterator[dict]:
+    """Rows of one shard from position `start` on (earlier rows are read past, not decoded)."""
+    name = shard.cuts
+    try:
+        cuts_stream = storage.open_read(shard.cuts)
+        tar_stream = storage.open_read(shard.recording) if shard.recording else None
+    except StorageError as e:
+        yield _error_row(name, start, None, f"missing shard: {e}; its {shard.num_cuts - start} cuts are skipped")
+        return
+    lines = gzip.open(cuts_stream, "rt", encoding="utf-8")
+    tar = tarfile.open(fileobj=tar_stream, mode="r|*") if tar_stream is not None else None
+    pairs = iterate_tarfile_pairwise(tar) if tar is not None else None
+    index = -1
+    try:
+        for index, line in enumerate(lines):
+            pair = None
+            if pairs is not None:
+                try:
+                    pair = next(pairs)
+                except StopIteration:
+                    yield _error_row(name, index, None, "audio tar ends before the cuts file; rest of shard skipped")
+                    return
+            if index < start:
+                continue
+            try:
+                cut = deserialize_item(json.loads(line))
+            except Exception as e:
+                yield _error_row(name, index, None, f"unreadable cut line: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            try:
+                audio = None
+                if pair is not None:
+                    (data, data_path), _meta = pair
+                    if data_path.stem != cut.id:
+                        raise SchemaError(f"audio tar item {data_path.name} does not belong to cut {cut.id}")
+                    if data_path.suffix != ".nodata":
+                        audio = decode_audio(data)
+                        expected = cut.recording.num_samples if cut.has_recording else None
+                        if expected is not None and cut.recording.sampling_rate == SAMPLING_RATE and len(audio) != expected:
+                            raise ValueError(f"audio has {len(audio)} samples, the cut says {expected}")
+                yield _good_row(cut, data_type, audio, name, index)
+            except (ValueError, SchemaError) as e:
+                yield _error_row(name, index, cut.id, str(e))
+    except (OSError, EOFError, tarfile.TarError, RuntimeError) as e:
+        # a truncated gzip or tar: the rest of this shard is unreadable, the stream goes on with the next shard
+        yield _error_row(name, max(index, start), None, f"shard unreadable after item {index}: {type(e).__name__}: {e}")
+    finally:
+        lines.close()
+        if tar is not None:
+            tar.close()
+
+
+def shard_order(shards: list[ShardInfo], seed: int, epoch: int) -> list[ShardInfo]:
+    """Seeded per-epoch shuffle: every epoch a different order, the same on every machine for the same seed."""
+    perm = np.random.default_rng([seed, epoch]).permutation(len(shards))
+    return [shards[i] for i in perm]
+
+
+def _read_task_fn(storage: Storage, shard: ShardInfo, data_type: str, start: int, rows_per_block: int):
+    def read():
+        block: list[dict] = []
+        for row in iter_shard_rows(storage, shard, data_type, start):
+            block.append(row)
+            if len(block) == rows_per_block:
+                yield pa.Table.from_pylist(block, schema=ROW_SCHEMA)
+                block = []
+        if block:
+            yield pa.Table.from_pylist(block, schema=ROW_SCHEMA)
+    return read
+
+
+class SharDatasource(Datasource):
+    """A Ray Data datasource over one data type of a corpus: one read task per shard, in seeded per-epoch order."""
+
+    def __init__(self, uri: str, data_type: str, *, seed: int = 0, epoch: int = 0, start: dict[str, int] | None = None,
+                 endpoint_url: str | None = None, rows_per_block: int = 16):
+        manifest = read_manifest(uri, endpoint_url)
+        if data_type not in manifest.types:
+            raise ManifestError(f"{uri}: no {data_type!r} shards; the corpus has {sorted(manifest.types)}")
+        self.storage = open_storage(uri, endpoint_url)
+        self.data_type = data_type
+        self.start = dict(start or {})
+        self.rows_per_block = rows_per_block
+        self.shards = [s for s in shard_order(manifest.types[data_type].shards, seed, epoch)
+                       if self.start.get(s.cuts, 0) < s.num_cuts]
+        self.seconds = sum(s.seconds for s in self.shards)
+
+    def estimate_inmemory_data_size(self) -> int:
+        return int(self.seconds * SAMPLING_RATE * 4)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+        tasks = []
+        for shard in self.shards:
+            start = self.start.get(shard.cuts, 0)
+            meta = BlockMetadata(num_rows=shard.num_cuts - start, size_bytes=int(shard.seconds * SAMPLING_RATE * 4),
+                                 exec_stats=None, input_files=(shard.cuts,))
+            tasks.append(ReadTask(_read_task_fn(self.storage, shard, self.data_type, start, self.rows_per_block),
+                                  meta, schema=ROW_SCHEMA, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+
+def shar_dataset(uri: str, data_type: str, *, seed: int = 0, epoch: int = 0, start: dict[str, int] | None = None,
+                 endpoint_url: str | None = None):
+    """`ray.data.Dataset` of one data type's rows (error rows included; see module doc)."""
+    import ray.data  # noqa: F811
+
+    source = SharDatasource(uri, data_type, seed=seed, epoch=epoch, start=start, endpoint_url=endpoint_url)
+    return ray.data.read_datasource(source, override_num_blocks=max(1, len(source.shards)))
+
+
+def row_to_conversation(row: dict) -> Conversation:
+    """A good row back to a `Conversation` with samples in its audio parts."""
+    if is_error_row(row):
+        raise SchemaError(f"row {row.get('shard')}:{row.get('index')} is an error row: {row['error']}")
+    audio = None if row["audio"] is None else np.frombuffer(row["audio"], dtype="<f4")
+    return fill_conversation(row["id"], json.loads(row["conversation"]), audio)
+
+
+def iter_corpus_rows(uri: str, data_type: str, *, endpoint_url: str | None = None) -> Iterator[dict]:
+    """All rows of one data type in manifest order, in this process (no Ray): for small jobs and benchmarks."""
+    manifest = read_manifest(uri, endpoint_url)
+    if data_type not in manifest.types:
+        raise ManifestError(f"{uri}: no {data_type!r} shards; the corpus has {sorted(manifest.types)}")
+    storage = open_storage(uri, endpoint_url)
+    for shard in manifest.types[data_type].shards:
+        yield from iter_shard_rows(storage, shard, data_type)
+
+
+def iter_cut_dicts(uri: str, data_type: str, *, endpoint_url: str | None = None) -> Iterator[dict]:
+    """The cut manifests (JSON dicts, no audio) of one data type; unreadable lines are logged and skipped."""
+    manifest = read_manifest(uri, endpoint_url)
+    storage = open_storage(uri, endpoint_url)
+    for shard in manifest.types.get(data_type, TypeInfo()).shards:
+        try:
+            stream = storage.open_read(shard.cuts)
+        except StorageError as e:
+            logger.warning("shard %s missing: %s", shard.cuts, e)
+            continue
+        with gzip.open(stream, "rt", encoding="utf-8") as lines:
+            for index, line in enumerate(lines):
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    logger.warning("shard %s item %d: unreadable cut line (%s)", shard.cuts, index, e)
