@@ -11,8 +11,9 @@ a cut whose conversation does not fit its audio — each becomes one *error row*
 `shard`/`index`/`id` empty, `error` saying what and where) and a log line naming the shard. Consumers drop error
 rows and count them (`is_error_row`), so the count reaches the consumer's metrics without any global state.
 
-Shard order is a permutation drawn from (seed, epoch); `start` maps a shard to the number of its rows already
-consumed, so a resumed reader continues each shard where it stopped (Ray Data itself cannot resume an iterator).
+Shard order is a permutation drawn from (seed, epoch); `plan_reads` also splits an epoch between training ranks
+and takes `start`/`skip` per shard, so a resumed reader continues each shard exactly where it stopped (Ray Data
+itself cannot resume an iterator mid-epoch).
 
 Why our own reader instead of `lhotse.CutSet.from_shar`: lhotse's reader opens URLs with smart_open (no custom S3
 endpoint from our config) and raises on the first bad item; here each shard must stream from boto3 and turn bad
@@ -21,6 +22,7 @@ items into counted rows. lhotse's tar pairing (`iterate_tarfile_pairwise`) and c
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -92,9 +94,12 @@ def _good_row(cut, data_type: str, audio: np.ndarray | None, shard: str, index: 
             "shard": shard, "index": index, "error": None}
 
 
-def iter_shard_rows(storage: Storage, shard: ShardInfo, data_type: str, start: int = 0) -> Iterator[dict]:
-    """Rows of one shard from position `start` on (earlier rows are read past, not decoded)."""
-    name = shard.cuts
+def iter_shard_rows(storage: Storage, shard: ShardInfo, data_type: str, start: int = 0, *,
+                    skip: frozenset[int] = frozenset(), offset: int = 0, stride: int = 1,
+                    name: str | None = None) -> Iterator[dict]:
+    """Rows of one shard: those at index >= `start`, not in `skip`, with index % stride == offset. Other rows are
+    read past, never decoded. `name` (default: the shard's cuts path) goes into each row's `shard` field."""
+    name = name or shard.cuts
     try:
         cuts_stream = storage.open_read(shard.cuts)
         tar_stream = storage.open_read(shard.recording) if shard.recording else None
@@ -114,7 +119,7 @@ def iter_shard_rows(storage: Storage, shard: ShardInfo, data_type: str, start: i
                 except StopIteration:
                     yield _error_row(name, index, None, "audio tar ends before the cuts file; rest of shard skipped")
                     return
-            if index < start:
+            if index < start or index in skip or index % stride != offset:
                 continue
             try:
                 cut = deserialize_item(json.loads(line))
@@ -150,56 +155,109 @@ def shard_order(shards: list[ShardInfo], seed: int, epoch: int) -> list[ShardInf
     return [shards[i] for i in perm]
 
 
-def _read_task_fn(storage: Storage, shard: ShardInfo, data_type: str, start: int, rows_per_block: int):
-    def read():
+@dataclasses.dataclass(frozen=True)
+class ShardRead:
+    """One read task: which rows of which shard (see `iter_shard_rows`). `key` names the shard in rows and in
+    resume state; it includes the corpus URI so that shards of several corpora never collide."""
+
+    storage: Storage
+    shard: ShardInfo
+    data_type: str
+    key: str
+    start: int = 0
+    skip: frozenset[int] = frozenset()
+    offset: int = 0
+    stride: int = 1
+
+    @property
+    def num_rows(self) -> int:
+        rows = range(self.start, self.shard.num_cuts)
+        return sum(1 for i in rows if i % self.stride == self.offset and i not in self.skip)
+
+    def rows(self) -> Iterator[dict]:
+        return iter_shard_rows(self.storage, self.shard, self.data_type, self.start, skip=self.skip,
+                               offset=self.offset, stride=self.stride, name=self.key)
+
+
+def corpus_shards(uri: str, data_type: str, endpoint_url: str | None = None) -> tuple[Storage, list[ShardInfo]]:
+    manifest = read_manifest(uri, endpoint_url)
+    if data_type not in manifest.types:
+        raise ManifestError(f"{uri}: no {data_type!r} shards; the corpus has {sorted(manifest.types)}")
+    return open_storage(uri, endpoint_url), manifest.types[data_type].shards
+
+
+def plan_reads(uris: str | list[str], data_type: str, *, seed: int = 0, epoch: int = 0, rank: int = 0,
+               world_size: int = 1, start: dict[str, int] | None = None, skip: dict[str, set[int]] | None = None,
+               endpoint_url: str | None = None) -> list[ShardRead]:
+    """The read tasks of one epoch of one data type for one rank.
+
+    Shards of all corpora are shuffled together by (seed, epoch). With at least `world_size` shards each rank gets
+    whole shards (round robin); with fewer, every rank reads every shard and keeps rows index % world_size == rank.
+    `start`/`skip` (by shard key) drop rows a resumed reader has already consumed."""
+    uris = [uris] if isinstance(uris, str) else list(uris)
+    pool = []
+    for uri in uris:
+        storage, shards = corpus_shards(uri, data_type, endpoint_url)
+        pool += [(storage, s, f"{uri.rstrip('/')}/{s.cuts}") for s in shards]
+    perm = np.random.default_rng([seed, epoch]).permutation(len(pool))
+    ordered = [pool[i] for i in perm]
+    if len(ordered) >= world_size:
+        mine = [(st, sh, key, 0, 1) for st, sh, key in ordered[rank::world_size]]
+    else:
+        mine = [(st, sh, key, rank, world_size) for st, sh, key in ordered]
+    start, skip = start or {}, skip or {}
+    reads = [ShardRead(st, sh, data_type, key, start.get(key, 0), frozenset(skip.get(key, ())), off, stride)
+             for st, sh, key, off, stride in mine]
+    return [r for r in reads if r.num_rows > 0]
+
+
+def _read_task_fn(read: ShardRead, rows_per_block: int):
+    def read_fn():
         block: list[dict] = []
-        for row in iter_shard_rows(storage, shard, data_type, start):
+        for row in read.rows():
             block.append(row)
             if len(block) == rows_per_block:
                 yield pa.Table.from_pylist(block, schema=ROW_SCHEMA)
                 block = []
         if block:
             yield pa.Table.from_pylist(block, schema=ROW_SCHEMA)
-    return read
+    return read_fn
 
 
 class SharDatasource(Datasource):
-    """A Ray Data datasource over one data type of a corpus: one read task per shard, in seeded per-epoch order."""
+    """A Ray Data datasource over planned shard reads (`plan_reads`): one read task per shard, in plan order."""
 
-    def __init__(self, uri: str, data_type: str, *, seed: int = 0, epoch: int = 0, start: dict[str, int] | None = None,
-                 endpoint_url: str | None = None, rows_per_block: int = 16):
-        manifest = read_manifest(uri, endpoint_url)
-        if data_type not in manifest.types:
-            raise ManifestError(f"{uri}: no {data_type!r} shards; the corpus has {sorted(manifest.types)}")
-        self.storage = open_storage(uri, endpoint_url)
-        self.data_type = data_type
-        self.start = dict(start or {})
+    def __init__(self, reads: list[ShardRead], rows_per_block: int = 16):
+        self.reads = list(reads)
         self.rows_per_block = rows_per_block
-        self.shards = [s for s in shard_order(manifest.types[data_type].shards, seed, epoch)
-                       if self.start.get(s.cuts, 0) < s.num_cuts]
-        self.seconds = sum(s.seconds for s in self.shards)
 
     def estimate_inmemory_data_size(self) -> int:
-        return int(self.seconds * SAMPLING_RATE * 4)
+        return int(sum(r.shard.seconds for r in self.reads) * SAMPLING_RATE * 4)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
         tasks = []
-        for shard in self.shards:
-            start = self.start.get(shard.cuts, 0)
-            meta = BlockMetadata(num_rows=shard.num_cuts - start, size_bytes=int(shard.seconds * SAMPLING_RATE * 4),
-                                 exec_stats=None, input_files=(shard.cuts,))
-            tasks.append(ReadTask(_read_task_fn(self.storage, shard, self.data_type, start, self.rows_per_block),
-                                  meta, schema=ROW_SCHEMA, per_task_row_limit=per_task_row_limit))
+        for read in self.reads:
+            meta = BlockMetadata(num_rows=read.num_rows, size_bytes=int(read.shard.seconds * SAMPLING_RATE * 4),
+                                 exec_stats=None, input_files=(read.key,))
+            tasks.append(ReadTask(_read_task_fn(read, self.rows_per_block), meta, schema=ROW_SCHEMA,
+                                  per_task_row_limit=per_task_row_limit))
         return tasks
 
 
-def shar_dataset(uri: str, data_type: str, *, seed: int = 0, epoch: int = 0, start: dict[str, int] | None = None,
-                 endpoint_url: str | None = None):
-    """`ray.data.Dataset` of one data type's rows (error rows included; see module doc)."""
-    import ray.data  # noqa: F811
+def reads_dataset(reads: list[ShardRead], *, ordered: bool = True, read_cpus: float = 0.25):
+    """A Ray Data dataset over `reads`. `ordered` keeps plan order (deterministic streams, exact resume)."""
+    import ray.data
 
-    source = SharDatasource(uri, data_type, seed=seed, epoch=epoch, start=start, endpoint_url=endpoint_url)
-    return ray.data.read_datasource(source, override_num_blocks=max(1, len(source.shards)))
+    ds = ray.data.read_datasource(SharDatasource(reads), override_num_blocks=max(1, len(reads)), num_cpus=read_cpus)
+    ds.context.execution_options.preserve_order = ordered
+    return ds
+
+
+def shar_dataset(uris: str | list[str], data_type: str, *, seed: int = 0, epoch: int = 0,
+                 start: dict[str, int] | None = None, endpoint_url: str | None = None, ordered: bool = False):
+    """`ray.data.Dataset` of one data type's rows, all shards (error rows included; see module doc)."""
+    return reads_dataset(plan_reads(uris, data_type, seed=seed, epoch=epoch, start=start, endpoint_url=endpoint_url),
+                         ordered=ordered)
 
 
 def row_to_conversation(row: dict) -> Conversation:
@@ -212,11 +270,8 @@ def row_to_conversation(row: dict) -> Conversation:
 
 def iter_corpus_rows(uri: str, data_type: str, *, endpoint_url: str | None = None) -> Iterator[dict]:
     """All rows of one data type in manifest order, in this process (no Ray): for small jobs and benchmarks."""
-    manifest = read_manifest(uri, endpoint_url)
-    if data_type not in manifest.types:
-        raise ManifestError(f"{uri}: no {data_type!r} shards; the corpus has {sorted(manifest.types)}")
-    storage = open_storage(uri, endpoint_url)
-    for shard in manifest.types[data_type].shards:
+    storage, shards = corpus_shards(uri, data_type, endpoint_url)
+    for shard in shards:
         yield from iter_shard_rows(storage, shard, data_type)
 
 

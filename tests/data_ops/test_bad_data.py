@@ -10,7 +10,7 @@ import tarfile
 import pytest
 
 from data_ops.schema import conversation_to_cut
-from data_ops.shar_datasource import SharDatasource, is_error_row, iter_corpus_rows, shar_dataset
+from data_ops.shar_datasource import is_error_row, iter_corpus_rows, plan_reads, shar_dataset
 from data_ops.shards import ManifestError, ShardWriter, read_manifest
 from models.conversation import AudioPart, Conversation, TextPart, Turn
 
@@ -94,10 +94,10 @@ def test_folder_without_manifest_is_one_clear_error(tmp_path, pcm_audio):
     _write(tmp_path / "corpus", pcm_audio, n=2)
     (tmp_path / "corpus" / "manifest.json").unlink()
     with pytest.raises(ManifestError, match=r"manifest.json not found: .* is not a corpus written by data_ops.shards"):
-        SharDatasource(str(tmp_path / "corpus"), "asr_ast")
+        plan_reads(str(tmp_path / "corpus"), "asr_ast")
     with pytest.raises(ManifestError, match="no 'sqa' shards; the corpus has \\['asr_ast'\\]"):
         _write(tmp_path / "other", pcm_audio, n=2)
-        SharDatasource(str(tmp_path / "other"), "sqa")
+        plan_reads(str(tmp_path / "other"), "sqa")
 
 
 def test_writer_crash_leaves_no_manifest(tmp_path, pcm_audio):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data_ops.schema import conversation_to_cut
-from data_ops.shar_datasource import SharDatasource, is_error_row, row_to_conversation, shar_dataset
+from data_ops.shar_datasource import is_error_row, plan_reads, row_to_conversation, shar_dataset
 from data_ops.shards import ShardWriter, read_manifest
 from models.conversation import AudioPart, Conversation, TextPart, Turn
 
@@ -58,7 +58,7 @@ def test_four_types_round_trip_through_s3_with_ray_data(s3_endpoint, ray_local, 
             ids = [r["id"] for r in rows]
             want = sorted(cid for cid, (t, _) in corpus.items() if t == dt)
             assert sorted(ids) == want, f"{dt} epoch {epoch}: every row exactly once"
-            orders.append([s.cuts for s in SharDatasource(uri, dt, seed=7, epoch=epoch).shards])
+            orders.append([r.key for r in plan_reads(uri, dt, seed=7, epoch=epoch)])
             for r in rows:
                 got, want_conv = row_to_conversation(r), corpus[r["id"]][1]
                 assert [t.text_only for t in got.turns] == [t.text_only for t in want_conv.turns]
@@ -68,11 +68,11 @@ def test_four_types_round_trip_through_s3_with_ray_data(s3_endpoint, ray_local, 
                 assert r["data_type"] == dt and json.loads(r["langs"]) == ["en"]
         assert sorted(orders[0]) == sorted(orders[1])
         if len(orders[0]) > 2:  # 3+ shards: over 6 epochs the seeded order must change
-            many = {tuple(s.cuts for s in SharDatasource(uri, dt, seed=7, epoch=e).shards) for e in range(6)}
+            many = {tuple(r.key for r in plan_reads(uri, dt, seed=7, epoch=e)) for e in range(6)}
             assert len(many) > 1, "shard order is reshuffled per epoch"
     # the same seed and epoch give the same order (every worker agrees)
-    assert [s.cuts for s in SharDatasource(uri, "asr_ast", seed=7, epoch=1).shards] == \
-        [s.cuts for s in SharDatasource(uri, "asr_ast", seed=7, epoch=1).shards]
+    assert [r.key for r in plan_reads(uri, "asr_ast", seed=7, epoch=1)] == \
+        [r.key for r in plan_reads(uri, "asr_ast", seed=7, epoch=1)]
 
 
 def test_resume_offsets_skip_consumed_rows(s3_endpoint, ray_local, pcm_audio):
@@ -82,10 +82,18 @@ def test_resume_offsets_skip_consumed_rows(s3_endpoint, ray_local, pcm_audio):
         w.write("asr_ast", (conversation_to_cut(c, cut_id=cid, data_type="asr_ast", task="asr", langs=["en"])
                             for cid, (t, c) in corpus.items() if t == "asr_ast"))
     shards = read_manifest(uri).types["asr_ast"].shards  # 4 + 4 + 1 cuts
-    start = {shards[0].cuts: 3, shards[2].cuts: 1}  # 3 of shard 0 and all of shard 2 already consumed
+    key = [f"{uri}/{s.cuts}" for s in shards]
+    start = {key[0]: 3, key[2]: 1}  # 3 of shard 0 and all of shard 2 already consumed
     rows = list(shar_dataset(uri, "asr_ast", start=start).iter_rows())
     got = {(r["shard"], r["index"]) for r in rows}
-    assert got == {(shards[0].cuts, 3)} | {(shards[1].cuts, i) for i in range(4)}
+    assert got == {(key[0], 3)} | {(key[1], i) for i in range(4)}
+    # two ranks split 3 shards by whole shards; skip drops single consumed rows
+    r0 = plan_reads(uri, "asr_ast", rank=0, world_size=2, skip={key[1]: {0, 2}})
+    r1 = plan_reads(uri, "asr_ast", rank=1, world_size=2, skip={key[1]: {0, 2}})
+    rows = [row for r in r0 + r1 for row in r.rows()]
+    assert sorted((row["shard"], row["index"]) for row in rows) == sorted(
+        [(key[0], i) for i in range(4)] + [(key[1], 1), (key[1], 3)] + [(key[2], 0)])
+    assert not {r.key for r in r0} & {r.key for r in r1}
 
 
 def test_demo_corpus_on_s3(s3_endpoint, ray_local):
