@@ -1,0 +1,240 @@
+"""The training recipe: one YAML file, validated in full before any worker starts.
+
+    run:   name, experiment, storage_path, tracking_uri, registered_model, alias, seed
+    model: size (tiny | vtblender_3b) + lm_mode / encoder_train / adapter_train / lora / pretrained paths,
+           or `config:` a whole SpeechLMConfig
+    data:  per data type: uris (corpora written by jobs.data), ratio, batch_size; bucket_batches; endpoint_url
+    train: max_steps, grad_accum, optimizer (Adam, lr, weight_decay, betas), warmup_steps, schedule, clip,
+           precision, strategy (ddp | fsdp), num_workers, use_gpu, checkpoint_every, max_failures, log_every
+    stages: optional list of stages run one after another (two-stage training, ablation B3): each names its
+           steps and what it changes (lm_mode, ratios); a stage starts from the previous stage's weights
+
+`load_recipe(path)` returns a `Recipe` or raises `RecipeError` with one message listing every problem.
+`check_data(recipe)` opens every corpus manifest and checks that each listed shard exists and every sampled
+type has data (also before any worker starts).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from data_ops.schema import DATA_TYPES
+from models.config import NAMED_SIZES, LoraSettings, SpeechLMConfig
+
+
+class RecipeError(ValueError):
+    pass
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class RunSection(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Run name: the Ray Train run (checkpoints under storage_path/name) and the MLflow run; resubmitting a
+    job with the same name resumes it."""
+    experiment: str = "vtblender"
+    storage_path: str = "~/vtb_runs"
+    """Local folder or s3://bucket/prefix for checkpoints (multi-node clusters need shared or object storage)."""
+    tracking_uri: str | None = None
+    """MLflow server URL; default: $MLFLOW_TRACKING_URI. Must be absolute (workers change their cwd)."""
+    registered_model: str | None = None
+    """Register the final model under this name (with `alias`); None: log artifacts only."""
+    alias: str = "candidate"
+    seed: int = 0
+
+
+class ModelSection(_Strict):
+    size: Literal["tiny", "vtblender_3b"] | None = "tiny"
+    config: dict[str, Any] | None = None
+    """A whole SpeechLMConfig instead of a named size."""
+    lm_mode: Literal["lora", "frozen", "full"] | None = None
+    encoder_train: bool | None = None
+    adapter_train: bool | None = None
+    lora: LoraSettings | None = None
+    encoder_pretrained: str | None = None
+    lm_pretrained: str | None = None
+    init_from: str | None = None
+    """A saved SpeechLM (save_pretrained dir) whose encoder/adapter (and LoRA) weights start the run."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSection":
+        if (self.size is None) == (self.config is None):
+            raise ValueError("model: give exactly one of `size` (tiny, vtblender_3b) or `config`")
+        return self
+
+    def speechlm_config(self, lm_mode: str | None = None) -> SpeechLMConfig:
+        if self.config is not None:
+            cfg = SpeechLMConfig.model_validate(self.config)
+        elif self.size == "vtblender_3b":
+            cfg = NAMED_SIZES["vtblender_3b"](self.encoder_pretrained, self.lm_pretrained)
+        else:
+            cfg = NAMED_SIZES["tiny"]()
+        mode = lm_mode or self.lm_mode
+        if mode:
+            cfg.lm.mode = mode
+        if self.encoder_train is not None:
+            cfg.encoder.train = self.encoder_train
+        if self.adapter_train is not None:
+            cfg.adapter.train = self.adapter_train
+        if self.lora is not None:
+            cfg.lm.lora = self.lora
+        return cfg
+
+
+class TypeSource(_Strict):
+    uris: list[str] = Field(min_length=1)
+    """Corpora (folders or s3:// prefixes written by jobs.data) holding this type's shards."""
+    ratio: float = Field(ge=0.0, le=1.0)
+    batch_size: int = Field(ge=1)
+
+
+class DataSection(_Strict):
+    sources: dict[str, TypeSource]
+    bucket_batches: int = Field(8, ge=1)
+    """Duration grouping: rows of this many batches are sorted by duration and cut into batches."""
+    endpoint_url: str | None = None
+    """S3 endpoint for the corpora; default $AWS_ENDPOINT_URL."""
+
+    @model_validator(mode="after")
+    def _types_and_ratios(self) -> "DataSection":
+        unknown = set(self.sources) - set(DATA_TYPES)
+        if unknown:
+            raise ValueError(f"data.sources: unknown data type(s) {sorted(unknown)}; use {list(DATA_TYPES)}")
+        total = sum(s.ratio for s in self.sources.values())
+        if abs(total - 1.0) > 1e-6:
+            ratios = {k: s.ratio for k, s in self.sources.items()}
+            raise ValueError(f"data.sources: ratios must sum to 1, they sum to {total:.6f} ({ratios})")
+        return self
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        return {k: s.ratio for k, s in self.sources.items()}
+
+
+class TrainSection(_Strict):
+    max_steps: int = Field(ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(1e-3, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = Field(2500, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: float | None = 1.0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 autocast on GPU, fp32 on CPU."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    checkpoint_every: int = Field(1000, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(3, ge=0)
+    log_every: int = Field(10, ge=1)
+    sample_log: bool = False
+    """Write every step's sample ids per rank (storage_path/name/samples/) to audit mixing and resume."""
+
+
+class StageSection(_Strict):
+    name: str
+    max_steps: int = Field(ge=1)
+    lm_mode: Literal["lora", "frozen", "full"] | None = None
+    ratios: dict[str, float] | None = None
+
+
+class Recipe(_Strict):
+    run: RunSection
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection
+    train: TrainSection
+    stages: list[StageSection] | None = None
+
+    @model_validator(mode="after")
+    def _stages(self) -> "Recipe":
+        for st in self.stages or []:
+            if st.ratios is not None:
+                unknown = set(st.ratios) - set(self.data.sources)
+                if unknown:
+                    raise ValueError(f"stage {st.name}: ratios for types without sources {sorted(unknown)}")
+                if abs(sum(st.ratios.values()) - 1.0) > 1e-6:
+                    raise ValueError(f"stage {st.name}: ratios must sum to 1, they sum to {sum(st.ratios.values()):.6f}")
+        return self
+
+    def stage_list(self) -> list[StageSection]:
+        """The stages to run; a recipe without `stages` is one stage of `train.max_steps`."""
+        return self.stages or [StageSection(name="main", max_steps=self.train.max_steps)]
+
+
+def _format(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not part of the recipe schema)"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_recipe(obj: Any, where: str = "recipe") -> Recipe:
+    if not isinstance(obj, dict):
+        raise RecipeError(f"{where}: a recipe is a YAML mapping with run/model/data/train sections")
+    try:
+        return Recipe.model_validate(obj)
+    except ValidationError as e:
+        raise RecipeError(f"{where} is not a valid recipe:\n{_format(e)}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} does not exist")
+    try:
+        obj = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+    return parse_recipe(obj, str(path))
+
+
+def check_data(recipe: Recipe) -> dict[str, dict]:
+    """Open every corpus manifest; every listed shard must exist and every sampled type must have data.
+    Returns per type: cuts, hours, shards. Raises RecipeError naming every problem."""
+    from data_ops.shards import ManifestError, read_manifest
+    from data_ops.storage import open_storage
+
+    problems, summary = [], {}
+    ratios = {k: max([recipe.data.sources[k].ratio] + [st.ratios.get(k, 0.0) for st in recipe.stages or []
+                                                       if st.ratios]) for k in recipe.data.sources}
+    for dtype, src in recipe.data.sources.items():
+        cuts = shards = 0
+        hours = 0.0
+        for uri in src.uris:
+            try:
+                manifest = read_manifest(uri, recipe.data.endpoint_url)
+            except ManifestError as e:
+                problems.append(f"  data.sources.{dtype}: {e}")
+                continue
+            info = manifest.types.get(dtype)
+            if info is None:
+                problems.append(f"  data.sources.{dtype}: {uri} has no {dtype!r} shards (it has {sorted(manifest.types)})")
+                continue
+            storage = open_storage(uri, recipe.data.endpoint_url)
+            for shard in info.shards:
+                for rel in filter(None, (shard.cuts, shard.recording)):
+                    if not storage.exists(rel):
+                        problems.append(f"  data.sources.{dtype}: shard {storage.uri}/{rel} is listed in the manifest but missing")
+            cuts += info.num_cuts
+            hours += info.hours
+            shards += len(info.shards)
+        if ratios[dtype] > 0 and cuts == 0 and not any(dtype in p for p in problems):
+            problems.append(f"  data.sources.{dtype}: sampled with ratio {ratios[dtype]} but has no data")
+        summary[dtype] = {"cuts": cuts, "hours": round(hours, 4), "shards": shards}
+    if problems:
+        raise RecipeError("the recipe's data cannot be used:\n" + "\n".join(problems))
+    return summary
