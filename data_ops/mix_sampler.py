@@ -70,7 +70,8 @@ class TypeStream:
         # Everything below `read_upto` was handed out or sits in `pending` (in memory): start reading after it.
         reads = plan_reads(self.uris, self.data_type, seed=self.seed, epoch=self.epoch, rank=self.rank,
                            world_size=self.world_size, start=dict(self.read_upto), endpoint_url=self.endpoint_url)
-        self._rows = self.open_rows(reads)
+        # iter(): Ray's `iter_rows()` is an iterable that restarts on every `for`; one iterator per epoch
+        self._rows = iter(self.open_rows(reads))
 
     def _fill(self) -> bool:
         """Read up to `bucket_batches` batches of rows, group them by duration; False at the end of the epoch."""

@@ -104,3 +104,27 @@ def pcm_audio():
         return (k / 32768.0).astype(np.float32)
 
     return _pcm
+
+
+@pytest.fixture
+def corpus_conversations(pcm_audio):
+    """cut id -> (data_type, conversation) for all four types; audio on the 16-bit grid, learnable targets."""
+    from models.conversation import AudioPart, Conversation, TextPart, Turn
+
+    out = {}
+    for i in range(7):
+        out[f"text-{i}"] = ("text", Conversation([Turn.text("user", f"q{i}"), Turn.text("assistant", f"a{i}")]))
+    for i in range(9):
+        a = pcm_audio(0.3 + 0.1 * i, seed=100 + i)
+        out[f"asr-{i}"] = ("asr_ast", Conversation([Turn("user", [AudioPart(a), TextPart("Transcribe.")]),
+                                                    Turn.text("assistant", f"words {i}")]))
+    for i in range(5):
+        a = pcm_audio(0.5, seed=200 + i)
+        out[f"sqa-{i}"] = ("sqa", Conversation([Turn("user", [AudioPart(a), TextPart("Who?")]),
+                                                Turn.text("assistant", "Anna")]))
+    for i in range(6):  # two audio segments in one turn, text around them
+        a, b = pcm_audio(0.2, seed=300 + i), pcm_audio(0.4, seed=400 + i)
+        out[f"mixed-{i}"] = ("mixed_modal", Conversation([
+            Turn("user", [TextPart("Hear"), AudioPart(a), TextPart("and"), AudioPart(b)]),
+            Turn.text("assistant", "done")]))
+    return out

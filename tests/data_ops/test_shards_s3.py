@@ -10,34 +10,12 @@ import pytest
 from data_ops.schema import conversation_to_cut
 from data_ops.shar_datasource import is_error_row, plan_reads, row_to_conversation, shar_dataset
 from data_ops.shards import ShardWriter, read_manifest
-from models.conversation import AudioPart, Conversation, TextPart, Turn
 
 pytestmark = pytest.mark.integration
 
 
-def _corpus(pcm_audio):
-    """cut id -> (data_type, conversation) for every type; audio parts are on the 16-bit grid."""
-    out = {}
-    for i in range(7):
-        out[f"text-{i}"] = ("text", Conversation([Turn.text("user", f"q{i}"), Turn.text("assistant", f"a{i}")]))
-    for i in range(9):
-        a = pcm_audio(0.3 + 0.1 * i, seed=100 + i)
-        out[f"asr-{i}"] = ("asr_ast", Conversation([Turn("user", [AudioPart(a), TextPart("Transcribe.")]),
-                                                    Turn.text("assistant", f"words {i}")]))
-    for i in range(5):
-        a = pcm_audio(0.5, seed=200 + i)
-        out[f"sqa-{i}"] = ("sqa", Conversation([Turn("user", [AudioPart(a), TextPart("Who?")]),
-                                                Turn.text("assistant", "Anna")]))
-    for i in range(6):  # two audio segments in one turn, text around them
-        a, b = pcm_audio(0.2, seed=300 + i), pcm_audio(0.4, seed=400 + i)
-        out[f"mixed-{i}"] = ("mixed_modal", Conversation([
-            Turn("user", [TextPart("Hear"), AudioPart(a), TextPart("and"), AudioPart(b)]),
-            Turn.text("assistant", "done")]))
-    return out
-
-
-def test_four_types_round_trip_through_s3_with_ray_data(s3_endpoint, ray_local, pcm_audio):
-    corpus = _corpus(pcm_audio)
+def test_four_types_round_trip_through_s3_with_ray_data(s3_endpoint, ray_local, corpus_conversations):
+    corpus = corpus_conversations
     uri = "s3://vtb-test/corpus-a"
     with ShardWriter(uri, shard_size=2, progress=False) as w:
         for dt in ("text", "asr_ast", "sqa", "mixed_modal"):
@@ -75,8 +53,8 @@ def test_four_types_round_trip_through_s3_with_ray_data(s3_endpoint, ray_local, 
         [r.key for r in plan_reads(uri, "asr_ast", seed=7, epoch=1)]
 
 
-def test_resume_offsets_skip_consumed_rows(s3_endpoint, ray_local, pcm_audio):
-    corpus = _corpus(pcm_audio)
+def test_resume_offsets_skip_consumed_rows(s3_endpoint, ray_local, corpus_conversations):
+    corpus = corpus_conversations
     uri = "s3://vtb-test/corpus-b"
     with ShardWriter(uri, shard_size=4, progress=False) as w:
         w.write("asr_ast", (conversation_to_cut(c, cut_id=cid, data_type="asr_ast", task="asr", langs=["en"])

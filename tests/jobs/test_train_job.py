@@ -1,0 +1,224 @@
+"""The training job end to end on the local stack: `ray job submit` of the tiny recipe against shards on the moto
+S3 endpoint, 2 workers, one worker killed mid-run; MLflow holds the run, its metrics, artifacts and a registered
+version whose logits match the trained model's; the resumed stream neither repeats nor skips samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from data_ops.schema import conversation_to_cut
+from data_ops.shards import ShardWriter
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from infra.stack import LocalStack
+
+    s = LocalStack(tmp_path_factory.mktemp("stack"), services=("ray", "mlflow", "s3"), ray_num_cpus=6)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def _write_corpus(uri, conversations, env):
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with ShardWriter(uri, shard_size=3, progress=False) as w:
+            for dt in ("text", "asr_ast", "sqa", "mixed_modal"):
+                w.write(dt, [conversation_to_cut(c, cut_id=cid, data_type=dt, task=dt, langs=["en"])
+                             for cid, (t, c) in conversations.items() if t == dt])
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _recipe(corpus_uri, storage, name, **train):
+    return {
+        "run": {"name": name, "experiment": "it", "storage_path": storage, "registered_model": f"{name}-model",
+                "seed": 3},
+        "model": {"size": "tiny", "lm_mode": "lora"},
+        "data": {"sources": {
+            "text": {"uris": [corpus_uri], "ratio": 0.2, "batch_size": 2},
+            "asr_ast": {"uris": [corpus_uri], "ratio": 0.5, "batch_size": 3},
+            "sqa": {"uris": [corpus_uri], "ratio": 0.15, "batch_size": 2},
+            "mixed_modal": {"uris": [corpus_uri], "ratio": 0.15, "batch_size": 2}},
+            "bucket_batches": 2},
+        "train": {"max_steps": 40, "lr": 5e-3, "warmup_steps": 2, "num_workers": 2, "checkpoint_every": 10,
+                  "log_every": 5, "max_failures": 2, **train},
+    }
+
+
+def _train_worker_pids() -> list[int]:
+    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "ps -ww" not in line]
+
+
+def test_submitted_job_trains_resumes_after_a_killed_worker_and_registers(stack, corpus_conversations, tmp_path):
+    import boto3
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from data_ops.mix_sampler import TypeStream, mix_sampler
+    from jobs.recipe import parse_recipe
+    from jobs.train import probe_conversation
+    from services.model_store import load_speechlm
+
+    env = stack.env()
+    _write_corpus("s3://vtb-it/corpus", corpus_conversations, env)
+    recipe = _recipe("s3://vtb-it/corpus", "s3://vtb-it/runs", "it-main")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    samples = tmp_path / "samples"
+    job_id = f"it-main-{int(time.time())}"
+    job_env = {k: env[k] for k in env if k != "RAY_ADDRESS"}
+    submit = subprocess.run(
+        [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", env["RAY_ADDRESS"], "--no-wait",
+         "--submission-id", job_id,
+         "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": job_env}), "--",
+         "python", "-m", "jobs.train", "--config", str(path), "--sample-log-dir", str(samples)],
+        # a clean environment: this test process may hold a local Ray instance of its own (other tests)
+        capture_output=True, text=True, timeout=120, env={"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], **env})
+    assert submit.returncode == 0, submit.stderr[-2000:]
+    client = JobSubmissionClient(env["RAY_ADDRESS"])
+
+    # kill one training worker once the first checkpoint is committed on S3
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                      aws_secret_access_key="testing", region_name="us-east-1")
+    killed = None
+    deadline = time.time() + 300
+    while time.time() < deadline and killed is None:
+        status = client.get_job_status(job_id)
+        assert status not in (JobStatus.FAILED, JobStatus.STOPPED), client.get_job_logs(job_id)[-3000:]
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="vtb-it", Prefix="runs/it-main/").get("Contents", [])]
+        # Ray Train writes its snapshot once a reported checkpoint is committed (files alone may be mid-upload)
+        if any(k.endswith("checkpoint_manager_snapshot.json") for k in keys):
+            pids = _train_worker_pids()
+            if pids:
+                killed = pids[-1]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.5)
+    assert killed, "no checkpoint appeared / no worker to kill"
+    while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.time() < deadline + 300, "job did not finish"
+        time.sleep(2)
+    logs = client.get_job_logs(job_id)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-4000:]
+    assert "resumed stage main at step" in logs  # the restarted workers continued from the checkpoint
+    assert "registered model: models:/it-main-model@candidate" in logs
+
+    # MLflow: one run with the recipe as params, decreasing loss, per-type losses, artifacts, a registered version
+    tracking = env["MLFLOW_TRACKING_URI"]
+    mc = MlflowClient(tracking)
+    exp = mc.get_experiment_by_name("it")
+    runs = mc.search_runs([exp.experiment_id], filter_string="tags.`vtb.run_name` = 'it-main'")
+    assert len(runs) == 1, "the restart must log into the same MLflow run"
+    run = runs[0]
+    assert run.data.params["train.max_steps"] == "40" and run.data.params["data.sources.asr_ast.ratio"] == "0.5"
+    loss = mc.get_metric_history(run.info.run_id, "loss")
+    by_step = {m.step: m.value for m in loss}
+    assert max(by_step) == 40
+    assert by_step[40] < by_step[min(by_step)], by_step
+    for t in ("text", "asr_ast", "sqa", "mixed_modal"):
+        assert f"loss/{t}" in run.data.metrics
+    for m in ("throughput/samples_per_s", "throughput/audio_s_per_s", "throughput/tokens_per_s",
+              "data/padded_share", "data/wait_share", "lr"):
+        assert m in run.data.metrics
+    artifacts = {a.path for a in mc.list_artifacts(run.info.run_id)}
+    assert {"model", "probe_logits.npy"} <= artifacts
+    model_files = {a.path.split("/")[-1] for a in mc.list_artifacts(run.info.run_id, "model")}
+    assert {"speechlm_config.json", "encoder.safetensors", "adapter.safetensors", "lm_adapter", "tokenizer"} <= model_files
+    version = mc.get_model_version_by_alias("it-main-model", "candidate")
+    assert version.run_id == run.info.run_id
+
+    import mlflow
+    import torch
+
+    model = load_speechlm("models:/it-main-model@candidate", tracking_uri=tracking)
+    mlflow.set_tracking_uri(tracking)
+    ref = np.load(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/probe_logits.npy",
+                                                      dst_path=str(tmp_path / "probe")))
+    with torch.no_grad():
+        logits = model(**model.processor([probe_conversation()])).logits.numpy()
+    np.testing.assert_allclose(logits, ref, atol=1e-5)
+
+    # Samples: for each rank the last attempt of every step (steps after the checkpoint ran twice) must equal an
+    # uninterrupted replay of the same streams: nothing seen twice within its epoch, nothing skipped.
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS")})
+    parsed = parse_recipe(recipe)
+    draw = mix_sampler(parsed.data.ratios, parsed.run.seed)
+    reruns = 0
+    for rank in range(2):
+        entries = [json.loads(x) for x in (samples / f"main-rank{rank}.jsonl").read_text().splitlines()]
+        last: dict = {}
+        for e in entries:
+            reruns += (e["step"], e["micro"]) in last
+            last[(e["step"], e["micro"])] = e
+        assert sorted(k[0] for k in last) == list(range(40))
+        streams = {t: TypeStream(s.uris, t, s.batch_size, seed=parsed.run.seed, rank=rank, world_size=2,
+                                 bucket_batches=parsed.data.bucket_batches) for t, s in parsed.data.sources.items()}
+        for step in range(40):
+            t = draw(step, 0)
+            assert last[(step, 0)]["type"] == t
+            assert last[(step, 0)]["ids"] == [r["id"] for r in streams[t].next_batch()], (rank, step)
+    assert reruns > 0, "the kill happened after a checkpoint, so some steps must have run twice"
+    counts = Counter(draw(s, 0) for s in range(40))
+    assert counts == Counter(last[(s, 0)]["type"] for s in range(40))
+
+
+@pytest.mark.parametrize("lm_mode", ["frozen", "lora"])
+def test_lm_weights_change_only_where_the_recipe_trains(stack, corpus_conversations, tmp_path, lm_mode):
+    """Frozen LM: LM weights bit-identical after training. LoRA: only LoRA weights change inside the LM."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from jobs.recipe import parse_recipe
+    from jobs.train import build_model, load_tokenizer_files, tokenizer_files_for
+    from services.model_store import load_speechlm
+
+    env = stack.env()
+    corpus = str(tmp_path / "corpus")
+    _write_corpus(corpus, corpus_conversations, {})
+    raw = _recipe(corpus, str(tmp_path / "runs"), f"it-{lm_mode}", max_steps=4, num_workers=1, checkpoint_every=4)
+    raw["model"]["lm_mode"] = lm_mode
+    recipe = parse_recipe(raw)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    # the job's driver, connected to the stack's cluster (what `ray job submit` runs, without the upload)
+    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--config", str(path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=400, env={"PATH": os.environ["PATH"], "HOME": os.environ["HOME"],
+                                                       **env, "RAY_ADDRESS": stack.services["ray"].extra["gcs_address"]})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    mc = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    (run,) = mc.search_runs([mc.get_experiment_by_name("it").experiment_id],
+                            filter_string=f"tags.`vtb.run_name` = 'it-{lm_mode}'")
+    out = {"run_id": run.info.run_id}
+    trained = load_speechlm(f"runs:/{out['run_id']}/model", tracking_uri=env["MLFLOW_TRACKING_URI"])
+    files = tokenizer_files_for(recipe)
+    initial = build_model(recipe, recipe.stage_list()[0], files)
+    assert len(load_tokenizer_files(files)) == len(trained.tokenizer)
+    t_lm = dict(trained.lm.named_parameters())
+    changed_lm = [n for n, p in initial.lm.named_parameters() if not torch.equal(p, t_lm[n])]
+    if lm_mode == "frozen":
+        assert changed_lm == []
+    else:
+        assert changed_lm and all("lora_" in n for n in changed_lm)
+        assert any("lora_B" in n for n in changed_lm)
+    t_enc = dict(trained.encoder.named_parameters())
+    assert any(not torch.equal(p, t_enc[n]) for n, p in initial.encoder.named_parameters()), "encoder trains"
