@@ -58,6 +58,15 @@ def _http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def _ray_node_alive(dashboard: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{dashboard}/api/v0/nodes", timeout=2.0) as r:
+            nodes = json.loads(r.read())["data"]["result"]["result"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return any(n.get("state") == "ALIVE" for n in nodes)
+
+
 @dataclasses.dataclass
 class Service:
     name: str
@@ -172,7 +181,8 @@ class LocalStack:
             cmd.append(f"--num-cpus={self.ray_num_cpus}")
         proc, log = self._spawn("ray", cmd, {"RAY_AUTH_MODE": "disabled"})
         url = f"http://{HOST}:{dash}"
-        self._wait("ray", proc, log, lambda: _http_ok(f"{url}/api/version"), timeout=120)
+        # the dashboard answers before the head node has registered; jobs submitted then cannot be scheduled
+        self._wait("ray", proc, log, lambda: _http_ok(f"{url}/api/version") and _ray_node_alive(url), timeout=120)
         return Service("ray", proc.pid, dash, url, str(log),
                        {"gcs_address": f"{HOST}:{gcs}", "temp_dir": str(temp_dir)})
 

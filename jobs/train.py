@@ -125,7 +125,8 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, stage: s
     if not is_rank0:
         return
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(path / CKPT_WEIGHTS))
+    # clone: tied weights (embeddings = LM head when the LM trains fully) share storage, which safetensors refuses
+    save_file({k: v.detach().clone().contiguous() for k, v in weights.items()}, str(path / CKPT_WEIGHTS))
     torch.save(optim, path / CKPT_OPTIM)
     (path / CKPT_STATE).write_text(json.dumps({
         "step": step, "stage": stage, "scheduler": scheduler.state_dict(), "streams": stream_states,
@@ -151,12 +152,15 @@ def load_initial_weights(model, path: Path) -> int:
     """Start a stage from the previous stage's trainable weights (e.g. B3: frozen-LM stage, then LoRA)."""
     from safetensors.torch import load_file
 
-    init = load_file(str(path / CKPT_WEIGHTS))
-    own = dict(model.named_parameters())
+    def canonical(name: str) -> str:  # the same weight with or without PEFT's LoRA wrapping
+        return name.replace("base_model.model.", "").replace(".base_layer", "")
+
+    init = {canonical(k): v for k, v in load_file(str(path / CKPT_WEIGHTS)).items()}
     loaded = 0
-    for name, tensor in init.items():
-        if name in own and own[name].shape == tensor.shape:
-            own[name].data.copy_(tensor)
+    for name, param in model.named_parameters():
+        tensor = init.get(canonical(name))
+        if tensor is not None and param.shape == tensor.shape:
+            param.data.copy_(tensor)
             loaded += 1
     if loaded == 0:
         raise RuntimeError(f"none of the weights in {path} fit this model")
