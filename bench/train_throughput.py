@@ -106,6 +106,7 @@ def main() -> None:
         build_demo_corpus(corpus, "small", seed=0, progress=False)
     tracking = f"sqlite:///{tmp}/mlflow.db"
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "jobs/recipes/tiny.yaml").read_text())
+    raw.pop("stages", None)  # one joint stage: the same work in both loops
     raw["run"].update(name="bench", storage_path=str(tmp / "runs"), tracking_uri=tracking, registered_model=None)
     raw["train"].update(max_steps=args.steps, num_workers=args.workers, checkpoint_every=args.steps,
                         log_every=max(1, args.steps // 6))

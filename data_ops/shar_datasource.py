@@ -264,7 +264,7 @@ def row_to_conversation(row: dict) -> Conversation:
     """A good row back to a `Conversation` with samples in its audio parts."""
     if is_error_row(row):
         raise SchemaError(f"row {row.get('shard')}:{row.get('index')} is an error row: {row['error']}")
-    audio = None if row["audio"] is None else np.frombuffer(row["audio"], dtype="<f4")
+    audio = None if row["audio"] is None else np.frombuffer(row["audio"], dtype="<f4").copy()  # writable for torch
     return fill_conversation(row["id"], json.loads(row["conversation"]), audio)
 
 

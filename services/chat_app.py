@@ -1,0 +1,272 @@
+"""Mixed-modal chat on Ray Serve, speaking OpenAI's Chat Completions API (with audio input).
+
+    serve run services/serve_config.yaml                 # or: serve deploy services/serve_config.yaml
+    serve run services.chat_app:build_app model=models:/vtblender-tiny@candidate
+
+Routes: `POST /v1/chat/completions` (streaming with SSE), `GET /v1/models`, `GET /health` (no auth).
+
+- Models: `model` (an MLflow URI `models:/name@alias` / `models:/name/3`, a `runs:/` URI or a local folder) is served
+  as `served_model_name`; `models` adds more fine-tunes (id -> URI). The request's `model` field picks one; each
+  replica keeps up to 3 extra fine-tunes loaded (`serve.multiplexed`, least recently used evicted). Each is a
+  whole SpeechLM (the method fine-tunes encoder and adapter too, not only the LoRA adapter).
+- Throughput: non-streaming requests are batched (`serve.batch`): requests with the same model and sampling
+  settings share one left-padded `generate()`, whose prefill runs the encoder once per audio part.
+- Limits and access: `services.openai_protocol.Limits`; an optional API key (from the environment variable named
+  by `api_key_env`) is required as `Authorization: Bearer ...` on every route but `/health`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from services.openai_protocol import APIError, ChatRequest, Limits, apply_stop, parse_chat_request
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str
+    """The default model: models:/name@alias, models:/name/version, runs:/id/model, or a local folder."""
+    served_model_name: str = "vtblender"
+    models: dict[str, str] = Field(default_factory=dict)
+    """More fine-tunes served from the same deployment: model id -> URI (chosen by the request's `model`)."""
+    tracking_uri: str | None = None
+    api_key_env: str | None = None
+    """Name of the environment variable holding the API key; None: no key required."""
+    device: str = "auto"
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    limits: Limits = Field(default_factory=Limits)
+    num_replicas: int | str = 1
+    """An int, or "auto" with `autoscaling` below."""
+    autoscaling: dict[str, Any] | None = None
+    num_gpus_per_replica: float = 0
+
+
+app = FastAPI(title="vtblender chat", docs_url=None, redoc_url=None)
+
+
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse(status_code=e.status, content=e.body())
+
+
+@serve.deployment(max_ongoing_requests=32)
+@serve.ingress(app)
+class ChatDeployment:
+    def __init__(self, config: dict):
+        import torch
+
+        self.cfg = ServeConfig.model_validate(config)
+        self.device = self.cfg.device if self.cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.uris = {self.cfg.served_model_name: self.cfg.model, **self.cfg.models}
+        self.api_key = os.environ.get(self.cfg.api_key_env) if self.cfg.api_key_env else None
+        if self.cfg.api_key_env and not self.api_key:
+            raise RuntimeError(f"api_key_env={self.cfg.api_key_env!r} but that environment variable is not set")
+        self._generate_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self._generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        self.created = int(time.time())
+        self.stats = {"batches": 0, "batched_requests": 0}
+        # load the default model now: a replica is healthy only when it can answer
+        self._default = self._load(self.cfg.served_model_name)
+
+    # -- models -------------------------------------------------------------------------------------------------
+    def _load(self, model_id: str):
+        from services.model_store import load_speechlm
+
+        return load_speechlm(self.uris[model_id], tracking_uri=self.cfg.tracking_uri, device=self.device,
+                             dtype=self.dtype)
+
+    @serve.multiplexed(max_num_models_per_replica=3)
+    async def get_model(self, model_id: str):
+        if model_id == self.cfg.served_model_name:
+            return self._default
+        return await asyncio.to_thread(self._load, model_id)
+
+    async def _model_for(self, req: ChatRequest):
+        model_id = req.model or self.cfg.served_model_name
+        if model_id not in self.uris:
+            raise APIError(404, f"model {model_id!r} is not served here; available: {sorted(self.uris)}", "model",
+                           "model_not_found")
+        return model_id, await self.get_model(model_id)
+
+    # -- generation ---------------------------------------------------------------------------------------------
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def _generate_batch(self, items: list[tuple[str, Any, ChatRequest]]) -> list[dict]:
+        self.stats["batches"] += 1
+        self.stats["batched_requests"] += len(items)
+        groups: dict[tuple, list[int]] = {}
+        for i, (model_id, _, req) in enumerate(items):
+            groups.setdefault((model_id, req.params.key()), []).append(i)
+        results: list[dict | None] = [None] * len(items)
+        for (_, _), idx in groups.items():
+            model, params = items[idx[0]][1], items[idx[0]][2].params
+            convs = [items[i][2].conversation for i in idx]
+            texts, ids = await asyncio.to_thread(_generate, model, convs, params)
+            for i, text, tok in zip(idx, texts, ids):
+                text, stopped = apply_stop(text, params.stop)
+                results[i] = {"text": text, "completion_tokens": len(tok),
+                              "finish_reason": "stop" if stopped or len(tok) < params.max_new_tokens else "length"}
+        return results
+
+    # -- routes -------------------------------------------------------------------------------------------------
+    def _check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        if auth != f"Bearer {self.api_key}":
+            raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key")
+
+    @app.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request):
+        try:
+            self._check_key(request)
+        except APIError as e:
+            return _error(e)
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": self.created, "owned_by": "vtblender"}
+                                           for m in sorted(self.uris)]}
+
+    @app.get("/v1/stats")
+    async def batch_stats(self, request: Request):
+        try:
+            self._check_key(request)
+        except APIError as e:
+            return _error(e)
+        return self.stats
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        try:
+            self._check_key(request)
+            raw = await request.body()
+            if len(raw) > self.cfg.limits.max_body_bytes:
+                raise APIError(413, f"the request body ({len(raw)} bytes) is over the limit of "
+                                    f"{self.cfg.limits.max_body_bytes} bytes", None, "body_too_large")
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                raise APIError(400, "the request body is not valid JSON") from None
+            req = await asyncio.to_thread(parse_chat_request, body, self.cfg.limits)
+            model_id, model = await self._model_for(req)
+            prompt_tokens, audio_tokens = _prompt_tokens(model, req)
+            if prompt_tokens > self.cfg.limits.max_prompt_tokens:
+                raise APIError(413, f"the prompt is {prompt_tokens} tokens (audio included), over the limit of "
+                                    f"{self.cfg.limits.max_prompt_tokens}", "messages", "context_length_exceeded")
+        except APIError as e:
+            return _error(e)
+        except Exception as e:  # a conversation the model cannot take (e.g. placeholder text): 400, not 500
+            from models.conversation import ConversationError
+
+            if isinstance(e, ConversationError):
+                return _error(APIError(400, str(e), "messages"))
+            raise
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        usage = {"prompt_tokens": prompt_tokens, "prompt_tokens_details": {"audio_tokens": audio_tokens},
+                 "audio_seconds": round(req.audio_seconds, 3)}
+        if req.stream:
+            return StreamingResponse(_sse(model, req, rid, model_id, usage), media_type="text/event-stream")
+        out = await self._generate_batch((model_id, model, req))
+        usage.update(completion_tokens=out["completion_tokens"], total_tokens=prompt_tokens + out["completion_tokens"])
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_id,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
+                             "finish_reason": out["finish_reason"]}],
+                "usage": usage}
+
+
+def _prompt_tokens(model, req: ChatRequest) -> tuple[int, int]:
+    enc = model.processor.encode(req.conversation, for_generation=True)
+    return len(enc.input_ids), int(sum(enc.audio_mask))
+
+
+def _generate(model, convs, params, streamer=None):
+    import torch
+
+    if params.seed is not None:
+        torch.manual_seed(params.seed)
+    kw = {"streamer": streamer} if streamer is not None else {}
+    return model.generate(convs, max_new_tokens=params.max_new_tokens, do_sample=not params.greedy,
+                          temperature=params.temperature or 1.0, top_p=params.top_p, return_ids=True, **kw)
+
+
+async def _sse(model, req: ChatRequest, rid: str, model_id: str, usage: dict):
+    """OpenAI chunk stream: role chunk, content deltas, a finish chunk, an optional usage chunk, [DONE]."""
+    from transformers import TextIteratorStreamer
+
+    created = int(time.time())
+
+    def chunk(delta: dict, finish: str | None = None, with_usage: dict | None = None, choices: bool = True) -> str:
+        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_id,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else []}
+        if with_usage is not None:
+            body["usage"] = with_usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=False, skip_special_tokens=True, timeout=300)
+    result: dict = {}
+
+    def run():
+        try:
+            result["out"] = _generate(model, [req.conversation], req.params, streamer)
+        except Exception as e:  # surfaced to the client as an error chunk
+            result["error"] = e
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield chunk({"role": "assistant", "content": ""})
+    text, sent, stopped = "", 0, False
+    hold = max((len(s) for s in req.params.stop), default=1) - 1  # keep back what could start a stop string
+    iterator = iter(streamer)
+    while True:
+        piece = await asyncio.to_thread(next, iterator, None)
+        if piece is None:
+            break
+        text += piece
+        cut, stopped = apply_stop(text.lstrip(), req.params.stop)
+        upto = len(cut) if stopped else max(sent, len(cut) - hold)
+        if upto > sent:
+            yield chunk({"content": cut[sent:upto]})
+            sent = upto
+        if stopped:
+            break
+    thread.join()
+    if "error" in result:
+        yield f"data: {json.dumps({'error': {'message': str(result['error']), 'type': 'server_error'}})}\n\n"
+        yield "data: [DONE]\n\n"
+        return
+    texts, ids = result["out"]
+    final, stopped2 = apply_stop(texts[0], req.params.stop)
+    if len(final) > sent:
+        yield chunk({"content": final[sent:]})
+    n = len(ids[0])
+    finish = "stop" if stopped or stopped2 or n < req.params.max_new_tokens else "length"
+    yield chunk({}, finish)
+    if req.include_usage:
+        yield chunk({}, with_usage={**usage, "completion_tokens": n, "total_tokens": usage["prompt_tokens"] + n},
+                    choices=False)
+    yield "data: [DONE]\n\n"
+
+
+def build_app(args: dict) -> serve.Application:
+    """Application builder for `serve run` / `serve deploy` (`import_path: services.chat_app:build_app`)."""
+    cfg = ServeConfig.model_validate(args)
+    options: dict[str, Any] = {"ray_actor_options": {"num_gpus": cfg.num_gpus_per_replica, "num_cpus": 1}}
+    if cfg.autoscaling:
+        options["autoscaling_config"] = cfg.autoscaling
+    else:
+        options["num_replicas"] = cfg.num_replicas
+    return ChatDeployment.options(**options).bind(cfg.model_dump(mode="json"))
