@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,8 +35,15 @@ def submit_and_follow(client, entrypoint: list[str], env: dict, name: str, timeo
 
     import shlex
 
-    job_id = client.submit_job(entrypoint=shlex.join(entrypoint), submission_id=f"{name}-{int(time.time())}",
-                               runtime_env={"working_dir": str(ROOT), "env_vars": env})
+    for attempt in range(6):
+        try:
+            job_id = client.submit_job(entrypoint=shlex.join(entrypoint), submission_id=f"{name}-{int(time.time())}",
+                                       runtime_env={"working_dir": str(ROOT), "env_vars": env})
+            break
+        except RuntimeError as e:  # right after start-up the head's job agent may not be registered yet
+            if "No available agent" not in str(e) or attempt == 5:
+                raise
+            time.sleep(5)
     print(f"[demo] submitted {job_id}: ray job submit --working-dir . -- {shlex.join(entrypoint)}", flush=True)
     shown, deadline = 0, time.time() + timeout_s
     while True:

@@ -15,12 +15,11 @@ Routes: `POST /v1/chat/completions` (streaming with SSE), `GET /v1/models`, `GET
   by `api_key_env`) is required as `Authorization: Bearer ...` on every route but `/health`.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: FastAPI must see the real `Request` annotation on the routes.
 
 import asyncio
 import json
 import os
-import threading
 import time
 import uuid
 from typing import Any
@@ -30,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from services.chat_generation import generate, prompt_tokens, sse
 from services.openai_protocol import APIError, ChatRequest, Limits, apply_stop, parse_chat_request
 
 
@@ -102,7 +102,7 @@ class ChatDeployment:
 
     # -- generation ---------------------------------------------------------------------------------------------
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _generate_batch(self, items: list[tuple[str, Any, ChatRequest]]) -> list[dict]:
+    async def _generate_batch(self, items: list) -> list:
         self.stats["batches"] += 1
         self.stats["batched_requests"] += len(items)
         groups: dict[tuple, list[int]] = {}
@@ -112,7 +112,7 @@ class ChatDeployment:
         for (_, _), idx in groups.items():
             model, params = items[idx[0]][1], items[idx[0]][2].params
             convs = [items[i][2].conversation for i in idx]
-            texts, ids = await asyncio.to_thread(_generate, model, convs, params)
+            texts, ids = await asyncio.to_thread(generate, model, convs, params)
             for i, text, tok in zip(idx, texts, ids):
                 text, stopped = apply_stop(text, params.stop)
                 results[i] = {"text": text, "completion_tokens": len(tok),
@@ -162,9 +162,9 @@ class ChatDeployment:
                 raise APIError(400, "the request body is not valid JSON") from None
             req = await asyncio.to_thread(parse_chat_request, body, self.cfg.limits)
             model_id, model = await self._model_for(req)
-            prompt_tokens, audio_tokens = _prompt_tokens(model, req)
-            if prompt_tokens > self.cfg.limits.max_prompt_tokens:
-                raise APIError(413, f"the prompt is {prompt_tokens} tokens (audio included), over the limit of "
+            n_prompt, audio_tokens = prompt_tokens(model, req)
+            if n_prompt > self.cfg.limits.max_prompt_tokens:
+                raise APIError(413, f"the prompt is {n_prompt} tokens (audio included), over the limit of "
                                     f"{self.cfg.limits.max_prompt_tokens}", "messages", "context_length_exceeded")
         except APIError as e:
             return _error(e)
@@ -175,90 +175,16 @@ class ChatDeployment:
                 return _error(APIError(400, str(e), "messages"))
             raise
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        usage = {"prompt_tokens": prompt_tokens, "prompt_tokens_details": {"audio_tokens": audio_tokens},
+        usage = {"prompt_tokens": n_prompt, "prompt_tokens_details": {"audio_tokens": audio_tokens},
                  "audio_seconds": round(req.audio_seconds, 3)}
         if req.stream:
-            return StreamingResponse(_sse(model, req, rid, model_id, usage), media_type="text/event-stream")
+            return StreamingResponse(sse(model, req, rid, model_id, usage), media_type="text/event-stream")
         out = await self._generate_batch((model_id, model, req))
-        usage.update(completion_tokens=out["completion_tokens"], total_tokens=prompt_tokens + out["completion_tokens"])
+        usage.update(completion_tokens=out["completion_tokens"], total_tokens=n_prompt + out["completion_tokens"])
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
                              "finish_reason": out["finish_reason"]}],
                 "usage": usage}
-
-
-def _prompt_tokens(model, req: ChatRequest) -> tuple[int, int]:
-    enc = model.processor.encode(req.conversation, for_generation=True)
-    return len(enc.input_ids), int(sum(enc.audio_mask))
-
-
-def _generate(model, convs, params, streamer=None):
-    import torch
-
-    if params.seed is not None:
-        torch.manual_seed(params.seed)
-    kw = {"streamer": streamer} if streamer is not None else {}
-    return model.generate(convs, max_new_tokens=params.max_new_tokens, do_sample=not params.greedy,
-                          temperature=params.temperature or 1.0, top_p=params.top_p, return_ids=True, **kw)
-
-
-async def _sse(model, req: ChatRequest, rid: str, model_id: str, usage: dict):
-    """OpenAI chunk stream: role chunk, content deltas, a finish chunk, an optional usage chunk, [DONE]."""
-    from transformers import TextIteratorStreamer
-
-    created = int(time.time())
-
-    def chunk(delta: dict, finish: str | None = None, with_usage: dict | None = None, choices: bool = True) -> str:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_id,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else []}
-        if with_usage is not None:
-            body["usage"] = with_usage
-        return f"data: {json.dumps(body)}\n\n"
-
-    streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=False, skip_special_tokens=True, timeout=300)
-    result: dict = {}
-
-    def run():
-        try:
-            result["out"] = _generate(model, [req.conversation], req.params, streamer)
-        except Exception as e:  # surfaced to the client as an error chunk
-            result["error"] = e
-            streamer.end()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    yield chunk({"role": "assistant", "content": ""})
-    text, sent, stopped = "", 0, False
-    hold = max((len(s) for s in req.params.stop), default=1) - 1  # keep back what could start a stop string
-    iterator = iter(streamer)
-    while True:
-        piece = await asyncio.to_thread(next, iterator, None)
-        if piece is None:
-            break
-        text += piece
-        cut, stopped = apply_stop(text.lstrip(), req.params.stop)
-        upto = len(cut) if stopped else max(sent, len(cut) - hold)
-        if upto > sent:
-            yield chunk({"content": cut[sent:upto]})
-            sent = upto
-        if stopped:
-            break
-    thread.join()
-    if "error" in result:
-        yield f"data: {json.dumps({'error': {'message': str(result['error']), 'type': 'server_error'}})}\n\n"
-        yield "data: [DONE]\n\n"
-        return
-    texts, ids = result["out"]
-    final, stopped2 = apply_stop(texts[0], req.params.stop)
-    if len(final) > sent:
-        yield chunk({"content": final[sent:]})
-    n = len(ids[0])
-    finish = "stop" if stopped or stopped2 or n < req.params.max_new_tokens else "length"
-    yield chunk({}, finish)
-    if req.include_usage:
-        yield chunk({}, with_usage={**usage, "completion_tokens": n, "total_tokens": usage["prompt_tokens"] + n},
-                    choices=False)
-    yield "data: [DONE]\n\n"
 
 
 def build_app(args: dict) -> serve.Application:

@@ -260,7 +260,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         raise APIError(400, "the last message must be from the user (the model answers it)", "messages")
 
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = 128 if max_tokens is None else max_tokens
+    max_tokens = min(256, limits.max_new_tokens) if max_tokens is None else max_tokens
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise APIError(400, "max_tokens must be a positive integer", "max_tokens")
     if max_tokens > limits.max_new_tokens:

@@ -88,13 +88,17 @@ def test_submitted_job_trains_resumes_after_a_killed_worker_and_registers(stack,
     samples = tmp_path / "samples"
     job_id = f"it-main-{int(time.time())}"
     job_env = {k: env[k] for k in env if k != "RAY_ADDRESS"}
-    submit = subprocess.run(
-        [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", env["RAY_ADDRESS"], "--no-wait",
-         "--submission-id", job_id,
-         "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": job_env}), "--",
-         "python", "-m", "jobs.train", "--config", str(path), "--sample-log-dir", str(samples)],
-        # a clean environment: this test process may hold a local Ray instance of its own (other tests)
-        capture_output=True, text=True, timeout=120, env={"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], **env})
+    for attempt in range(6):  # right after start-up the head's job agent may not be registered yet
+        submit = subprocess.run(
+            [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", env["RAY_ADDRESS"], "--no-wait",
+             "--submission-id", job_id,
+             "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": job_env}), "--",
+             "python", "-m", "jobs.train", "--config", str(path), "--sample-log-dir", str(samples)],
+            # a clean environment: this test process may hold a local Ray instance of its own (other tests)
+            capture_output=True, text=True, timeout=120, env={"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], **env})
+        if "No available agent" not in submit.stderr:
+            break
+        time.sleep(5)
     assert submit.returncode == 0, submit.stderr[-2000:]
     client = JobSubmissionClient(env["RAY_ADDRESS"])
 

@@ -1,0 +1,257 @@
+"""The OpenAI-compatible chat endpoint on Ray Serve, deployed with `serve deploy` on the local stack, loaded from the
+MLflow registry, exercised with the official `openai` client and raw HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import soundfile as sf
+import yaml
+
+from models.conversation import AudioPart, Conversation, TextPart, Turn
+
+pytestmark = pytest.mark.integration
+KEY = "sk-serve-test"
+
+
+def _wav_b64(audio: np.ndarray, fmt: str = "WAV", subtype: str = "PCM_16") -> str:
+    buf = io.BytesIO()
+    sf.write(buf, audio, 16000, format=fmt, subtype=subtype)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _pcm(seconds: float, seed: int) -> np.ndarray:
+    k = np.random.default_rng(seed).integers(-20000, 20000, size=int(seconds * 16000))
+    return (k / 32768.0).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from infra.stack import LocalStack, free_port
+    from models.config import tiny
+    from models.speechlm import SpeechLM, build_speechlm
+    from models.tokenizer import build_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("serve")
+    tok = build_tiny_tokenizer(["hello world", "the answer is five", "Two plus three is five."])
+    dirs = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        build_speechlm(tiny(), tokenizer=tok).save_pretrained(root / name)
+        dirs[name] = root / name
+    stack = LocalStack(root / "stack", services=("ray", "mlflow"), ray_num_cpus=4)
+    stack.start()
+    env = stack.env()
+    try:
+        tracking = env["MLFLOW_TRACKING_URI"]
+        mlflow.set_tracking_uri(tracking)
+        mlflow.set_experiment("serve-test")
+        with mlflow.start_run() as run:
+            mlflow.log_artifacts(str(dirs["a"]), "model")
+        client = MlflowClient(tracking)
+        client.create_registered_model("tiny-serve")
+        v = client.create_model_version("tiny-serve", f"{run.info.artifact_uri}/model", run.info.run_id)
+        client.set_registered_model_alias("tiny-serve", "candidate", v.version)
+
+        port = free_port()
+        config = {
+            "proxy_location": "HeadOnly",
+            "http_options": {"host": "127.0.0.1", "port": port},
+            "applications": [{
+                "name": "vtb", "route_prefix": "/", "import_path": "services.chat_app:build_app",
+                "runtime_env": {"env_vars": {"MLFLOW_TRACKING_URI": tracking, "VTB_TEST_KEY": KEY}},
+                "args": {"model": "models:/tiny-serve@candidate", "served_model_name": "tiny",
+                         "models": {"b": str(dirs["b"])}, "api_key_env": "VTB_TEST_KEY", "max_batch_size": 8,
+                         "batch_wait_timeout_s": 0.05,
+                         "limits": {"max_audio_seconds_per_part": 5.0, "max_new_tokens": 64}},
+            }],
+        }
+        cfg_path = root / "serve.yaml"
+        cfg_path.write_text(yaml.safe_dump(config))
+        serve_bin = str(Path(sys.executable).with_name("serve"))
+        clean_env = {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], **env}
+        proc = subprocess.run([serve_bin, "deploy", str(cfg_path), "-a", env["RAY_ADDRESS"]], capture_output=True,
+                              text=True, timeout=120, env=clean_env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            try:
+                if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        else:
+            status = subprocess.run([serve_bin, "status", "-a", env["RAY_ADDRESS"]], capture_output=True, text=True,
+                                    env=clean_env)
+            raise AssertionError(f"Serve app did not come up:\n{status.stdout[-3000:]}")
+        models = {"tiny": SpeechLM.from_pretrained(dirs["a"]), "b": SpeechLM.from_pretrained(dirs["b"])}
+        yield {"base": base, "models": models, "env": clean_env, "serve": serve_bin}
+        subprocess.run([serve_bin, "shutdown", "-y", "-a", env["RAY_ADDRESS"]], capture_output=True, timeout=120,
+                       env=clean_env)
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["base"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _audio_part(a):
+    return {"type": "input_audio", "input_audio": {"data": _wav_b64(a), "format": "wav"}}
+
+
+A1, A2 = _pcm(1.2, 1), _pcm(0.7, 2)
+CASES = {
+    "text_only": ([{"role": "user", "content": "hello world"}], Conversation([Turn.text("user", "hello world")])),
+    "audio_only": ([{"role": "user", "content": [_audio_part(A1)]}], Conversation([Turn("user", [AudioPart(A1)])])),
+    "text_audio_text": (
+        [{"role": "user", "content": [{"type": "text", "text": "Listen:"}, _audio_part(A1),
+                                      {"type": "text", "text": "what is it?"}]}],
+        Conversation([Turn("user", [TextPart("Listen:"), AudioPart(A1), TextPart("what is it?")])])),
+    "two_audio": (
+        [{"role": "system", "content": "Be brief."},
+         {"role": "user", "content": [_audio_part(A1), {"type": "text", "text": "and"},
+                                      {"type": "audio_url", "audio_url": {"url": "data:audio/wav;base64," + _wav_b64(A2)}}]}],
+        Conversation([Turn.text("system", "Be brief."),
+                      Turn("user", [AudioPart(A1), TextPart("and"), AudioPart(A2)])])),
+    "three_turns": (
+        [{"role": "user", "content": [{"type": "text", "text": "hi"}, _audio_part(A2)]},
+         {"role": "assistant", "content": "the answer is five"},
+         {"role": "user", "content": "Two plus three?"}],
+        Conversation([Turn("user", [TextPart("hi"), AudioPart(A2)]), Turn.text("assistant", "the answer is five"),
+                      Turn.text("user", "Two plus three?")])),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_answers_equal_the_models_own_generate(server, client, case):
+    messages, conv = CASES[case]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    want = server["models"]["tiny"].generate([conv], max_new_tokens=12)[0]
+    assert r.choices[0].message.content == want
+    assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    audio_seconds = sum(p.duration for p in conv.audio_parts)
+    assert r.usage.model_extra["audio_seconds"] == pytest.approx(audio_seconds, abs=1e-3)
+
+
+def test_streaming_matches_and_ends_with_usage_and_done(server, client):
+    messages, conv = CASES["text_audio_text"]
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == server["models"]["tiny"].generate([conv], max_new_tokens=12)[0]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c for c in chunks if c.choices][-1].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    raw = requests.post(server["base"] + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                        json={"model": "tiny", "messages": messages, "max_tokens": 4, "stream": True}, timeout=60)
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.rstrip().endswith("data: [DONE]")
+
+
+def test_model_field_selects_another_fine_tune_and_models_route(server, client):
+    messages, conv = CASES["text_audio_text"]
+    r = client.chat.completions.create(model="b", messages=messages, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == server["models"]["b"].generate([conv], max_new_tokens=12)[0]
+    assert sorted(m.id for m in client.models.list().data) == ["b", "tiny"]
+
+
+def test_concurrent_requests_are_batched(server):
+    from concurrent.futures import ThreadPoolExecutor
+
+    messages, conv = CASES["text_audio_text"]
+    want = server["models"]["tiny"].generate([conv], max_new_tokens=8)[0]
+    h = {"Authorization": f"Bearer {KEY}"}
+    before = requests.get(server["base"] + "/v1/stats", headers=h, timeout=10).json()
+
+    def one(_):
+        r = requests.post(server["base"] + "/v1/chat/completions", headers=h, timeout=120,
+                          json={"model": "tiny", "messages": messages, "max_tokens": 8, "temperature": 0})
+        return r.json()["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, range(8)))
+    after = requests.get(server["base"] + "/v1/stats", headers=h, timeout=10).json()
+    assert answers == [want] * 8
+    batches = after["batches"] - before["batches"]
+    assert after["batched_requests"] - before["batched_requests"] == 8 and batches < 8
+
+
+def _post(server, body, key=KEY, raw: bytes | None = None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if raw is not None:
+        return requests.post(server["base"] + "/v1/chat/completions", data=raw, headers=headers, timeout=60)
+    return requests.post(server["base"] + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+
+
+def _user(*parts):
+    return {"model": "tiny", "max_tokens": 4, "messages": [{"role": "user", "content": list(parts)}]}
+
+
+EMPTY_WAV = _wav_b64(np.zeros(0, np.float32))
+BAD = {
+    "invalid_base64": (_user({"type": "input_audio", "input_audio": {"data": "%%%not base64", "format": "wav"}}),
+                       400, "not valid base64"),
+    "undecodable": (_user({"type": "input_audio", "input_audio": {"data": base64.b64encode(b"RIFF....junk" * 50).decode(),
+                                                                 "format": "wav"}}), 400, "could not be decoded"),
+    "unsupported_format": (_user({"type": "input_audio", "input_audio": {"data": _wav_b64(A1), "format": "aac"}}),
+                           400, "unsupported audio format 'aac'"),
+    "zero_length": (_user({"type": "input_audio", "input_audio": {"data": EMPTY_WAV, "format": "wav"}}), 400, "no samples"),
+    "over_limit": (_user(_audio_part(_pcm(6.0, 3))), 413, "over the limit of 5 s per audio part"),
+    "wrong_part_type": (_user({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}), 400,
+                        "content part type 'image_url' is not supported"),
+    "empty_messages": ({"model": "tiny", "messages": []}, 400, "'messages' must be a non-empty list"),
+    "last_is_assistant": ({"model": "tiny", "messages": [{"role": "user", "content": "hi"},
+                                                         {"role": "assistant", "content": "yo"}]}, 400,
+                          "last message must be from the user"),
+    "loopback_url": (_user({"type": "audio_url", "audio_url": {"url": "http://127.0.0.1:9/a.wav"}}), 400,
+                     "fetching audio from URLs is disabled"),
+    "private_url": (_user({"type": "audio_url", "audio_url": {"url": "http://10.0.0.5/a.wav"}}), 400,
+                    "fetching audio from URLs is disabled"),
+    "unknown_model": ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "not served here"),
+    "max_tokens_over": ({"model": "tiny", "max_tokens": 10000, "messages": [{"role": "user", "content": "hi"}]}, 400,
+                        "over this server's limit of 64"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_gets_a_clear_4xx_and_the_server_goes_on(server, case):
+    body, status, message = BAD[case]
+    r = _post(server, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert message in err["message"] and err["type"]
+    ok = _post(server, {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    assert ok.status_code == 200
+
+
+def test_api_key_is_checked_on_every_route_but_health(server):
+    body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    for key in (None, "sk-wrong"):
+        r = _post(server, body, key=key)
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+        h = {"Authorization": f"Bearer {key}"} if key else {}
+        assert requests.get(server["base"] + "/v1/models", headers=h, timeout=10).status_code == 401
+    assert requests.get(server["base"] + "/health", timeout=10).status_code == 200
+    r = _post(server, None, raw=b"{not json")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
