@@ -15,6 +15,7 @@ Everything is drawn from one seed; `SIZES` go from `tiny` (tests, seconds) to `d
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 
@@ -26,7 +27,7 @@ from data_ops.mixed_modal import mixed_modal_dataset, mixed_modal_row_to_cut
 from data_ops.schema import conversation_to_cut
 from data_ops.shards import CorpusManifest, ShardWriter
 from data_ops.sqa import sqa_conversation
-from data_ops.tts import EspeakTTS, SpeakMapper
+from data_ops.tts import HELD_OUT_VOICES, TRAIN_VOICES, EspeakTTS, SpeakMapper
 from models.conversation import Conversation, Turn
 
 logger = logging.getLogger("vtblender.data")
@@ -172,12 +173,20 @@ def _conversation(turns: list[tuple[str, str]]) -> Conversation:
 # ---- the corpus ----------------------------------------------------------------------------------------------
 
 def build_demo_corpus(out_uri: str, size: str | CorpusSize = "tiny", *, seed: int = 0, shard_size: int = 200,
-                      concurrency: int = 2, endpoint_url: str | None = None, tts_factory=EspeakTTS,
-                      progress: bool = True) -> CorpusManifest:
+                      concurrency: int = 2, endpoint_url: str | None = None, tts_factory=None,
+                      split: str = "train", progress: bool = True) -> CorpusManifest:
     """Generate all four types and write them as shards (with manifest) to `out_uri`. Needs a Ray cluster
-    (`ray.init()` done by the caller, or a local one is started) for the TTS jobs."""
+    (`ray.init()` done by the caller, or a local one is started) for the TTS jobs.
+
+    `split="eval"`: voices held out of training (`HELD_OUT_VOICES`; use another `seed` for other utterances), and
+    a fifth set: the single-turn text tasks fully spoken (`mixed_modal` type, task `spoken_instruction`), which
+    no recipe trains on directly."""
     import ray.data
 
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if tts_factory is None:
+        tts_factory = functools.partial(EspeakTTS, voices=dict(TRAIN_VOICES if split == "train" else HELD_OUT_VOICES))
     sz = SIZES[size] if isinstance(size, str) else size
     rng = np.random.default_rng(seed)
     with ShardWriter(out_uri, shard_size=shard_size, endpoint_url=endpoint_url, progress=progress) as writer:
@@ -232,5 +241,20 @@ def build_demo_corpus(out_uri: str, size: str | CorpusSize = "tiny", *, seed: in
                 yield mixed_modal_row_to_cut(row)
 
         writer.write("mixed_modal", mixed_stream())
+
+        if split == "eval":  # spoken instructions: single-turn text tasks, the whole user turn spoken
+            tasks = [t[:2] for t in text_sft(rng, sz.mixed)]
+            spoken_rows = mixed_modal_dataset(
+                [{"id": f"spoken-{i:06d}", "lang": "en", "conversation": json.dumps(_conversation(t).to_dict())}
+                 for i, t in enumerate(tasks)], seed=seed + 1, concurrency=concurrency, tts_factory=tts_factory,
+                position="whole")
+
+            def spoken_stream():
+                for row in tqdm(spoken_rows.iter_rows(), total=len(tasks), desc="spoken instructions",
+                                disable=not progress):
+                    if not row["error"]:
+                        yield mixed_modal_row_to_cut(row, task="spoken_instruction")
+
+            writer.write("mixed_modal", spoken_stream())
     logger.info("demo corpus at %s: %s", out_uri, writer.manifest.summary())
     return writer.manifest

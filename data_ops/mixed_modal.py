@@ -98,9 +98,10 @@ class MixedModalMapper:
     Rows that cannot be converted come back with `error` set (and are counted by the caller), never raised.
     """
 
-    def __init__(self, seed: int, tts_factory: Callable[[], TTSEngine] = EspeakTTS):
+    def __init__(self, seed: int, tts_factory: Callable[[], TTSEngine] = EspeakTTS, position: str | None = None):
         self.seed = seed
         self.tts = tts_factory()
+        self.position = position
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {"id": [], "lang": [], "conversation": [], "audio": [], "meta": [], "error": []}
@@ -109,7 +110,8 @@ class MixedModalMapper:
             out["lang"].append(lang)
             try:
                 conv = fill_conversation(sample_id, json.loads(conv_json), None)
-                mixed, meta = make_mixed_modal(conv, self.tts, sample_rng(self.seed, sample_id), lang=lang)
+                mixed, meta = make_mixed_modal(conv, self.tts, sample_rng(self.seed, sample_id), lang=lang,
+                                               position=self.position)
                 cut = conversation_to_cut(mixed, cut_id=sample_id, data_type="mixed_modal", task="mixed_modal",
                                           langs=[lang])
                 out["conversation"].append(json.dumps(cut.custom["conversation"]))
@@ -125,19 +127,20 @@ class MixedModalMapper:
 
 
 def mixed_modal_dataset(rows: list[dict], *, seed: int, concurrency: int = 2,
-                        tts_factory: Callable[[], TTSEngine] = EspeakTTS):
-    """Ray Data job over text SFT rows `{id, conversation (JSON), lang}`; see `MixedModalMapper`."""
+                        tts_factory: Callable[[], TTSEngine] = EspeakTTS, position: str | None = None):
+    """Ray Data job over text SFT rows `{id, conversation (JSON), lang}`; see `MixedModalMapper`. `position`
+    forces where the speech goes ("whole": the user turn fully spoken, for spoken-instruction evaluation)."""
     import ray.data
 
     ds = ray.data.from_items(rows)
-    return ds.map_batches(MixedModalMapper, fn_constructor_kwargs={"seed": seed, "tts_factory": tts_factory},
+    return ds.map_batches(MixedModalMapper, fn_constructor_kwargs={"seed": seed, "tts_factory": tts_factory, "position": position},
                           batch_size=4, compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=1)
 
 
-def mixed_modal_row_to_cut(row: dict):
+def mixed_modal_row_to_cut(row: dict, task: str = "mixed_modal"):
     """An output row of `mixed_modal_dataset` -> a cut of the conversation schema (mixed_modal type)."""
     audio = np.frombuffer(row["audio"], dtype="<f4")
     conv = fill_conversation(row["id"], json.loads(row["conversation"]), audio)
-    return conversation_to_cut(conv, cut_id=row["id"], data_type="mixed_modal", task="mixed_modal",
+    return conversation_to_cut(conv, cut_id=row["id"], data_type="mixed_modal", task=task,
                                langs=[row["lang"]],
                                extra={"tts": json.loads(row["meta"])})

@@ -60,7 +60,9 @@ def _error_row(shard: str, index: int, cut_id: str | None, message: str) -> dict
 
 
 def is_error_row(row: dict) -> bool:
-    return row.get("error") is not None
+    # In numpy/pandas batches a null string column may come back as NaN, not None.
+    err = row.get("error")
+    return isinstance(err, str) and err != ""
 
 
 def decode_audio(data: bytes) -> np.ndarray:
@@ -264,7 +266,8 @@ def row_to_conversation(row: dict) -> Conversation:
     """A good row back to a `Conversation` with samples in its audio parts."""
     if is_error_row(row):
         raise SchemaError(f"row {row.get('shard')}:{row.get('index')} is an error row: {row['error']}")
-    audio = None if row["audio"] is None else np.frombuffer(row["audio"], dtype="<f4").copy()  # writable for torch
+    raw = row["audio"]
+    audio = np.frombuffer(raw, dtype="<f4").copy() if isinstance(raw, (bytes, bytearray)) else None  # writable
     return fill_conversation(row["id"], json.loads(row["conversation"]), audio)
 
 

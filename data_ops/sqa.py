@@ -90,14 +90,15 @@ def parse_qa(text: str | None) -> tuple[str, str | None, str | None]:
 
 
 def chat_complete(endpoint: ChatEndpoint, prompt: str, api_key: str | None = None,
-                  session: requests.Session | None = None) -> str:
+                  session: requests.Session | None = None, system: str | None = None) -> str:
     """One chat completion; retries connection errors, timeouts, 429 and 5xx with exponential backoff + jitter
     (honouring Retry-After); other 4xx fail at once. Raises EndpointError when it gives up."""
     url = endpoint.base_url.rstrip("/") + "/chat/completions"
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    payload = {"model": endpoint.model, "messages": [{"role": "user", "content": prompt}],
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    payload = {"model": endpoint.model, "messages": messages,
                "temperature": endpoint.temperature, "max_tokens": endpoint.max_tokens}
     http = session or requests
     last = ""

@@ -28,6 +28,12 @@ ESPEAK_VOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Voices held out of training (the last one per language): the evaluation split speaks with these only, so a test
+# of "new voices" is one.
+HELD_OUT_VOICES: dict[str, tuple[str, ...]] = {lang: (v[-1],) for lang, v in ESPEAK_VOICES.items()}
+TRAIN_VOICES: dict[str, tuple[str, ...]] = {lang: v[:-1] for lang, v in ESPEAK_VOICES.items()}
+
+
 class TTSError(RuntimeError):
     pass
 

@@ -171,18 +171,21 @@ class LocalStack:
         raise StackError(f"{name} did not become healthy within {timeout:.0f} s; see {log}")
 
     def _start_ray(self) -> Service:
-        gcs, dash, client = free_port(), free_port(), free_port()
+        gcs, dash, client, agent = free_port(), free_port(), free_port(), free_port()
         # Short path: Ray puts unix sockets under the temp dir and they are limited to 107 bytes.
         temp_dir = Path("/tmp") / f"vtb-ray-{gcs}"
         cmd = [_bin("ray"), "start", "--head", "--block", f"--port={gcs}", f"--node-ip-address={HOST}",
                f"--dashboard-host={HOST}", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+               f"--dashboard-agent-listen-port={agent}",
                "--disable-usage-stats", "--include-dashboard=true", f"--temp-dir={temp_dir}"]
         if self.ray_num_cpus is not None:
             cmd.append(f"--num-cpus={self.ray_num_cpus}")
         proc, log = self._spawn("ray", cmd, {"RAY_AUTH_MODE": "disabled"})
         url = f"http://{HOST}:{dash}"
-        # the dashboard answers before the head node has registered; jobs submitted then cannot be scheduled
-        self._wait("ray", proc, log, lambda: _http_ok(f"{url}/api/version") and _ray_node_alive(url), timeout=120)
+        # The dashboard answers before the head node has registered and before its agent (which runs submitted
+        # jobs) is up; a job submitted then fails ("No available agent"). Wait for all three.
+        self._wait("ray", proc, log, lambda: _http_ok(f"{url}/api/version") and _ray_node_alive(url)
+                   and _http_ok(f"http://{HOST}:{agent}/api/local_raylet_healthz"), timeout=180)
         return Service("ray", proc.pid, dash, url, str(log),
                        {"gcs_address": f"{HOST}:{gcs}", "temp_dir": str(temp_dir)})
 

@@ -46,7 +46,7 @@ def cmd_demo(a) -> None:
 
     _ray_init()
     manifest = build_demo_corpus(a.out, a.size, seed=a.seed, shard_size=a.shard_size, concurrency=a.concurrency,
-                                 endpoint_url=a.endpoint_url)
+                                 endpoint_url=a.endpoint_url, split=a.split)
     print(f"demo corpus at {a.out}: {manifest.summary()}")
 
 
@@ -138,6 +138,8 @@ def parser() -> argparse.ArgumentParser:
     writer(c)
     c.add_argument("--size", default="small", choices=["tiny", "small", "demo"])
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--split", default="train", choices=["train", "eval"],
+                   help="eval: held-out voices and a spoken-instruction set (use another --seed than training)")
     c.add_argument("--concurrency", type=int, default=2, help="TTS actors")
 
     c = command("import-asr", cmd_import_asr, help="ASR/AST corpus -> asr_ast shards")

@@ -96,7 +96,7 @@ def test_submitted_job_trains_resumes_after_a_killed_worker_and_registers(stack,
              "python", "-m", "jobs.train", "--config", str(path), "--sample-log-dir", str(samples)],
             # a clean environment: this test process may hold a local Ray instance of its own (other tests)
             capture_output=True, text=True, timeout=120, env={"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], **env})
-        if "No available agent" not in submit.stderr:
+        if "No available agent" not in submit.stdout + submit.stderr:
             break
         time.sleep(5)
     assert submit.returncode == 0, submit.stderr[-2000:]

@@ -1,0 +1,114 @@
+"""The paper-style comparison table of evaluated runs: models as rows, metrics as columns, the best in bold.
+
+    python -m jobs.compare --experiment vtblender-ablation [--suite demo] [--out docs/ablation]
+    python -m jobs.compare RUN_ID RUN_ID ...
+
+Writes `comparison.md` (Markdown table) and `comparison.png` (one bar chart per metric) to `--out` and logs both
+to a new MLflow run (tagged `vtb.kind=comparison`) in the experiment of the first run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+LOWER_IS_BETTER = ("wer", "judge_unscored")
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(metric.split("/")[-1].startswith(p) for p in LOWER_IS_BETTER)
+
+
+def comparison_table(rows: list[tuple[str, dict[str, float]]], metrics: list[str]) -> str:
+    """Markdown: one row per model, one column per metric, the best value of each column in bold."""
+    best = {}
+    for m in metrics:
+        vals = [r[m] for _, r in rows if m in r]
+        if vals:
+            best[m] = min(vals) if lower_is_better(m) else max(vals)
+    short = [m.split("/", 2)[-1] if m.startswith("eval/") else m for m in metrics]
+    lines = ["| model | " + " | ".join(f"{s} {'↓' if lower_is_better(m) else '↑'}" for s, m in zip(short, metrics)) + " |",
+             "| --- |" + " ---: |" * len(metrics)]
+    for name, r in rows:
+        cells = []
+        for m in metrics:
+            if m not in r:
+                cells.append("–")
+                continue
+            text = f"{r[m]:.3f}" if abs(r[m]) < 10 else f"{r[m]:.1f}"
+            cells.append(f"**{text}**" if len(rows) > 1 and r[m] == best[m] else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(rows: list[tuple[str, dict[str, float]]], metrics: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4), squeeze=False)
+    names = [n for n, _ in rows]
+    for ax, m in zip(axes[0], metrics):
+        ax.bar(range(len(rows)), [r.get(m, 0.0) for _, r in rows], color=[f"C{i}" for i in range(len(rows))])
+        ax.set_title(m.split("/", 2)[-1] + (" (lower better)" if lower_is_better(m) else ""), fontsize=8)
+        ax.set_xticks(range(len(rows)), names, rotation=45, ha="right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jobs.compare", description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="*", help="MLflow run ids")
+    ap.add_argument("--experiment", help="compare every evaluated run of this experiment")
+    ap.add_argument("--suite", help="only metrics of this evaluation suite")
+    ap.add_argument("--metrics", nargs="*", help="metric names (default: every eval/... metric but sample counts)")
+    ap.add_argument("--out", default=None, help="folder for comparison.md and comparison.png")
+    ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
+    args = ap.parse_args(argv)
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if not args.tracking_uri:
+        print("error: pass --tracking-uri or set MLFLOW_TRACKING_URI", file=sys.stderr)
+        return 2
+    client = MlflowClient(args.tracking_uri)
+    if args.experiment:
+        exp = client.get_experiment_by_name(args.experiment)
+        if exp is None:
+            print(f"error: no experiment named {args.experiment!r}", file=sys.stderr)
+            return 2
+        runs = [r for r in client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+                if r.data.tags.get("vtb.kind") != "comparison"]
+    else:
+        runs = [client.get_run(r) for r in args.runs]
+    prefix = f"eval/{args.suite}/" if args.suite else "eval/"
+    rows = [(r.info.run_name or r.info.run_id[:8], {k: v for k, v in r.data.metrics.items() if k.startswith(prefix)})
+            for r in runs]
+    rows = [(n, m) for n, m in rows if m]
+    if not rows:
+        print("error: none of these runs has evaluation metrics (run jobs.evaluate first)", file=sys.stderr)
+        return 2
+    metrics = args.metrics or sorted({k for _, m in rows for k in m if not k.endswith("/samples")})
+    table = comparison_table(rows, metrics)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="vtb-compare-"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.md").write_text(table)
+    bar_chart(rows, metrics, out / "comparison.png")
+    mlflow.set_tracking_uri(args.tracking_uri)
+    mlflow.set_experiment(experiment_id=runs[0].info.experiment_id)
+    with mlflow.start_run(run_name="comparison", tags={"vtb.kind": "comparison",
+                                                       "vtb.compared_runs": ",".join(r.info.run_id for r in runs)}):
+        mlflow.log_artifact(str(out / "comparison.md"))
+        mlflow.log_artifact(str(out / "comparison.png"))
+    print(table)
+    print(f"written to {out}/comparison.md and comparison.png, and logged to MLflow")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

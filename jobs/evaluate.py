@@ -1,0 +1,247 @@
+"""Evaluate a trained SpeechLM on a suite of shard sets and log the paper's metrics to MLflow.
+
+    ray job submit --working-dir . -- python -m jobs.evaluate --model models:/vtblender-tiny@candidate \
+        --suite jobs/suites/demo.yaml
+
+1. read the suite (tasks: which shards, which rows, which metric; an optional LLM judge);
+2. per task, Ray Data batch inference: the suite's shards streamed by the Shar datasource, rows filtered by task
+   and language, each conversation cut before its last assistant turn and answered greedily by actors holding
+   the model (the reference is that last assistant turn);
+3. score (data_ops.scoring): ASR WER per language, AST BLEU per direction, exact match for text tasks and spoken
+   instructions, the Appendix B judge for speech QA and spoken instructions when a judge is configured (else
+   those samples are reported as unscored);
+4. log `eval/<suite>/<task>/<metric>` to the model's training run (found from the registry), or to a new run in
+   `--experiment` for a local model folder, plus a per-sample table `eval/<suite>/samples.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from data_ops.shards import ManifestError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EvalTask(_Strict):
+    name: str
+    kind: Literal["asr", "ast", "sqa", "spoken_instruction", "text"]
+    data_type: Literal["text", "asr_ast", "sqa", "mixed_modal"]
+    task: str | None = None
+    """Keep rows whose cut task is this (e.g. asr, ast, spoken_instruction); None keeps all of the data type."""
+    uris: list[str] | None = None
+    """Corpora for this task; default: the suite's `uris`."""
+    limit: int | None = Field(None, ge=1)
+
+
+class JudgeConfig(_Strict):
+    base_url: str
+    model: str
+    api_key_env: str | None = "OPENAI_API_KEY"
+
+
+class Suite(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    uris: list[str] = Field(default_factory=list)
+    tasks: list[EvalTask] = Field(min_length=1)
+    judge: JudgeConfig | None = None
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(8, ge=1)
+    endpoint_url: str | None = None
+
+
+def load_suite(path: str) -> Suite:
+    try:
+        obj = yaml.safe_load(Path(path).read_text())
+        return Suite.model_validate(obj)
+    except FileNotFoundError:
+        raise SystemExit(f"error: suite {path} does not exist") from None
+    except ValidationError as e:
+        lines = [f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
+        raise SystemExit(f"error: {path} is not a valid suite:\n" + "\n".join(lines)) from None
+
+
+class Predictor:
+    """Ray Data actor: rows of the Shar datasource -> {id, prediction, reference, prompt, context, langs}."""
+
+    def __init__(self, model_uri: str, tracking_uri: str | None, max_new_tokens: int):
+        import torch
+
+        from services.model_store import load_speechlm
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_speechlm(model_uri, tracking_uri=tracking_uri, device=device,
+                                   dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, batch: dict) -> dict:
+        from data_ops.shar_datasource import row_to_conversation
+        from models.conversation import AudioPart, Conversation, TextPart
+
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        prompts, refs, questions, contexts = [], [], [], []
+        for row in rows:
+            conv = row_to_conversation(row)
+            last = max(i for i, t in enumerate(conv.turns) if t.role == "assistant")
+            prompt = Conversation(conv.turns[:last])
+            prompts.append(prompt)
+            refs.append(conv.turns[last].text_only)
+            user = prompt.turns[-1]
+            questions.append(" ".join(p.text for p in user.parts if isinstance(p, TextPart)))
+            contexts.append(" ".join(p.transcript or "" for p in user.parts if isinstance(p, AudioPart)))
+        predictions = self.model.generate(prompts, max_new_tokens=self.max_new_tokens)
+        return {"id": [r["id"] for r in rows], "langs": [r["langs"] for r in rows], "prediction": predictions,
+                "reference": refs, "question": questions, "context": contexts}
+
+
+def predict(suite: Suite, task: EvalTask, model_uri: str, tracking_uri: str | None) -> list[dict]:
+    import ray.data
+
+    from data_ops.shar_datasource import is_error_row, shar_dataset
+
+    uris = task.uris or suite.uris
+    ds = shar_dataset(uris, task.data_type, endpoint_url=suite.endpoint_url)
+    want = task.task
+    ds = ds.filter(lambda r: not is_error_row(r) and (want is None or r["task"] == want))
+    if task.limit:
+        ds = ds.limit(task.limit)
+    out = ds.map_batches(Predictor, fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri,
+                                                           "max_new_tokens": suite.max_new_tokens},
+                         batch_size=suite.batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+    rows = list(out.iter_rows())
+    return sorted(rows, key=lambda r: r["id"])
+
+
+def score(suite: Suite, task: EvalTask, rows: list[dict]) -> dict[str, float]:
+    from data_ops import scoring
+    from data_ops.sqa import ChatEndpoint
+
+    metrics: dict[str, float] = {"samples": float(len(rows))}
+    if not rows:
+        return metrics
+    refs, hyps = [r["reference"] for r in rows], [r["prediction"] for r in rows]
+    if task.kind == "asr":
+        by_lang = defaultdict(list)
+        for r in rows:
+            by_lang[json.loads(r["langs"])[0]].append(r)
+        for lang, rs in sorted(by_lang.items()):
+            metrics[f"wer_{lang}"] = scoring.wer([r["reference"] for r in rs], [r["prediction"] for r in rs], lang)
+        metrics["wer"] = float(sum(metrics[f"wer_{lang}"] for lang in by_lang) / len(by_lang))
+    elif task.kind == "ast":
+        by_dir = defaultdict(list)
+        for r in rows:
+            by_dir["-".join(json.loads(r["langs"]))].append(r)
+        for direction, rs in sorted(by_dir.items()):
+            metrics[f"bleu_{direction}"] = scoring.bleu([r["reference"] for r in rs], [r["prediction"] for r in rs])
+        metrics["bleu"] = float(sum(metrics[f"bleu_{d}"] for d in by_dir) / len(by_dir))
+    else:
+        metrics["exact_match"] = scoring.exact_match(refs, hyps)
+    if task.kind in ("sqa", "spoken_instruction"):
+        if suite.judge is None:
+            metrics["judge_unscored"] = float(len(rows))  # no judge configured: reported, not faked
+        else:
+            endpoint = ChatEndpoint(base_url=suite.judge.base_url, model=suite.judge.model,
+                                    api_key_env=suite.judge.api_key_env, temperature=0.0)
+            key = os.environ.get(suite.judge.api_key_env) if suite.judge.api_key_env else None
+            result = scoring.judge(endpoint, key, [
+                {"question": r["question"] or "(the question is spoken)", "context": r["context"],
+                 "reference": r["reference"], "answer": r["prediction"]} for r in rows])
+            for r, s in zip(rows, result.scores):
+                r["judge"] = s
+            metrics["judge_unscored"] = float(result.unscored)
+            if result.mean is not None:
+                metrics["judge_score"] = result.mean
+    return metrics
+
+
+def training_run_of(model_uri: str, tracking_uri: str | None) -> str | None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    if model_uri.startswith("runs:/"):
+        return model_uri[len("runs:/"):].split("/")[0]
+    if model_uri.startswith("models:/"):
+        rest = model_uri[len("models:/"):]
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            return client.get_model_version_by_alias(name, alias).run_id
+        name, version = rest.rsplit("/", 1)
+        return client.get_model_version(name, version).run_id
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="models:/name@alias, models:/name/3, runs:/id/model or a folder")
+    ap.add_argument("--suite", required=True)
+    ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
+    ap.add_argument("--experiment", default="vtblender-eval", help="for models not from the registry")
+    ap.add_argument("--uris", nargs="*", help="override the suite's corpora (e.g. absolute paths under ray job submit)")
+    args = ap.parse_args(argv)
+    import mlflow
+    import ray
+
+    suite = load_suite(args.suite)
+    if args.uris:
+        suite.uris = list(args.uris)
+    if not args.tracking_uri:
+        print("error: no MLflow tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI", file=sys.stderr)
+        return 2
+    mlflow.set_tracking_uri(args.tracking_uri)
+    from services.model_store import ModelNotFound, resolve_model_dir
+
+    try:
+        resolve_model_dir(args.model, args.tracking_uri)  # fail before any worker if the model is not there
+        run_id = training_run_of(args.model, args.tracking_uri)
+    except ModelNotFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    t0 = time.time()
+    all_metrics: dict[str, float] = {}
+    samples: dict[str, list] = defaultdict(list)
+    try:
+        for task in suite.tasks:
+            rows = predict(suite, task, args.model, args.tracking_uri)
+            metrics = score(suite, task, rows)
+            print(f"[eval] {suite.name}/{task.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+                  flush=True)
+            all_metrics.update({f"eval/{suite.name}/{task.name}/{k}": v for k, v in metrics.items()})
+            for r in rows:
+                for key in ("id", "prediction", "reference", "question", "context"):
+                    samples[key].append(r[key])
+                samples["task"].append(task.name)
+                samples["judge"].append(r.get("judge"))
+    except ManifestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if run_id is None:
+        mlflow.set_experiment(args.experiment)
+        run = mlflow.start_run(run_name=f"eval-{Path(args.model).name}", tags={"vtb.model_uri": args.model})
+    else:
+        run = mlflow.start_run(run_id=run_id)
+    with run:
+        mlflow.log_metrics(all_metrics)
+        mlflow.set_tag(f"vtb.eval.{suite.name}.model_uri", args.model)
+        mlflow.log_table(data=dict(samples), artifact_file=f"eval/{suite.name}/samples.json")
+        mlflow.log_dict(suite.model_dump(mode="json"), f"eval/{suite.name}/suite.json")
+    print(f"[eval] {len(samples['id'])} samples in {time.time() - t0:.0f} s; metrics logged to MLflow run "
+          f"{run.info.run_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

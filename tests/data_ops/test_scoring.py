@@ -1,0 +1,54 @@
+"""Scores checked against values computed by hand on small fixed examples."""
+
+from __future__ import annotations
+
+import pytest
+
+from data_ops.scoring import bleu, exact_match, parse_judge, wer
+
+
+def test_wer_by_hand_with_whisper_normalization():
+    # "Hello, World!" vs "hello world": punctuation and case are normalized away -> 0 errors
+    assert wer(["Hello, World!"], ["hello world"], "en") == 0.0
+    # 4 reference words, 1 substitution ("sat" -> "sit") and 1 deletion ("the") -> 2/4
+    assert wer(["The cat sat down."], ["cat sit down"], "en") == pytest.approx(0.5)
+    # English normalizer: "twenty-one" and "21" are the same number; "Mr." and "mister" the same word
+    assert wer(["Mr. Smith has twenty-one apples."], ["mister smith has 21 apples"], "en") == 0.0
+    # corpus-level: (0 + 1) errors over (2 + 3) words = 0.2
+    assert wer(["a b", "c d e"], ["a b", "c x e"], "en") == pytest.approx(0.2)
+    # basic normalizer for other languages: case and punctuation only (numbers are not rewritten)
+    assert wer(["Heute ist Montag."], ["heute ist montag"], "de") == 0.0
+    assert wer(["Die Zahl ist 5."], ["die zahl ist fünf"], "de") == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        wer(["  "], ["x"], "en")
+
+
+def test_bleu_by_hand():
+    assert bleu(["the cat is on the mat"], ["the cat is on the mat"]) == pytest.approx(100.0)
+    assert bleu(["the cat is on the mat"], ["dogs run fast"]) == pytest.approx(0.0, abs=1e-9)
+    # 6-word hypothesis, reference 6 words, 5/6 unigrams, 3/5 bigrams, 1/4 trigrams, 0/3 4-grams: sacrebleu smooths
+    # the zero count ('exp' smoothing: 1/2 for the first zero) -> exp(mean(log [5/6, 3/5, 1/4, 1/(2*3)])) * BP(=1)
+    import math
+
+    want = 100 * math.exp((math.log(5 / 6) + math.log(3 / 5) + math.log(1 / 4) + math.log(1 / 6)) / 4)
+    assert bleu(["the cat is on the mat"], ["the cat sat on the mat"]) == pytest.approx(want, abs=0.01)
+
+
+def test_exact_match_ignores_case_and_punctuation_only():
+    assert exact_match(["12 plus 7 is 19."], ["12 plus 7 is 19"]) == 1.0
+    assert exact_match(["The largest number is 9."], ["the largest number is 9!"]) == 1.0
+    assert exact_match(["19"], ["nineteen"]) == 0.0
+    assert exact_match(["a", "b", "c", "d"], ["a", "b", "x", "y"]) == 0.5
+
+
+@pytest.mark.parametrize("reply,score", [
+    ('{"correctness_score": 1, "correctness_explanation": "ok", "redundancy_score": 2, "redundancy_explanation": "-"}', 1),
+    ('```json\n{"correctness_score": "0", "redundancy_score": 5}\n```', 0),
+    ('correctness_score: 1\nredundancy_score: 3', 1),
+    ("I think the answer is fine.", None),
+    ('{"correctness_score": 7}', None),
+    ('{"correctness_score": true}', None),
+    ("", None),
+])
+def test_parse_judge(reply, score):
+    assert parse_judge(reply) == score

@@ -1,0 +1,130 @@
+"""The evaluation job via `ray job submit` on two registered tiny models, then the comparison table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_ops.schema import conversation_to_cut
+from data_ops.shards import ShardWriter
+from models.conversation import AudioPart, Conversation, TextPart, Turn
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _pcm(seconds, seed):
+    k = np.random.default_rng(seed).integers(-20000, 20000, size=int(seconds * 16000))
+    return (k / 32768.0).astype(np.float32)
+
+
+def _eval_corpus(root):
+    def cut(conv, cid, dt, task, langs):
+        return conversation_to_cut(conv, cut_id=cid, data_type=dt, task=task, langs=langs)
+
+    speech = [cut(Conversation([Turn("user", [AudioPart(_pcm(0.5, i), transcript=t), TextPart("Transcribe.")]),
+                                Turn.text("assistant", t)]), f"asr-{lang}-{i}", "asr_ast", "asr", [lang])
+              for i, (lang, t) in enumerate([("en", "The number is 7."), ("en", "Today is Monday."),
+                                             ("de", "Heute ist Montag.")])]
+    speech += [cut(Conversation([Turn("user", [AudioPart(_pcm(0.5, 9)), TextPart("Translate.")]),
+                                 Turn.text("assistant", "Today is Monday.")]), "ast-0", "asr_ast", "ast", ["de", "en"])]
+    with ShardWriter(str(root), shard_size=3, progress=False) as w:
+        w.write("text", [cut(Conversation([Turn.text("user", f"What is {i} plus 1?"),
+                                           Turn.text("assistant", f"{i} plus 1 is {i + 1}.")]),
+                             f"text-{i}", "text", "text", ["en"]) for i in range(4)])
+        w.write("asr_ast", speech)
+        w.write("sqa", [cut(Conversation([Turn("user", [AudioPart(_pcm(0.4, 20), transcript="My name is Anna."),
+                                                        TextPart("What is the speaker's name?")]),
+                                          Turn.text("assistant", "Anna.")]), "sqa-0", "sqa", "sqa", ["en"])])
+        w.write("mixed_modal", [cut(Conversation([Turn("user", [AudioPart(_pcm(0.6, 30), transcript="Count to 3.")]),
+                                                  Turn.text("assistant", "1, 2, 3.")]),
+                                    "spoken-0", "mixed_modal", "spoken_instruction", ["en"])])
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from infra.stack import LocalStack
+
+    s = LocalStack(tmp_path_factory.mktemp("evalstack"), services=("ray", "mlflow"), ray_num_cpus=4)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_evaluate_two_models_and_compare(stack, tmp_path, tokenizer):
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from models.config import tiny
+    from models.speechlm import build_speechlm
+
+    env = stack.env()
+    tracking = env["MLFLOW_TRACKING_URI"]
+    _eval_corpus(tmp_path / "eval")
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_experiment("eval-it")
+    mc = MlflowClient(tracking)
+    for name, seed in (("model-a", 0), ("model-b", 1)):
+        torch.manual_seed(seed)
+        build_speechlm(tiny(), tokenizer=tokenizer).save_pretrained(tmp_path / name)
+        with mlflow.start_run(run_name=name) as run:  # stands in for a training run
+            mlflow.log_artifacts(str(tmp_path / name), "model")
+        mc.create_registered_model(name)
+        v = mc.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id)
+        mc.set_registered_model_alias(name, "candidate", v.version)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text((ROOT / "jobs/suites/demo.yaml").read_text())
+
+    job_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    for name in ("model-a", "model-b"):
+        cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", env["RAY_ADDRESS"],
+               "--submission-id", f"eval-{name}-{int(time.time())}", "--working-dir", str(ROOT),
+               "--runtime-env-json", json.dumps({"env_vars": job_env}), "--", "python", "-m", "jobs.evaluate",
+               "--model", f"models:/{name}@candidate", "--suite", str(suite), "--uris", str(tmp_path / "eval")]
+        for _ in range(6):
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                                  env={"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], **env})
+            if "No available agent" not in proc.stdout + proc.stderr:
+                break
+            time.sleep(5)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "[eval] demo/asr: samples 3, wer_de" in proc.stdout
+
+    exp = mc.get_experiment_by_name("eval-it")
+    runs = {r.info.run_name: r for r in mc.search_runs([exp.experiment_id])}
+    for name in ("model-a", "model-b"):
+        m = runs[name].data.metrics  # logged to the model's own (training) run
+        assert m["eval/demo/asr/samples"] == 3 and "eval/demo/asr/wer_en" in m and "eval/demo/asr/wer_de" in m
+        assert "eval/demo/ast/bleu_de-en" in m and "eval/demo/text/exact_match" in m
+        assert m["eval/demo/sqa/judge_unscored"] == 1  # no judge configured: reported, not faked
+        assert m["eval/demo/spoken_instruction/samples"] == 1
+        table = json.loads(mlflow.artifacts.load_text(f"runs:/{runs[name].info.run_id}/eval/demo/samples.json"))
+        assert len(table["data"]) == 10 and "prediction" in table["columns"]
+
+    out = tmp_path / "cmp"
+    proc = subprocess.run([sys.executable, "-m", "jobs.compare", "--experiment", "eval-it", "--suite", "demo", "--out",
+                           str(out), "--metrics", "eval/demo/asr/wer", "eval/demo/text/exact_match",
+                           "eval/demo/ast/bleu"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": tracking})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    md = (out / "comparison.md").read_text()
+    lines = md.splitlines()
+    assert lines[0].startswith("| model | asr/wer ↓ | text/exact_match ↑ | ast/bleu ↑ |")
+    assert {lines[2].split("|")[1].strip(), lines[3].split("|")[1].strip()} == {"model-a", "model-b"}
+    wers = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in lines[2:]}
+    best = min(wers, key=lambda k: float(wers[k].strip("*")))
+    assert wers[best].startswith("**") or wers["model-a"] == wers["model-b"]
+    assert (out / "comparison.png").stat().st_size > 1000
+    cmp_runs = mc.search_runs([exp.experiment_id], filter_string="tags.`vtb.kind` = 'comparison'")
+    assert len(cmp_runs) == 1
+    assert {a.path for a in mc.list_artifacts(cmp_runs[0].info.run_id)} == {"comparison.md", "comparison.png"}
