@@ -52,3 +52,54 @@ def test_exact_match_ignores_case_and_punctuation_only():
 ])
 def test_parse_judge(reply, score):
     assert parse_judge(reply) == score
+
+
+def test_judge_against_a_loopback_openai_server_counts_garbage_as_unscored():
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from data_ops.scoring import JUDGE_SYSTEM, judge
+    from data_ops.sqa import ChatEndpoint
+
+    seen = []
+
+    class Judge(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append(body["messages"])
+            answer = body["messages"][-1]["content"].split("[Start of Assistant's Answer]\n")[1].split("\n")[0]
+            if answer == "down":
+                self.send_response(503)
+                self.end_headers()
+                return
+            content = {"good": '{"correctness_score": 1, "correctness_explanation": "right", "redundancy_score": 1,'
+                               ' "redundancy_explanation": "-"}',
+                       "bad": '{"correctness_score": 0, "correctness_explanation": "wrong", "redundancy_score": 1,'
+                              ' "redundancy_explanation": "-"}',
+                       "garbage": "lorem ipsum, I like trains"}[answer]
+            data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = ChatEndpoint(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", model="judge",
+                                api_key_env=None, max_retries=1, backoff_s=0.01)
+        items = [{"question": "Who?", "context": "My name is Anna.", "reference": "Anna", "answer": a}
+                 for a in ("good", "bad", "garbage", "down")]
+        result = judge(endpoint, None, items)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.scores == [1, 0, None, None]
+    assert (result.scored, result.unscored, result.mean) == (2, 2, 0.5)
+    assert seen[0][0] == {"role": "system", "content": JUDGE_SYSTEM}
+    assert "[Question]\nWho?\n[Context]\nMy name is Anna.\n[Start of Reference Answer]\nAnna" in seen[0][1]["content"]
