@@ -180,7 +180,10 @@ class LocalStack:
                "--disable-usage-stats", "--include-dashboard=true", f"--temp-dir={temp_dir}"]
         if self.ray_num_cpus is not None:
             cmd.append(f"--num-cpus={self.ray_num_cpus}")
-        proc, log = self._spawn("ray", cmd, {"RAY_AUTH_MODE": "disabled"})
+        # Jobs run `python ...` on the cluster: on this one-machine cluster that must be this environment's python
+        # (a real cluster's image has the project installed the same way), whether or not the venv is activated.
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        proc, log = self._spawn("ray", cmd, {"RAY_AUTH_MODE": "disabled", "PATH": path})
         url = f"http://{HOST}:{dash}"
         # The dashboard answers before the head node has registered and before its agent (which runs submitted
         # jobs) is up; a job submitted then fails ("No available agent"). Wait for all three.

@@ -199,7 +199,9 @@ def test_lm_weights_change_only_where_the_recipe_trains(stack, corpus_conversati
     env = stack.env()
     corpus = str(tmp_path / "corpus")
     _write_corpus(corpus, corpus_conversations, {})
-    raw = _recipe(corpus, str(tmp_path / "runs"), f"it-{lm_mode}", max_steps=4, num_workers=1, checkpoint_every=4)
+    # grad_accum=2: each optimizer step takes two micro-batches (each of its own drawn data type)
+    raw = _recipe(corpus, str(tmp_path / "runs"), f"it-{lm_mode}", max_steps=4, num_workers=1, checkpoint_every=4,
+                  grad_accum=2)
     raw["model"]["lm_mode"] = lm_mode
     recipe = parse_recipe(raw)
     path = tmp_path / "recipe.yaml"
