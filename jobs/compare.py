@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tracking_uri:
         print("error: pass --tracking-uri or set MLFLOW_TRACKING_URI", file=sys.stderr)
         return 2
-    client = MlflowClient(args.tracking_uri)
+    client = MlflowClient(args.tracking_uri, registry_uri=args.tracking_uri)
     if args.experiment:
         exp = client.get_experiment_by_name(args.experiment)
         if exp is None:

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         audio, tts = EspeakTTS().synthesize(question, "en", np.random.default_rng(0), voice="en-us")
         conv = Conversation([Turn("user", [TextPart("I have 6 apples. My friend gives me 3 more."), AudioPart(audio)])])
         answer = model.generate([conv], max_new_tokens=24)[0]
-        mc = MlflowClient(env["MLFLOW_TRACKING_URI"])
+        mc = MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
         run = mc.search_runs([mc.get_experiment_by_name(recipe["run"]["experiment"]).experiment_id],
                              filter_string=f"tags.`vtb.run_name` = '{run_name}'")[0]
         last_stage = recipe["stages"][-1]["name"] if recipe.get("stages") else None

@@ -169,7 +169,7 @@ def score(suite: Suite, task: EvalTask, rows: list[dict]) -> dict[str, float]:
 def training_run_of(model_uri: str, tracking_uri: str | None) -> str | None:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     if model_uri.startswith("runs:/"):
         return model_uri[len("runs:/"):].split("/")[0]
     if model_uri.startswith("models:/"):

@@ -407,7 +407,7 @@ def mlflow_run_for(recipe: Recipe, tracking_uri: str, data_summary: dict) -> str
 
     mlflow.set_tracking_uri(tracking_uri)
     exp = mlflow.set_experiment(recipe.run.experiment)
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{recipe.run.name}'",
                                max_results=1)
     if found:
@@ -463,7 +463,7 @@ def register_model(recipe: Recipe, tracking_uri: str, run_id: str) -> str | None
     name = recipe.run.registered_model
     if not name:
         return None
-    client = MlflowClient(tracking_uri)
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:
         client.get_registered_model(name)
     except MlflowException:

@@ -24,13 +24,24 @@ def resolve_model_dir(uri: str, tracking_uri: str | None = None, dst: str | None
         return path
     import mlflow
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
+    # Everything explicit (no mlflow.set_tracking_uri/set_registry_uri): a process may talk to several servers.
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+        if uri.startswith("models:/"):
+            rest = uri[len("models:/"):].rstrip("/")
+            if "@" in rest:
+                name, alias = rest.split("@", 1)
+                version = client.get_model_version_by_alias(name, alias)
+            else:
+                name, number = rest.rsplit("/", 1)
+                version = client.get_model_version(name, number)
+            source = client.get_model_version_download_uri(version.name, version.version)
+        else:
+            source = uri
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dst, tracking_uri=tracking_uri)
     except MlflowException as e:
         raise ModelNotFound(f"{uri}: {e.message}") from e
     path = Path(local)

@@ -73,7 +73,7 @@ def test_evaluate_two_models_and_compare(stack, tmp_path, tokenizer):
     _eval_corpus(tmp_path / "eval")
     mlflow.set_tracking_uri(tracking)
     mlflow.set_experiment("eval-it")
-    mc = MlflowClient(tracking)
+    mc = MlflowClient(tracking, registry_uri=tracking)
     for name, seed in (("model-a", 0), ("model-b", 1)):
         torch.manual_seed(seed)
         build_speechlm(tiny(), tokenizer=tokenizer).save_pretrained(tmp_path / name)

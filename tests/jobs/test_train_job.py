@@ -129,7 +129,7 @@ def test_submitted_job_trains_resumes_after_a_killed_worker_and_registers(stack,
 
     # MLflow: one run with the recipe as params, decreasing loss, per-type losses, artifacts, a registered version
     tracking = env["MLFLOW_TRACKING_URI"]
-    mc = MlflowClient(tracking)
+    mc = MlflowClient(tracking, registry_uri=tracking)
     exp = mc.get_experiment_by_name("it")
     runs = mc.search_runs([exp.experiment_id], filter_string="tags.`vtb.run_name` = 'it-main'")
     assert len(runs) == 1, "the restart must log into the same MLflow run"
@@ -211,7 +211,7 @@ def test_lm_weights_change_only_where_the_recipe_trains(stack, corpus_conversati
                           text=True, timeout=400, env={"PATH": os.environ["PATH"], "HOME": os.environ["HOME"],
                                                        **env, "RAY_ADDRESS": stack.services["ray"].extra["gcs_address"]})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    mc = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    mc = MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
     (run,) = mc.search_runs([mc.get_experiment_by_name("it").experiment_id],
                             filter_string=f"tags.`vtb.run_name` = 'it-{lm_mode}'")
     out = {"run_id": run.info.run_id}

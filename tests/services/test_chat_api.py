@@ -61,7 +61,7 @@ def server(tmp_path_factory):
         mlflow.set_experiment("serve-test")
         with mlflow.start_run() as run:
             mlflow.log_artifacts(str(dirs["a"]), "model")
-        client = MlflowClient(tracking)
+        client = MlflowClient(tracking, registry_uri=tracking)
         client.create_registered_model("tiny-serve")
         v = client.create_model_version("tiny-serve", f"{run.info.artifact_uri}/model", run.info.run_id)
         client.set_registered_model_alias("tiny-serve", "candidate", v.version)
