@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from lhotse import CutSet, MonoCut
 
-from data_ops.schema import SAMPLING_RATE, SchemaError, conversation_to_cut, load_audio_16k
+from data_ops.schema import SAMPLING_RATE, SchemaError, conversation_to_cut, iter_jsonl, load_audio_16k
 from models.conversation import AudioPart, Conversation, TextPart, Turn
 
 logger = logging.getLogger("vtblender.data")
@@ -236,23 +236,15 @@ def read_messages_jsonl(path: str | Path, *, lang: str = "en", report: ImportRep
     path = Path(path)
 
     def items() -> Iterator[list[MonoCut] | SchemaError]:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise SchemaError(f"{where}: not JSON ({e.msg})") from e
-                    if not isinstance(obj, dict):
-                        raise SchemaError(f"{where}: each line must be a JSON object with 'messages'")
-                    conv = text_sft_conversation(obj.get("messages"), where)
-                    cut_id = str(obj.get("id") or f"{path.stem}-{lineno}")
-                    yield [conversation_to_cut(conv, cut_id=cut_id, data_type="text", task="text", langs=[lang])]
-                except SchemaError as e:
-                    yield e
+        for where, obj in iter_jsonl(path):
+            try:
+                if isinstance(obj, SchemaError):
+                    raise obj
+                conv = text_sft_conversation(obj.get("messages"), where)
+                cut_id = str(obj.get("id") or f"{path.stem}-{where.rsplit(':', 1)[1]}")
+                yield [conversation_to_cut(conv, cut_id=cut_id, data_type="text", task="text", langs=[lang])]
+            except SchemaError as e:
+                yield e
 
     return _guard(items(), report)
 

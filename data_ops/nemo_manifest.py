@@ -20,7 +20,8 @@ from typing import Iterator
 import soundfile as sf
 from lhotse import MonoCut
 
-from data_ops.schema import SAMPLING_RATE, SchemaError, conversation_to_cut, cut_to_conversation, load_audio_16k
+from data_ops.schema import (SAMPLING_RATE, SchemaError, conversation_to_cut, cut_to_conversation, iter_jsonl,
+                             load_audio_16k)
 from models.conversation import AudioPart, Conversation, TextPart, Turn
 
 SPEAKERS = {"user": "User", "assistant": "Assistant", "system": "System"}  # our role -> NeMo's "from"
@@ -31,45 +32,39 @@ def read_nemo_manifest(path: str | Path, *, data_type: str, task: str, langs: li
     """Yield one cut per manifest line. A malformed line raises `SchemaError` naming the file and line."""
     path = Path(path)
     root = path.parent
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SchemaError(f"{where}: not JSON ({e.msg})") from e
-            if (obj.get("custom") or {}).get("_skipme"):
-                continue
-            entries = obj.get("conversations")
-            if not isinstance(entries, list) or not entries:
-                raise SchemaError(f"{where}: needs a non-empty 'conversations' list")
-            turns: list[Turn] = []
-            for j, e in enumerate(entries):
-                role = _ROLES.get(str(e.get("from", "")).lower())
-                if role is None:
-                    raise SchemaError(f"{where}: entry {j} 'from' must be User, Assistant or System, got {e.get('from')!r}")
-                kind = e.get("type", "text")
-                if kind == "text":
-                    part = TextPart(str(e.get("value", "")))
-                elif kind == "audio":
-                    audio_path = Path(e.get("value", ""))
-                    audio_path = audio_path if audio_path.is_absolute() else root / audio_path
-                    if not audio_path.is_file():
-                        raise SchemaError(f"{where}: entry {j} audio file {audio_path} does not exist")
-                    try:
-                        part = AudioPart(load_audio_16k(audio_path), SAMPLING_RATE)
-                    except Exception as ex:
-                        raise SchemaError(f"{where}: entry {j} audio file {audio_path} cannot be decoded: {ex}") from ex
-                else:
-                    raise SchemaError(f"{where}: entry {j} type must be 'text' or 'audio', got {kind!r}")
-                if turns and turns[-1].role == role:
-                    turns[-1].parts.append(part)
-                else:
-                    turns.append(Turn(role=role, parts=[part]))
-            cut_id = str(obj.get("id", f"{path.stem}-{lineno}"))
-            yield conversation_to_cut(Conversation(turns), cut_id=cut_id, data_type=data_type, task=task, langs=langs)
+    for where, obj in iter_jsonl(path):
+        if isinstance(obj, SchemaError):
+            raise obj
+        if (obj.get("custom") or {}).get("_skipme"):
+            continue
+        entries = obj.get("conversations")
+        if not isinstance(entries, list) or not entries:
+            raise SchemaError(f"{where}: needs a non-empty 'conversations' list")
+        turns: list[Turn] = []
+        for j, e in enumerate(entries):
+            role = _ROLES.get(str(e.get("from", "")).lower())
+            if role is None:
+                raise SchemaError(f"{where}: entry {j} 'from' must be User, Assistant or System, got {e.get('from')!r}")
+            kind = e.get("type", "text")
+            if kind == "text":
+                part = TextPart(str(e.get("value", "")))
+            elif kind == "audio":
+                audio_path = Path(e.get("value", ""))
+                audio_path = audio_path if audio_path.is_absolute() else root / audio_path
+                if not audio_path.is_file():
+                    raise SchemaError(f"{where}: entry {j} audio file {audio_path} does not exist")
+                try:
+                    part = AudioPart(load_audio_16k(audio_path), SAMPLING_RATE)
+                except Exception as ex:
+                    raise SchemaError(f"{where}: entry {j} audio file {audio_path} cannot be decoded: {ex}") from ex
+            else:
+                raise SchemaError(f"{where}: entry {j} type must be 'text' or 'audio', got {kind!r}")
+            if turns and turns[-1].role == role:
+                turns[-1].parts.append(part)
+            else:
+                turns.append(Turn(role=role, parts=[part]))
+        cut_id = str(obj.get("id", f"{path.stem}-{where.rsplit(':', 1)[1]}"))
+        yield conversation_to_cut(Conversation(turns), cut_id=cut_id, data_type=data_type, task=task, langs=langs)
 
 
 def write_nemo_manifest(cuts, path: str | Path, audio_dir: str | Path) -> int:

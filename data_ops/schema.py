@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import re
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -42,6 +42,24 @@ def load_audio_16k(path) -> np.ndarray:
 
 class SchemaError(ValueError):
     """A cut does not follow the conversation schema; the message names the cut and the problem."""
+
+
+def iter_jsonl(path) -> "Iterator[tuple[str, dict | SchemaError]]":
+    """(where, object) for each non-empty line of a JSONL file, `where` being "file:line"; a line that is not a JSON
+    object comes as a SchemaError naming it instead (the caller skips or raises it)."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, SchemaError(f"{where}: not JSON ({e.msg})")
+                continue
+            yield where, obj if isinstance(obj, dict) else SchemaError(f"{where}: each line must be a JSON object")
 
 
 def conversation_to_cut(

@@ -137,8 +137,6 @@ class TrainSection(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(3, ge=0)
     log_every: int = Field(10, ge=1)
-    sample_log: bool = False
-    """Write every step's sample ids per rank (storage_path/name/samples/) to audit mixing and resume."""
 
 
 class StageSection(_Strict):
