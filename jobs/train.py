@@ -264,7 +264,10 @@ def train_loop_per_worker(config: dict) -> None:
                 with (contextlib.nullcontext() if sync else model.no_sync()):
                     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                         loss = model(**batch).loss
-                    (loss / tr.grad_accum).backward()
+                    if loss.requires_grad:
+                        (loss / tr.grad_accum).backward()
+                    # else: nothing trainable took part (a text batch with a frozen LM): the batch only counts
+                    # in the loss metrics; every rank drew the same type, so they all skip alike
                 value = loss.detach().float().item()
                 step_loss += value / tr.grad_accum
                 window["by_type"].setdefault(dtype_name, []).append(value)
