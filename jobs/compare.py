@@ -53,7 +53,10 @@ def bar_chart(rows: list[tuple[str, dict[str, float]]], metrics: list[str], path
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.4), squeeze=False)
     names = [n for n, _ in rows]
     for ax, m in zip(axes[0], metrics):
-        ax.bar(range(len(rows)), [r.get(m, 0.0) for _, r in rows], color=[f"C{i}" for i in range(len(rows))])
+        values = [r.get(m, 0.0) for _, r in rows]
+        ax.bar(range(len(rows)), values, color=[f"C{i}" for i in range(len(rows))])
+        if min(values) >= 0:
+            ax.set_ylim(bottom=0, top=max(max(values) * 1.1, 1e-3))
         ax.set_title(m.split("/", 2)[-1] + (" (lower better)" if lower_is_better(m) else ""), fontsize=8)
         ax.set_xticks(range(len(rows)), names, rotation=45, ha="right", fontsize=7)
     fig.tight_layout()
