@@ -205,7 +205,9 @@ def build_demo_corpus(out_uri: str, size: str | CorpusSize = "tiny", *, seed: in
             items.append({"id": uid, "lang": lang, "text": texts[lang], "seed": int(rng.integers(2**31)),
                           "translation": texts[target] if i % 2 == 0 else None, "target_lang": target})
             qa[uid] = pair
-        spoken = ray.data.from_items(items).map_batches(
+        spoken_items = ray.data.from_items(items)
+        spoken_items.context.execution_options.preserve_order = True  # reproducible shard contents
+        spoken = spoken_items.map_batches(
             SpeakMapper, fn_constructor_kwargs={"tts_factory": tts_factory}, batch_size=8,
             compute=ray.data.ActorPoolStrategy(size=concurrency),
             num_cpus=1)

@@ -133,6 +133,7 @@ def mixed_modal_dataset(rows: list[dict], *, seed: int, concurrency: int = 2,
     import ray.data
 
     ds = ray.data.from_items(rows)
+    ds.context.execution_options.preserve_order = True  # same corpus order on every run: reproducible shards
     return ds.map_batches(MixedModalMapper, fn_constructor_kwargs={"seed": seed, "tts_factory": tts_factory, "position": position},
                           batch_size=4, compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=1)
 
