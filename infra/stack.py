@@ -270,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=["up", "down", "status", "env"])
     ap.add_argument("--root", default=os.environ.get("VTB_STACK_ROOT", ".stack"), help="state and log folder")
     ap.add_argument("--services", default=",".join(ALL_SERVICES), help=f"comma-separated subset of {ALL_SERVICES}")
-    ap.add_argument("--ray-num-cpus", type=int, default=None)
+    # More logical CPUs than cores: a one-machine dev cluster must fit training workers *and* the Ray Data read
+    # tasks that feed them (with only the real cores, 2 workers on 2 cores leave the reads nothing and hang).
+    ap.add_argument("--ray-num-cpus", type=int, default=(os.cpu_count() or 2) + 4)
     args = ap.parse_args(argv)
     stack = LocalStack(args.root, tuple(s for s in args.services.split(",") if s), args.ray_num_cpus)
     try:

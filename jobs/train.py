@@ -503,6 +503,14 @@ def run_training(recipe: Recipe, *, sample_log_dir: str | None = None) -> dict:
     tokenizer_files = tokenizer_files_for(recipe)
     if not ray.is_initialized():
         ray.init(log_to_driver=True)
+    need = recipe.train.num_workers * recipe.train.cpus_per_worker
+    have = ray.cluster_resources().get("CPU", 0.0)
+    # Ray Data's read tasks need CPU too: a fixed cluster that fits the workers exactly would hang, not fail. (A
+    # cluster with fewer CPUs than the workers need is left alone: an autoscaler adds nodes, or Ray Train waits.)
+    if need <= have < need + 0.5:
+        raise RecipeError(f"the Ray cluster has {have:g} CPUs and the recipe's {recipe.train.num_workers} workers take "
+                          f"{need:g}, leaving none for the Ray Data tasks that read the shards; use fewer workers or "
+                          "cpus_per_worker, or a larger cluster (the local stack: --ray-num-cpus)")
     storage_path, fs = ray_storage(recipe.run.storage_path, recipe.data.endpoint_url)
     env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     env["MLFLOW_TRACKING_URI"] = tracking_uri
@@ -542,14 +550,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="recipe YAML (jobs/recipes/*.yaml)")
     ap.add_argument("--name", help="override run.name (resubmitting with the same name resumes)")
+    ap.add_argument("--tracking-uri", help="MLflow server (overrides run.tracking_uri and $MLFLOW_TRACKING_URI)")
     ap.add_argument("--check", action="store_true", help="validate the recipe and its data, then stop")
     ap.add_argument("--sample-log-dir", help="write every step's sample ids per rank here (audit of mixing/resume)")
     args = ap.parse_args(argv)
     t0 = time.time()
     try:
         recipe = load_recipe(args.config)
-        if args.name:
-            recipe = parse_recipe({**recipe.model_dump(mode="json"), "run": {**recipe.run.model_dump(), "name": args.name}})
+        overrides = {k: v for k, v in (("name", args.name), ("tracking_uri", args.tracking_uri)) if v}
+        if overrides:
+            recipe = parse_recipe({**recipe.model_dump(mode="json"), "run": {**recipe.run.model_dump(), **overrides}})
         if args.check:
             print(json.dumps(check_data(recipe), indent=1))
             return 0
