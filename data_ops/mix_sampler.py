@@ -118,7 +118,6 @@ class TypeStream:
         self.errors = Counter(state.get("errors", {}))
         pending = [[(k, int(i)) for k, i in b] for b in state["pending"]]
         wanted = {(k, i) for b in pending for k, i in b}
-        self.read_upto = {}
         found: dict[tuple[str, int], dict] = {}
         if wanted:  # fetch exactly the pending rows: start at each shard's first, skip the rest
             by_shard: dict[str, set[int]] = {}

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from models.conversation import ConversationError
 from services.chat_generation import generate, prompt_tokens, sse
 from services.openai_protocol import APIError, ChatRequest, Limits, apply_stop, parse_chat_request
 
@@ -56,8 +57,16 @@ class ServeConfig(BaseModel):
 app = FastAPI(title="vtblender chat", docs_url=None, redoc_url=None)
 
 
-def _error(e: APIError) -> JSONResponse:
+@app.exception_handler(APIError)
+async def _api_error(request: Request, e: APIError) -> JSONResponse:
+    """Every route raises APIError for bad requests; one handler renders OpenAI's error body."""
     return JSONResponse(status_code=e.status, content=e.body())
+
+
+@app.exception_handler(ConversationError)
+async def _conversation_error(request: Request, e: ConversationError) -> JSONResponse:
+    # a conversation the model cannot take (e.g. text containing the audio placeholder): 400, not 500
+    return JSONResponse(status_code=400, content=APIError(400, str(e), "messages").body())
 
 
 @serve.deployment(max_ongoing_requests=32)
@@ -133,47 +142,32 @@ class ChatDeployment:
 
     @app.get("/v1/models")
     async def list_models(self, request: Request):
-        try:
-            self._check_key(request)
-        except APIError as e:
-            return _error(e)
+        self._check_key(request)
         return {"object": "list", "data": [{"id": m, "object": "model", "created": self.created, "owned_by": "vtblender"}
                                            for m in sorted(self.uris)]}
 
     @app.get("/v1/stats")
     async def batch_stats(self, request: Request):
-        try:
-            self._check_key(request)
-        except APIError as e:
-            return _error(e)
+        self._check_key(request)
         return self.stats
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
+        self._check_key(request)
+        raw = await request.body()
+        if len(raw) > self.cfg.limits.max_body_bytes:
+            raise APIError(413, f"the request body ({len(raw)} bytes) is over the limit of "
+                                f"{self.cfg.limits.max_body_bytes} bytes", None, "body_too_large")
         try:
-            self._check_key(request)
-            raw = await request.body()
-            if len(raw) > self.cfg.limits.max_body_bytes:
-                raise APIError(413, f"the request body ({len(raw)} bytes) is over the limit of "
-                                    f"{self.cfg.limits.max_body_bytes} bytes", None, "body_too_large")
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                raise APIError(400, "the request body is not valid JSON") from None
-            req = await asyncio.to_thread(parse_chat_request, body, self.cfg.limits)
-            model_id, model = await self._model_for(req)
-            n_prompt, audio_tokens = prompt_tokens(model, req)
-            if n_prompt > self.cfg.limits.max_prompt_tokens:
-                raise APIError(413, f"the prompt is {n_prompt} tokens (audio included), over the limit of "
-                                    f"{self.cfg.limits.max_prompt_tokens}", "messages", "context_length_exceeded")
-        except APIError as e:
-            return _error(e)
-        except Exception as e:  # a conversation the model cannot take (e.g. placeholder text): 400, not 500
-            from models.conversation import ConversationError
-
-            if isinstance(e, ConversationError):
-                return _error(APIError(400, str(e), "messages"))
-            raise
+            body = json.loads(raw)
+        except ValueError:
+            raise APIError(400, "the request body is not valid JSON") from None
+        req = await asyncio.to_thread(parse_chat_request, body, self.cfg.limits)
+        model_id, model = await self._model_for(req)
+        n_prompt, audio_tokens = prompt_tokens(model, req)
+        if n_prompt > self.cfg.limits.max_prompt_tokens:
+            raise APIError(413, f"the prompt is {n_prompt} tokens (audio included), over the limit of "
+                                f"{self.cfg.limits.max_prompt_tokens}", "messages", "context_length_exceeded")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         usage = {"prompt_tokens": n_prompt, "prompt_tokens_details": {"audio_tokens": audio_tokens},
                  "audio_seconds": round(req.audio_seconds, 3)}

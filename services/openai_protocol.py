@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.conversation import AudioPart, Conversation, TextPart, Turn
 
 SAMPLING_RATE = 16000
-AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg", "oga", "opus", "aiff", "aif", "au", "webm"} - {"webm"}
+AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg", "oga", "opus", "aiff", "aif", "au"}  # what libsndfile decodes
 
 
 class Limits(BaseModel):
