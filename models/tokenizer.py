@@ -49,7 +49,10 @@ def build_tiny_tokenizer(texts: Iterable[str] = (), vocab_size: int = 512) -> Pr
     Deterministic for the same inputs. `vocab_size` counts the 256 byte symbols and the special tokens.
     """
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits one by one, as Gemma's tokenizer splits them: numbers compose from digits instead of being merged
+    # into arbitrary multi-digit tokens, which is what lets a small LM learn arithmetic at all.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
