@@ -47,6 +47,11 @@ SIZES = {
     "tiny": CorpusSize(text=24, speech=16, sqa=6, mixed=6),
     "small": CorpusSize(text=300, speech=240, sqa=60, mixed=80),
     "demo": CorpusSize(text=2000, speech=2400, sqa=600, mixed=600),
+    # the ablation miniature (jobs/ablation.py): enough text for its LM to learn the tasks (~80% exact match)
+    "ablation": CorpusSize(text=8000, speech=1600, sqa=400, mixed=400),
+    "ablation-eval": CorpusSize(text=200, speech=160, sqa=40, mixed=100),
+    "ablation-quick": CorpusSize(text=3000, speech=600, sqa=100, mixed=100),  # CI's shortened ablation
+    "ablation-quick-eval": CorpusSize(text=80, speech=64, sqa=8, mixed=24),
 }
 
 _DAYS = {
@@ -103,8 +108,9 @@ def utterance(rng: np.random.Generator) -> tuple[dict[str, str], tuple[str, str]
 # ---- text SFT ------------------------------------------------------------------------------------------------
 
 def _arithmetic(rng):
-    a, b = int(rng.integers(0, 50)), int(rng.integers(0, 50))
     op = str(rng.choice(["plus", "minus", "times"]))
+    hi = 10 if op == "times" else 21  # sized for a small LM to learn (times tables, sums to 40)
+    a, b = int(rng.integers(0, hi)), int(rng.integers(0, hi))
     c = a + b if op == "plus" else a - b if op == "minus" else a * b
     turns = [("user", f"What is {a} {op} {b}?"), ("assistant", f"{a} {op} {b} is {c}.")]
     if rng.random() < 0.4:  # a follow-up turn that needs the previous answer
@@ -130,7 +136,7 @@ def _word(rng):
 
 
 def _lists(rng):
-    xs = [int(x) for x in rng.choice(100, size=int(rng.integers(3, 6)), replace=False)]
+    xs = [int(x) for x in rng.choice(50, size=int(rng.integers(3, 6)), replace=False)]
     shown = ", ".join(map(str, xs))
     if rng.random() < 0.5:
         turns = [("user", f"Sort these numbers from smallest to largest: {shown}."),

@@ -20,6 +20,7 @@ import json
 import logging
 import sys
 
+from data_ops.demo_corpus import SIZES
 from data_ops.importers import ImportReport, read_audio_table, read_lhotse_manifests, read_messages_jsonl
 from data_ops.schema import DATA_TYPES, SchemaError
 from data_ops.shards import ManifestError, ShardWriter, read_manifest
@@ -136,7 +137,7 @@ def parser() -> argparse.ArgumentParser:
 
     c = command("demo", cmd_demo, help="generate the self-contained demo corpus (all four types)")
     writer(c)
-    c.add_argument("--size", default="small", choices=["tiny", "small", "demo"])
+    c.add_argument("--size", default="small", choices=list(SIZES))
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--split", default="train", choices=["train", "eval"],
                    help="eval: held-out voices and a spoken-instruction set (use another --seed than training)")
