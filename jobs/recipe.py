@@ -1,7 +1,7 @@
 """The training recipe: one YAML file, validated in full before any worker starts.
 
     run:   name, experiment, storage_path, tracking_uri, registered_model, alias, seed
-    model: size (tiny | vtblender_3b) + lm_mode / encoder_train / adapter_train / lora / pretrained paths,
+    model: size (tiny | mini | vtblender_3b) + lm_mode / encoder_train / adapter_train / lora / pretrained paths,
            or `config:` a whole SpeechLMConfig
     data:  per data type: uris (corpora written by jobs.data), ratio, batch_size; bucket_batches; endpoint_url
     train: max_steps, grad_accum, optimizer (Adam, lr, weight_decay, betas), warmup_steps, schedule, clip,
@@ -50,7 +50,7 @@ class RunSection(_Strict):
 
 
 class ModelSection(_Strict):
-    size: Literal["tiny", "vtblender_3b"] | None = "tiny"
+    size: Literal["tiny", "mini", "vtblender_3b"] | None = "tiny"
     config: dict[str, Any] | None = None
     """A whole SpeechLMConfig instead of a named size."""
     lm_mode: Literal["lora", "frozen", "full"] | None = None
@@ -59,13 +59,11 @@ class ModelSection(_Strict):
     lora: LoraSettings | None = None
     encoder_pretrained: str | None = None
     lm_pretrained: str | None = None
-    init_from: str | None = None
-    """A saved SpeechLM (save_pretrained dir) whose encoder/adapter (and LoRA) weights start the run."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSection":
         if (self.size is None) == (self.config is None):
-            raise ValueError("model: give exactly one of `size` (tiny, vtblender_3b) or `config`")
+            raise ValueError("model: give exactly one of `size` (tiny, mini, vtblender_3b) or `config`")
         return self
 
     def speechlm_config(self, lm_mode: str | None = None) -> SpeechLMConfig:
@@ -74,7 +72,12 @@ class ModelSection(_Strict):
         elif self.size == "vtblender_3b":
             cfg = NAMED_SIZES["vtblender_3b"](self.encoder_pretrained, self.lm_pretrained)
         else:
-            cfg = NAMED_SIZES["tiny"]()
+            cfg = NAMED_SIZES[self.size]()
+        # checkpoints replace the size's random init (the ablation's speech recipes start from its text LM)
+        if self.lm_pretrained:
+            cfg.lm.pretrained = self.lm_pretrained
+        if self.encoder_pretrained:
+            cfg.encoder.pretrained = self.encoder_pretrained
         mode = lm_mode or self.lm_mode
         if mode:
             cfg.lm.mode = mode

@@ -460,6 +460,8 @@ def ray_storage(path: str, endpoint_url: str | None):
 
 
 def register_model(recipe: Recipe, tracking_uri: str, run_id: str) -> str | None:
+    """Register the run's `model` artifact as a new version of `run.registered_model` with `run.alias`; return
+    its URI `models:/name/version` (None without a registered_model)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -475,16 +477,19 @@ def register_model(recipe: Recipe, tracking_uri: str, run_id: str) -> str | None
     version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run_id,
                                           tags={RUN_TAG: recipe.run.name})
     client.set_registered_model_alias(name, recipe.run.alias, version.version)
-    return f"models:/{name}@{recipe.run.alias} (version {version.version})"
+    return f"models:/{name}/{version.version}"
 
 
 def absolute_paths(recipe: Recipe) -> Recipe:
-    """Local corpus and storage paths made absolute (workers run in other directories)."""
+    """Local corpus, storage and checkpoint paths made absolute (workers run in other directories)."""
     def fix(p: str) -> str:
         return p if "://" in p else str(Path(p).expanduser().resolve())
 
     obj = recipe.model_dump(mode="json")
     obj["run"]["storage_path"] = fix(obj["run"]["storage_path"])
+    for key in ("lm_pretrained", "encoder_pretrained"):  # local checkpoints; hub ids stay as they are
+        if obj["model"].get(key) and Path(obj["model"][key]).expanduser().exists():
+            obj["model"][key] = fix(obj["model"][key])
     for src in obj["data"]["sources"].values():
         src["uris"] = [fix(u) for u in src["uris"]]
     return parse_recipe(obj)
@@ -571,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[train] done in {time.time() - t0:.0f} s")
     print(f"[train] MLflow run {out['run_id']}: {ui}/#/experiments (run name {recipe.run.name})")
     if out["registered"]:
-        print(f"[train] registered model: {out['registered']}")
+        print(f"[train] registered model: models:/{recipe.run.registered_model}@{recipe.run.alias} "
+              f"({out['registered']})")
     print(f"[train] last checkpoint: {out['checkpoint']}")
     if os.environ.get("RAY_ADDRESS", "").startswith("http"):
         print(f"[train] Ray dashboard: {os.environ['RAY_ADDRESS']}")

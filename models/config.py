@@ -149,6 +149,24 @@ def tiny(lm_mode: Literal["lora", "frozen", "full"] = "lora", encoder_kind: str 
     )
 
 
+def mini(lm_mode: Literal["lora", "frozen", "full"] = "lora") -> SpeechLMConfig:
+    """The ablation miniature's size (docs/ablation.md): small enough to train on 2 CPU cores in minutes, large
+    enough for its LM to learn the demo's text tasks. ~2.5M parameters.
+
+    Encoder: FastConformer, 4 layers, hidden 96, 4 heads, ff 256, 8x subsampling. Adapter: 2 Conformer layers,
+    hidden 128. LM: Gemma-style, 4 layers, hidden 128, 4 heads (1 KV head, head dim 32), MLP 512; LoRA r=32 (alpha
+    32) on q/k/v/o/gate/up/down as in the paper.
+    """
+    cfg = tiny(lm_mode)
+    cfg.encoder.config.update(hidden_size=96, num_hidden_layers=4, intermediate_size=256, subsampling_conv_channels=64)
+    cfg.adapter = AdapterConfig(num_layers=2, hidden_size=128, num_heads=4, ff_mult=2, conv_kernel_size=9,
+                                dropout=0.0, stack_frames=1)
+    cfg.lm.config.update(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=1, head_dim=32)
+    cfg.lm.lora = LoraSettings(r=32, alpha=32, dropout=0.0)
+    return cfg
+
+
 def vtblender_3b(
     encoder_pretrained: str | None = None, lm_pretrained: str | None = None
 ) -> SpeechLMConfig:
@@ -189,4 +207,4 @@ def vtblender_3b(
     )
 
 
-NAMED_SIZES = {"tiny": tiny, "vtblender_3b": vtblender_3b}
+NAMED_SIZES = {"tiny": tiny, "mini": mini, "vtblender_3b": vtblender_3b}

@@ -417,6 +417,12 @@ def _build_encoder(cfg: SpeechLMConfig) -> nn.Module:
     return WhisperEncoder(WhisperConfig(**e.config))
 
 
+def build_speech_encoder(cfg: SpeechLMConfig) -> SpeechEncoder:
+    """The config's encoder (pretrained or random init) with its feature frontend."""
+    return SpeechEncoder(cfg.encoder.kind, _build_encoder(cfg), cfg.n_mels, cfg.sampling_rate,
+                         cfg.encoder.whisper_window_s)
+
+
 def _build_lm(cfg: SpeechLMConfig, source: str | None, tokenizer) -> nn.Module:
     if source:
         return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
@@ -449,8 +455,7 @@ def build_speechlm(
 
     if tokenizer is None and (cfg.lm.tokenizer or cfg.lm.pretrained):
         tokenizer = AutoTokenizer.from_pretrained(cfg.lm.tokenizer or cfg.lm.pretrained)
-    enc = _build_encoder(cfg)
-    encoder = SpeechEncoder(cfg.encoder.kind, enc, cfg.n_mels, cfg.sampling_rate, cfg.encoder.whisper_window_s)
+    encoder = build_speech_encoder(cfg)
     lm = _build_lm(cfg, lm_source if lm_source is not None else cfg.lm.pretrained, tokenizer)
     if tokenizer is not None and lm.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(
