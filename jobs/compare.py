@@ -64,6 +64,34 @@ def bar_chart(rows: list[tuple[str, dict[str, float]]], metrics: list[str], path
     plt.close(fig)
 
 
+def compare_runs(tracking_uri: str, runs: list, out: Path, *, suite: str | None = None,
+                 metrics: list[str] | None = None, names: list[str] | None = None,
+                 tags: dict[str, str] | None = None) -> tuple[str, str]:
+    """Table + chart of the evaluation metrics of `runs` (MLflow Run objects) written to `out` and logged as a
+    new run (tagged `vtb.kind=comparison`) in the first run's experiment. Returns (markdown, comparison run id).
+    Raises ValueError when no run has evaluation metrics."""
+    import mlflow
+
+    prefix = f"eval/{suite}/" if suite else "eval/"
+    rows = [((names[i] if names else None) or r.info.run_name or r.info.run_id[:8],
+             {k: v for k, v in r.data.metrics.items() if k.startswith(prefix)}) for i, r in enumerate(runs)]
+    rows = [(n, m) for n, m in rows if m]
+    if not rows:
+        raise ValueError("none of these runs has evaluation metrics (run jobs.evaluate first)")
+    metrics = metrics or sorted({k for _, m in rows for k in m if not k.endswith("/samples")})
+    table = comparison_table(rows, metrics)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.md").write_text(table)
+    bar_chart(rows, metrics, out / "comparison.png")
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment_id=runs[0].info.experiment_id)
+    with mlflow.start_run(run_name="comparison", tags={"vtb.kind": "comparison", **(tags or {}),
+                                                       "vtb.compared_runs": ",".join(r.info.run_id for r in runs)}) as run:
+        mlflow.log_artifact(str(out / "comparison.md"))
+        mlflow.log_artifact(str(out / "comparison.png"))
+    return table, run.info.run_id
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="*", help="MLflow run ids")
@@ -73,7 +101,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="folder for comparison.md and comparison.png")
     ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     args = ap.parse_args(argv)
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     if not args.tracking_uri:
@@ -89,25 +116,12 @@ def main(argv: list[str] | None = None) -> int:
                 if r.data.tags.get("vtb.kind") != "comparison"]
     else:
         runs = [client.get_run(r) for r in args.runs]
-    prefix = f"eval/{args.suite}/" if args.suite else "eval/"
-    rows = [(r.info.run_name or r.info.run_id[:8], {k: v for k, v in r.data.metrics.items() if k.startswith(prefix)})
-            for r in runs]
-    rows = [(n, m) for n, m in rows if m]
-    if not rows:
-        print("error: none of these runs has evaluation metrics (run jobs.evaluate first)", file=sys.stderr)
-        return 2
-    metrics = args.metrics or sorted({k for _, m in rows for k in m if not k.endswith("/samples")})
-    table = comparison_table(rows, metrics)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="vtb-compare-"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.md").write_text(table)
-    bar_chart(rows, metrics, out / "comparison.png")
-    mlflow.set_tracking_uri(args.tracking_uri)
-    mlflow.set_experiment(experiment_id=runs[0].info.experiment_id)
-    with mlflow.start_run(run_name="comparison", tags={"vtb.kind": "comparison",
-                                                       "vtb.compared_runs": ",".join(r.info.run_id for r in runs)}):
-        mlflow.log_artifact(str(out / "comparison.md"))
-        mlflow.log_artifact(str(out / "comparison.png"))
+    try:
+        table, _ = compare_runs(args.tracking_uri, runs, out, suite=args.suite, metrics=args.metrics)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(table)
     print(f"written to {out}/comparison.md and comparison.png, and logged to MLflow")
     return 0

@@ -182,6 +182,48 @@ def training_run_of(model_uri: str, tracking_uri: str | None) -> str | None:
     return None
 
 
+def evaluate_model(model_uri: str, suite: Suite, tracking_uri: str, experiment: str = "vtblender-eval") -> dict:
+    """Run every task of `suite` on the model and log metrics + per-sample table to MLflow: to the model's training
+    run (registry or runs:/ URIs), else to a new run in `experiment`. Needs Ray (a local one is started when none
+    is). Returns {"run_id", "metrics", "samples", "seconds"}; raises ModelNotFound / ManifestError."""
+    import mlflow
+    import ray
+
+    from services.model_store import resolve_model_dir
+
+    mlflow.set_tracking_uri(tracking_uri)
+    resolve_model_dir(model_uri, tracking_uri)  # fail before any worker if the model is not there
+    run_id = training_run_of(model_uri, tracking_uri)
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True)
+    t0 = time.time()
+    all_metrics: dict[str, float] = {}
+    samples: dict[str, list] = defaultdict(list)
+    for task in suite.tasks:
+        rows = predict(suite, task, model_uri, tracking_uri)
+        metrics = score(suite, task, rows)
+        print(f"[eval] {suite.name}/{task.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+              flush=True)
+        all_metrics.update({f"eval/{suite.name}/{task.name}/{k}": v for k, v in metrics.items()})
+        for r in rows:
+            for key in ("id", "prediction", "reference", "question", "context"):
+                samples[key].append(r[key])
+            samples["task"].append(task.name)
+            samples["judge"].append(r.get("judge"))
+    if run_id is None:
+        mlflow.set_experiment(experiment)
+        run = mlflow.start_run(run_name=f"eval-{Path(model_uri).name}", tags={"vtb.model_uri": model_uri})
+    else:
+        run = mlflow.start_run(run_id=run_id)
+    with run:
+        mlflow.log_metrics(all_metrics)
+        mlflow.set_tag(f"vtb.eval.{suite.name}.model_uri", model_uri)
+        mlflow.log_table(data=dict(samples), artifact_file=f"eval/{suite.name}/samples.json")
+        mlflow.log_dict(suite.model_dump(mode="json"), f"eval/{suite.name}/suite.json")
+    return {"run_id": run.info.run_id, "metrics": all_metrics, "samples": len(samples["id"]),
+            "seconds": time.time() - t0}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="models:/name@alias, models:/name/3, runs:/id/model or a folder")
@@ -190,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiment", default="vtblender-eval", help="for models not from the registry")
     ap.add_argument("--uris", nargs="*", help="override the suite's corpora (e.g. absolute paths under ray job submit)")
     args = ap.parse_args(argv)
-    import mlflow
-    import ray
+    from services.model_store import ModelNotFound
 
     suite = load_suite(args.suite)
     if args.uris:
@@ -199,47 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tracking_uri:
         print("error: no MLflow tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI", file=sys.stderr)
         return 2
-    mlflow.set_tracking_uri(args.tracking_uri)
-    from services.model_store import ModelNotFound, resolve_model_dir
-
     try:
-        resolve_model_dir(args.model, args.tracking_uri)  # fail before any worker if the model is not there
-        run_id = training_run_of(args.model, args.tracking_uri)
-    except ModelNotFound as e:
+        out = evaluate_model(args.model, suite, args.tracking_uri, args.experiment)
+    except (ModelNotFound, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
-    t0 = time.time()
-    all_metrics: dict[str, float] = {}
-    samples: dict[str, list] = defaultdict(list)
-    try:
-        for task in suite.tasks:
-            rows = predict(suite, task, args.model, args.tracking_uri)
-            metrics = score(suite, task, rows)
-            print(f"[eval] {suite.name}/{task.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
-                  flush=True)
-            all_metrics.update({f"eval/{suite.name}/{task.name}/{k}": v for k, v in metrics.items()})
-            for r in rows:
-                for key in ("id", "prediction", "reference", "question", "context"):
-                    samples[key].append(r[key])
-                samples["task"].append(task.name)
-                samples["judge"].append(r.get("judge"))
-    except ManifestError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if run_id is None:
-        mlflow.set_experiment(args.experiment)
-        run = mlflow.start_run(run_name=f"eval-{Path(args.model).name}", tags={"vtb.model_uri": args.model})
-    else:
-        run = mlflow.start_run(run_id=run_id)
-    with run:
-        mlflow.log_metrics(all_metrics)
-        mlflow.set_tag(f"vtb.eval.{suite.name}.model_uri", args.model)
-        mlflow.log_table(data=dict(samples), artifact_file=f"eval/{suite.name}/samples.json")
-        mlflow.log_dict(suite.model_dump(mode="json"), f"eval/{suite.name}/suite.json")
-    print(f"[eval] {len(samples['id'])} samples in {time.time() - t0:.0f} s; metrics logged to MLflow run "
-          f"{run.info.run_id}")
+    print(f"[eval] {out['samples']} samples in {out['seconds']:.0f} s; metrics logged to MLflow run {out['run_id']}")
     return 0
 
 
