@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 from data_ops.schema import conversation_to_cut
 from data_ops.shards import ShardWriter
 from models.conversation import AudioPart, Conversation, TextPart, Turn
+from tests.jobs.ray_jobs import local_stack, submit
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,14 +50,7 @@ def _eval_corpus(root):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from infra.stack import LocalStack
-
-    s = LocalStack(tmp_path_factory.mktemp("evalstack"), services=("ray", "mlflow"), ray_num_cpus=4)
-    s.start()
-    try:
-        yield s
-    finally:
-        s.stop()
+    yield from local_stack(tmp_path_factory, "evalstack")
 
 
 def test_evaluate_two_models_and_compare(stack, tmp_path, tokenizer):
@@ -85,18 +78,9 @@ def test_evaluate_two_models_and_compare(stack, tmp_path, tokenizer):
     suite = tmp_path / "suite.yaml"
     suite.write_text((ROOT / "jobs/suites/demo.yaml").read_text())
 
-    job_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
     for name in ("model-a", "model-b"):
-        cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", env["RAY_ADDRESS"],
-               "--submission-id", f"eval-{name}-{int(time.time())}", "--working-dir", str(ROOT),
-               "--runtime-env-json", json.dumps({"env_vars": job_env}), "--", "python", "-m", "jobs.evaluate",
-               "--model", f"models:/{name}@candidate", "--suite", str(suite), "--uris", str(tmp_path / "eval")]
-        for _ in range(6):
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                                  env={"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], **env})
-            if "No available agent" not in proc.stdout + proc.stderr:
-                break
-            time.sleep(5)
+        proc = submit(env, ["python", "-m", "jobs.evaluate", "--model", f"models:/{name}@candidate", "--suite",
+                            str(suite), "--uris", str(tmp_path / "eval")], f"eval-{name}", timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "[eval] demo/asr: samples 3, wer_de" in proc.stdout
 

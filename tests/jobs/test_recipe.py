@@ -15,7 +15,7 @@ from jobs.recipe import RecipeError, check_data, load_recipe, parse_recipe
 from models.conversation import AudioPart, Conversation, TextPart, Turn
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPES = sorted((ROOT / "jobs" / "recipes").glob("*.yaml"))
+RECIPES = sorted((ROOT / "jobs" / "recipes").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])

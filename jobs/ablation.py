@@ -1,0 +1,353 @@
+"""The ablation miniature: the paper's Table 4 at a size a 2-core CPU machine runs, with the product's own jobs.
+
+    ray job submit --working-dir . -- python -m jobs.ablation --config jobs/ablations/table4_mini.yaml \
+        --root $PWD/.stack/ablation --out $PWD/docs/ablation --tracking-uri $MLFLOW_TRACKING_URI --seed 0
+    make ablation SEED=0            # the same, with the local stack started and stopped around it
+
+One seed, top to bottom:
+1. corpora (`data_ops.demo_corpus`): the training corpus (text SFT tasks; ASR/AST, speech QA and mixed-modal
+   SFT spoken by espeak-ng in En/De/Es/Fr with the training voices), drawn from the seed; the evaluation corpus
+   from a fixed seed (the same for every run) with other utterances, voices held out of training and the text
+   tasks fully spoken (spoken instructions, which no recipe trains on);
+2. the text LM (`text_lm` recipe, `jobs.train`): a random-init LM trained on the text SFT tasks alone, exported
+   as a Hugging Face checkpoint (model + tokenizer) — the "Gemma after text SFT" the paper starts from;
+3. the speech encoder, pretrained with CTC on the training corpus's ASR cuts (`jobs.pretrain_encoder`) — the
+   stand-in for the paper's pretrained Canary encoder;
+4. each speech recipe (joint SFT with LoRA, B1, B2, B3, SpeechCombine), all from those two checkpoints with the
+   same number of steps and the same seed, via `jobs.train` (registered in MLflow);
+5. every model, the text LM included, through `jobs.evaluate` (metrics logged to its training run);
+6. `jobs.compare`: the table and chart, in MLflow (a comparison run) and in `--out/seed-<seed>/`, with
+   `result.json` (metrics, the paper's claims checked, run time, peak memory, the command).
+
+Each finished step is recorded in `--root/state-seed<seed>.json`; running the command again skips what is done
+(a crash costs at most the step it was in, and within a training step no more than its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from jobs.recipe import Recipe, RecipeError, load_recipe, parse_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class AblationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    experiment: str
+    corpus_size: str = "ablation"
+    eval_corpus_size: str = "ablation-eval"
+    eval_corpus_seed: int = 1000
+    """One evaluation corpus for every seed, so runs with different seeds are scored on the same samples."""
+    text_lm: str
+    """The text-only recipe (jobs/recipes/mini/text_lm.yaml)."""
+    text_lm_steps: int | None = Field(None, ge=1)
+    encoder_steps: int = Field(800, ge=1)
+    """CTC pretraining steps of the encoder (batch 16, lr 1e-3)."""
+    speech_steps: int = Field(ge=1)
+    """Steps of every speech recipe (a multi-stage recipe's stages are scaled to sum to this)."""
+    recipes: dict[str, str] = Field(min_length=1)
+    """Label -> recipe YAML; table rows in this order after the text LM."""
+    suite: str
+    metrics: list[str] = Field(min_length=1)
+    """Table columns (metric names under eval/<suite>/)."""
+
+
+def load_config(path: str | Path) -> AblationConfig:
+    path = Path(path)
+    try:
+        cfg = AblationConfig.model_validate(yaml.safe_load(path.read_text()))
+    except FileNotFoundError:
+        raise RecipeError(f"ablation config {path} does not exist") from None
+    except (ValidationError, yaml.YAMLError) as e:
+        raise RecipeError(f"{path} is not a valid ablation config:\n{e}") from None
+    for label, recipe in {"text_lm": cfg.text_lm, **cfg.recipes}.items():
+        load_recipe(REPO / recipe if not Path(recipe).is_absolute() else recipe)  # every recipe valid up front
+    return cfg
+
+
+def adapt_recipe(path: str, *, run_name: str, experiment: str, seed: int, corpus: str, runs_dir: str,
+                 tracking_uri: str, steps: int | None, lm_pretrained: str | None = None,
+                 encoder_pretrained: str | None = None) -> Recipe:
+    """The recipe as the ablation runs it: its corpus, seed, step count, text LM and encoder; nothing else."""
+    raw = load_recipe(REPO / path if not Path(path).is_absolute() else path).model_dump(mode="json")
+    raw["run"].update(name=run_name, experiment=experiment, seed=seed, storage_path=runs_dir,
+                      tracking_uri=tracking_uri)
+    for src in raw["data"]["sources"].values():
+        src["uris"] = [corpus]
+    if lm_pretrained:
+        raw["model"]["lm_pretrained"] = lm_pretrained
+    if encoder_pretrained:
+        raw["model"]["encoder_pretrained"] = encoder_pretrained
+    if steps:
+        stages = raw.get("stages") or []
+        total = sum(st["max_steps"] for st in stages) if stages else raw["train"]["max_steps"]
+        raw["train"]["max_steps"] = steps
+        done = 0
+        for i, st in enumerate(stages):  # keep the stages' proportions (B3: 87% frozen LM, 13% LoRA)
+            st["max_steps"] = steps - done if i == len(stages) - 1 else max(1, round(st["max_steps"] * steps / total))
+            done += st["max_steps"]
+        raw["train"]["checkpoint_every"] = min(raw["train"]["checkpoint_every"], steps)
+    return parse_recipe(raw, path)
+
+
+def export_text_lm(model_uri: str, tracking_uri: str, out: Path) -> Path:
+    """The text LM of a trained (text-only) SpeechLM as a standalone Hugging Face checkpoint with its tokenizer:
+    what `lm_pretrained` expects (the same code path as a real Gemma checkpoint)."""
+    from services.model_store import load_speechlm
+
+    model = load_speechlm(model_uri, tracking_uri=tracking_uri)
+    tmp = out.with_name(out.name + ".partial")
+    model.lm.save_pretrained(tmp)
+    model.tokenizer.save_pretrained(tmp)
+    tmp.rename(out)  # complete or absent
+    return out
+
+
+class PeakMemory:
+    """Samples the memory in use on this machine (every process: Ray, MLflow, workers) while the run goes."""
+
+    def __init__(self, every_s: float = 1.0):
+        import psutil
+
+        self._psutil, self.every_s = psutil, every_s
+        self.baseline = self.peak = psutil.virtual_memory().used
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.peak = max(self.peak, self._psutil.virtual_memory().used)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        gib = 1024 ** 3
+        return {"baseline_gib": round(self.baseline / gib, 2), "peak_gib": round(self.peak / gib, 2),
+                "peak_over_baseline_gib": round((self.peak - self.baseline) / gib, 2)}
+
+
+def pretrain_encoder_logged(cfg: AblationConfig, text_lm: Recipe, corpus: str, eval_corpus: str, tokenizer_dir: Path,
+                            out: Path, seed: int, tracking_uri: str) -> dict:
+    """jobs.pretrain_encoder on the training corpus (targets: the text LM's tokenizer), tracked as its own run."""
+    import mlflow
+    from transformers import AutoTokenizer
+
+    from jobs.pretrain_encoder import pretrain_encoder
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(cfg.experiment)
+    with mlflow.start_run(run_name=f"{cfg.name}-encoder-ctc-s{seed}", tags={"vtb.ablation": cfg.name}):
+        mlflow.log_params({"steps": cfg.encoder_steps, "seed": seed, "corpus": corpus})
+        return pretrain_encoder(corpus, text_lm.model.speechlm_config(), AutoTokenizer.from_pretrained(tokenizer_dir),
+                                out, steps=cfg.encoder_steps, seed=seed, eval_corpus=eval_corpus,
+                                on_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step))
+
+
+def check_claims(rows: dict[str, dict[str, float]], suite: str) -> list[dict]:
+    """The paper's Table 4 pattern as checks on the measured metrics: each says what it compares and whether the
+    numbers show it. Nothing is tuned to make one hold; a check without its metrics is reported as such."""
+    def m(label: str, metric: str) -> float | None:
+        return rows.get(label, {}).get(f"eval/{suite}/{metric}")
+
+    checks = []
+
+    def claim(text: str, a: float | None, b: float | None, holds) -> None:
+        ok = None if a is None or b is None else bool(holds(a, b))
+        checks.append({"claim": text, "values": [a, b], "holds": ok})
+
+    text, wer = "text/exact_match", "asr/wer"
+    claim("B1 (speech-only SFT) loses text accuracy: B1 text exact match < the text LM's",
+          m("b1-speech-only", text), m("text-lm", text), lambda a, b: a < b)
+    claim("joint SFT keeps more text accuracy than B1: joint text exact match > B1's",
+          m("joint", text), m("b1-speech-only", text), lambda a, b: a > b)
+    claim("joint SFT keeps text accuracy near the text LM's: joint >= 80% of the text LM's exact match",
+          m("joint", text), m("text-lm", text), lambda a, b: a >= 0.8 * b)
+    claim("joint SFT reaches speech quality close to B1: joint ASR WER <= B1's + 0.05",
+          m("joint", wer), m("b1-speech-only", wer), lambda a, b: a <= b + 0.05)
+    claim("B2 (frozen LM) is worse on speech: B2 ASR WER > joint's",
+          m("b2-frozen-lm", wer), m("joint", wer), lambda a, b: a > b)
+    claim("joint SFT follows spoken instructions better than B1: exact match joint > B1",
+          m("joint", "spoken_instruction/exact_match"), m("b1-speech-only", "spoken_instruction/exact_match"),
+          lambda a, b: a > b)
+    return checks
+
+
+def run_seed(cfg: AblationConfig, seed: int, root: Path, out: Path, tracking_uri: str, command: str) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from data_ops.demo_corpus import build_demo_corpus
+    from data_ops.shards import ManifestError, read_manifest
+    from jobs.compare import compare_runs
+    from jobs.evaluate import evaluate_model, load_suite
+    from jobs.train import run_training
+
+    t0, memory = time.time(), PeakMemory()
+    root.mkdir(parents=True, exist_ok=True)
+    state_path = root / f"state-seed{seed}.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+
+    def done(key: str, value) -> None:
+        state[key] = value
+        state_path.write_text(json.dumps(state, indent=1))
+
+    timings = state.get("timings", {})
+
+    def timed(key: str, fn):  # only around work that runs (a step found done keeps its first timing)
+        start = time.time()
+        value = fn()
+        timings[key] = round(time.time() - start, 1)
+        state["timings"] = timings
+        return value
+
+    def corpus(key: str, path: Path, size: str, corpus_seed: int, split: str) -> str:
+        try:
+            read_manifest(str(path))  # the manifest is written last: present means complete
+        except ManifestError:
+            timed(key, lambda: build_demo_corpus(str(path), size, seed=corpus_seed, split=split, progress=False))
+        return str(path)
+
+    train_corpus = corpus("corpus", root / f"corpus-{cfg.corpus_size}-seed{seed}", cfg.corpus_size, seed, "train")
+    eval_corpus = corpus("eval_corpus", root / f"eval-{cfg.eval_corpus_size}-seed{cfg.eval_corpus_seed}",
+                         cfg.eval_corpus_size, cfg.eval_corpus_seed, "eval")
+    common = dict(experiment=cfg.experiment, seed=seed, corpus=train_corpus, runs_dir=str(root / "runs"),
+                  tracking_uri=tracking_uri)
+
+    def train(key: str, recipe: Recipe) -> str:
+        if key not in state.get("models", {}):
+            out_ = timed(f"train/{key}", lambda: run_training(recipe))
+            done("models", {**state.get("models", {}), key: out_["registered"]})
+        return state["models"][key]
+
+    # 2. the text LM, exported as an HF checkpoint
+    text_lm = adapt_recipe(cfg.text_lm, run_name=f"{cfg.name}-text-lm-s{seed}", steps=cfg.text_lm_steps, **common)
+    text_lm_uri = train("text-lm", text_lm)
+    text_lm_dir = root / f"text-lm-seed{seed}"
+    if not text_lm_dir.is_dir():
+        export_text_lm(text_lm_uri, tracking_uri, text_lm_dir)
+    # 3. the encoder, pretrained with CTC
+    encoder_dir = root / f"encoder-seed{seed}"
+    if not encoder_dir.is_dir():
+        done("encoder", timed("encoder", lambda: pretrain_encoder_logged(
+            cfg, text_lm, train_corpus, eval_corpus, text_lm_dir, encoder_dir, seed, tracking_uri)))
+    # 4. the speech recipes, all from them
+    for label, path in cfg.recipes.items():
+        train(label, adapt_recipe(path, run_name=f"{cfg.name}-{label}-s{seed}", steps=cfg.speech_steps,
+                                  lm_pretrained=str(text_lm_dir), encoder_pretrained=str(encoder_dir), **common))
+    # 5. evaluation
+    suite = load_suite(str(REPO / cfg.suite))
+    suite.uris = [eval_corpus]
+    for label, uri in state["models"].items():
+        if label not in state.get("evaluated", {}):
+            res = timed(f"eval/{label}", lambda: evaluate_model(uri, suite, tracking_uri, cfg.experiment))
+            done("evaluated", {**state.get("evaluated", {}), label: res["run_id"]})
+    # 6. the table, chart and claims
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    labels = ["text-lm", *cfg.recipes]
+    runs = [client.get_run(state["evaluated"][label]) for label in labels]
+    metrics = [f"eval/{suite.name}/{m}" for m in cfg.metrics]
+    seed_out = out / f"seed-{seed}"
+    table, comparison_run = compare_runs(tracking_uri, runs, seed_out, metrics=metrics, names=labels,
+                                         tags={"vtb.ablation": cfg.name, "vtb.seed": str(seed)})
+    rows = {label: {k: v for k, v in r.data.metrics.items() if k.startswith("eval/")} for label, r in zip(labels, runs)}
+    result = {
+        "ablation": cfg.name, "seed": seed, "command": command, "models": state["models"],
+        "encoder_ctc": state.get("encoder"),
+        "table_markdown": table, "metrics": rows, "claims": check_claims(rows, suite.name),
+        "seconds": round(time.time() - t0, 1), "timings_s": timings,
+        "steps_seconds_total": round(sum(timings.values()), 1), "memory": memory.stop(),
+        "comparison_run": comparison_run, "cpus": os.cpu_count(),
+    }
+    (seed_out / "result.json").write_text(json.dumps(result, indent=1))
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=comparison_run):
+        mlflow.log_dict(result, "result.json")
+    return result
+
+
+def summary(result: dict) -> str:
+    lines = [result["table_markdown"], "Claims of the paper (Table 4), checked on these numbers:"]
+    for c in result["claims"]:
+        mark = {True: "holds", False: "does NOT hold", None: "not measured"}[c["holds"]]
+        vals = ", ".join("–" if v is None else f"{v:.3f}" for v in c["values"])
+        lines.append(f"- {mark}: {c['claim']} ({vals})")
+    mem = result["memory"]
+    lines.append(f"seed {result['seed']}: {result['seconds']:.0f} s on {result['cpus']} CPUs; peak memory in use "
+                 f"{mem['peak_gib']} GiB ({mem['peak_over_baseline_gib']} GiB over the {mem['baseline_gib']} GiB "
+                 "before the run)")
+    return "\n".join(lines)
+
+
+def seeds_table(out: Path) -> str | None:
+    """Every seed's numbers side by side (`out/seed-*/result.json`), with the spread (max - min) per cell: how much
+    a metric moves with the seed. Written to `out/seeds.md`; None when fewer than two seeds have run."""
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("seed-*/result.json"))]
+    if len(results) < 2:
+        return None
+    seeds = [r["seed"] for r in results]
+    labels = list(results[0]["models"])
+    suite_metrics = [m for m in results[0]["metrics"][labels[0]] if not m.endswith(("/samples", "judge_unscored"))
+                     and m.count("/") == 3 and m.split("/")[-1] in ("wer", "bleu", "exact_match")]
+    lines = ["| model | metric | " + " | ".join(f"seed {s}" for s in seeds) + " | spread |",
+             "| --- | --- |" + " ---: |" * (len(seeds) + 1)]
+    for label in labels:
+        for metric in suite_metrics:
+            vals = [r["metrics"].get(label, {}).get(metric) for r in results]
+            if any(v is None for v in vals):
+                continue
+            cells = [f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}" for v in vals]
+            lines.append(f"| {label} | {metric.split('/', 2)[-1]} | " + " | ".join(cells) +
+                         f" | {max(vals) - min(vals):.3f} |")
+    claims = ["", "| claim | " + " | ".join(f"seed {s}" for s in seeds) + " |", "| --- |" + " :---: |" * len(seeds)]
+    for i, c in enumerate(results[0]["claims"]):
+        marks = [{True: "holds", False: "no", None: "–"}[r["claims"][i]["holds"]] for r in results]
+        claims.append(f"| {c['claim']} | " + " | ".join(marks) + " |")
+    text = "\n".join(lines + claims) + "\n"
+    (out / "seeds.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jobs.ablation", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="jobs/ablations/table4_mini.yaml")
+    ap.add_argument("--seed", type=int, nargs="+", default=[0], help="one or more seeds, run one after another")
+    ap.add_argument("--root", default=".stack/ablation", help="work folder: corpora, text LM, checkpoints, state")
+    ap.add_argument("--out", default="docs/ablation", help="tables, charts and result.json per seed")
+    ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
+    args = ap.parse_args(argv)
+    command = "python -m jobs.ablation " + shlex.join(argv if argv is not None else sys.argv[1:])
+    if not args.tracking_uri:
+        print("error: no MLflow tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config if Path(args.config).is_absolute() else REPO / args.config)
+        for seed in args.seed:
+            result = run_seed(cfg, seed, Path(args.root).resolve(), Path(args.out).resolve(), args.tracking_uri,
+                              command)
+            print(summary(result), flush=True)
+        table = seeds_table(Path(args.out).resolve())
+        if table:
+            print(f"\nacross seeds ({Path(args.out).resolve() / 'seeds.md'}):\n{table}", flush=True)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The ablation miniature, shortened (jobs/ablations/table4_quick.yaml), submitted as a Ray job on a local stack:
+corpora -> text LM -> joint / B1 / B2 from it -> evaluation -> table + chart in MLflow and on disk. It checks
+the direction of each effect the paper reports (Table 4), measured, not assumed:
+- B1 (speech-only SFT) loses text accuracy against the text LM;
+- joint SFT keeps more text accuracy than B1;
+- B2 (frozen LM) is worse on speech (ASR WER) than joint SFT.
+The full run (docs/ablation.md) is `make ablation`; it takes about 40 minutes per seed on 2 cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.jobs.ray_jobs import local_stack, submit
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    yield from local_stack(tmp_path_factory, "ablationstack", ray_num_cpus=6)
+
+
+@pytest.mark.timeout(1800)
+def test_quick_ablation_shows_the_papers_directions(stack, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    env = stack.env()
+    tracking = env["MLFLOW_TRACKING_URI"]
+    job_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+    proc = submit(env, ["python", "-m", "jobs.ablation", "--config", "jobs/ablations/table4_quick.yaml", "--seed", "0",
+                        "--root", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--tracking-uri", tracking],
+                  "ablation", timeout=1700)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+
+    result = json.loads((tmp_path / "out/seed-0/result.json").read_text())
+    assert list(result["models"]) == ["text-lm", "joint", "b1-speech-only", "b2-frozen-lm"]
+    m = {label: {k.removeprefix("eval/ablation/"): v for k, v in r.items()} for label, r in result["metrics"].items()}
+    text, wer = "text/exact_match", "asr/wer"
+    assert m["text-lm"][text] >= 0.3, f"the text LM did not learn its tasks: {m['text-lm'][text]}"
+    assert m["b1-speech-only"][text] < m["text-lm"][text], m
+    assert m["joint"][text] > m["b1-speech-only"][text], m
+    assert m["b2-frozen-lm"][wer] > m["joint"][wer], m
+    # the claims the job checks itself agree with the numbers above
+    claims = {c["claim"].split(":")[0]: c["holds"] for c in result["claims"]}
+    assert claims["B1 (speech-only SFT) loses text accuracy"] is True
+    assert claims["B2 (frozen LM) is worse on speech"] is True
+
+    # table + chart on disk and in MLflow; every model registered and evaluated on the same samples
+    table = (tmp_path / "out/seed-0/comparison.md").read_text().splitlines()
+    assert table[0].startswith("| model | asr/wer ↓ |")
+    assert [row.split("|")[1].strip() for row in table[2:]] == list(result["models"])
+    assert (tmp_path / "out/seed-0/comparison.png").stat().st_size > 5000
+    client = MlflowClient(tracking, registry_uri=tracking)
+    cmp_run = client.get_run(result["comparison_run"])
+    assert cmp_run.data.tags["vtb.kind"] == "comparison" and cmp_run.data.tags["vtb.seed"] == "0"
+    assert {a.path for a in client.list_artifacts(cmp_run.info.run_id)} >= {"comparison.md", "comparison.png",
+                                                                           "result.json"}
+    samples = {label: r["asr/samples"] for label, r in m.items()}
+    assert len(set(samples.values())) == 1 and samples["joint"] > 0
+    assert result["memory"]["peak_gib"] > 0 and result["seconds"] > 0
+
+    # running the command again finds every step done and only rebuilds the table
+    proc = subprocess.run([sys.executable, "-m", "jobs.ablation", "--config", "jobs/ablations/table4_quick.yaml",
+                           "--seed", "0", "--root", str(tmp_path / "work"), "--out", str(tmp_path / "out2"),
+                           "--tracking-uri", tracking], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **job_env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads((tmp_path / "out2/seed-0/result.json").read_text())
+    assert again["models"] == result["models"] and again["metrics"] == result["metrics"]

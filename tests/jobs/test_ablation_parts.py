@@ -1,0 +1,78 @@
+"""The ablation pipeline's parts: how it adapts the shipped recipes, its configs, and the paper's claims checked
+on metrics (the whole pipeline runs in test_ablation_job.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jobs.ablation import adapt_recipe, check_claims, load_config
+from jobs.recipe import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_adapt_recipe_changes_only_corpus_seed_steps_and_checkpoints(tmp_path):
+    src = "jobs/recipes/mini/b3_two_stage.yaml"
+    r = adapt_recipe(src, run_name="abl-b3-s1", experiment="abl", seed=1, corpus="/data/corpus",
+                     runs_dir=str(tmp_path), tracking_uri="http://127.0.0.1:5000", steps=100,
+                     lm_pretrained="/ckpt/text-lm", encoder_pretrained="/ckpt/encoder")
+    shipped = load_recipe(ROOT / src)
+    assert (r.run.name, r.run.seed, r.run.experiment) == ("abl-b3-s1", 1, "abl")
+    assert all(s.uris == ["/data/corpus"] for s in r.data.sources.values())
+    assert (r.model.lm_pretrained, r.model.encoder_pretrained) == ("/ckpt/text-lm", "/ckpt/encoder")
+    # stages keep the shipped proportions (the paper's 100k frozen + 15k LoRA) and sum to the steps asked
+    assert [s.max_steps for s in r.stage_list()] == [87, 13] and r.train.max_steps == 100
+    assert [s.lm_mode for s in r.stage_list()] == [s.lm_mode for s in shipped.stage_list()]
+    assert r.data.ratios == shipped.data.ratios and r.train.lr == shipped.train.lr
+    assert {t: s.batch_size for t, s in r.data.sources.items()} == \
+        {t: s.batch_size for t, s in shipped.data.sources.items()}
+    assert r.model.speechlm_config().lm.pretrained == "/ckpt/text-lm"
+    assert r.model.speechlm_config().encoder.pretrained == "/ckpt/encoder"
+
+
+def test_shipped_ablation_configs_load():
+    full = load_config(ROOT / "jobs/ablations/table4_mini.yaml")
+    quick = load_config(ROOT / "jobs/ablations/table4_quick.yaml")
+    assert list(full.recipes) == ["joint", "b1-speech-only", "b2-frozen-lm", "b3-two-stage", "speechcombine"]
+    assert set(quick.recipes) <= set(full.recipes) and quick.speech_steps < full.speech_steps
+    recipes = {label: load_recipe(ROOT / path) for label, path in full.recipes.items()}
+    assert recipes["b2-frozen-lm"].model.lm_mode == "frozen" and recipes["joint"].model.lm_mode == "lora"
+    assert "text" in recipes["joint"].data.sources
+    assert all("text" not in recipes[k].data.sources for k in ("b1-speech-only", "b2-frozen-lm", "b3-two-stage"))
+    assert set(recipes["speechcombine"].data.sources) == {"asr_ast"}
+    assert load_recipe(ROOT / full.text_lm).data.ratios == {"text": 1.0}
+
+
+def test_bad_ablation_config_names_the_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nexperiment: y\ntext_lm: jobs/recipes/mini/text_lm.yaml\nspeech_steps: 0\n"
+                   "recipes: {joint: jobs/recipes/mini/nope.yaml}\nsuite: s\nmetrics: [asr/wer]\n")
+    with pytest.raises(RecipeError, match="speech_steps"):
+        load_config(bad)
+    bad.write_text(bad.read_text().replace("speech_steps: 0", "speech_steps: 5"))
+    with pytest.raises(RecipeError, match="nope.yaml does not exist"):
+        load_config(bad)
+
+
+def test_claims_are_checked_on_the_numbers_not_assumed():
+    def rows(text_lm, joint, b1, b2, wer_joint, wer_b1, wer_b2):
+        def m(text, wer=None):
+            out = {"eval/s/text/exact_match": text}
+            if wer is not None:
+                out["eval/s/asr/wer"] = wer
+            return out
+        return {"text-lm": m(text_lm), "joint": m(joint, wer_joint), "b1-speech-only": m(b1, wer_b1),
+                "b2-frozen-lm": m(b2, wer_b2)}
+
+    paper = {c["claim"].split(":")[0]: c["holds"] for c in check_claims(rows(0.8, 0.7, 0.1, 0.8, 0.3, 0.28, 0.9), "s")}
+    assert paper["B1 (speech-only SFT) loses text accuracy"] is True
+    assert paper["joint SFT keeps more text accuracy than B1"] is True
+    assert paper["joint SFT keeps text accuracy near the text LM's"] is True
+    assert paper["joint SFT reaches speech quality close to B1"] is True
+    assert paper["B2 (frozen LM) is worse on speech"] is True
+    assert paper["joint SFT follows spoken instructions better than B1"] is None  # not measured here
+    flipped = {c["claim"].split(":")[0]: c["holds"]
+               for c in check_claims(rows(0.8, 0.2, 0.9, 0.8, 0.9, 0.3, 0.5), "s")}
+    assert not any(v for k, v in flipped.items() if v is not None)
