@@ -2,7 +2,7 @@
 
     ray job submit --working-dir . -- python -m jobs.ablation --config jobs/ablations/table4_mini.yaml \
         --root $PWD/.stack/ablation --out $PWD/docs/ablation --tracking-uri $MLFLOW_TRACKING_URI --seed 0
-    make ablation SEED=0            # the same, with the local stack started and stopped around it
+    make ablation SEED=0            # the same, with the local stack started first (and left up for the MLflow UI)
 
 One seed, top to bottom:
 1. corpora (`data_ops.demo_corpus`): the training corpus (text SFT tasks; ASR/AST, speech QA and mixed-modal
