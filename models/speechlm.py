@@ -417,10 +417,30 @@ def _build_encoder(cfg: SpeechLMConfig) -> nn.Module:
     return WhisperEncoder(WhisperConfig(**e.config))
 
 
-def build_speech_encoder(cfg: SpeechLMConfig) -> SpeechEncoder:
-    """The config's encoder (pretrained or random init) with its feature frontend."""
-    return SpeechEncoder(cfg.encoder.kind, _build_encoder(cfg), cfg.n_mels, cfg.sampling_rate,
-                         cfg.encoder.whisper_window_s)
+def init_config_built_encoder(encoder: SpeechEncoder) -> None:
+    """PyTorch's default init for every linear and convolution of an encoder built from a config (not loaded).
+
+    Why: transformers initialises them with normal(0, initializer_range=0.02) whatever their fan-in, which is
+    meant for checkpoints that overwrite it. In FastConformer's subsampling (3x3 convolutions, fan-in 9) that
+    shrinks the signal ~50x per layer: the features reach the first Conformer block at std ~1e-6, below its
+    biases, and the gradient at init sits almost wholly in those biases. Trained from there, the audio path
+    carries length but not content, and CTC pretraining sits on its plateau for a seed-dependent time.
+    PyTorch's fan-in-scaled init keeps the subsampled features at std ~5e-2 and distinct per utterance.
+    Embeddings (Whisper's sinusoidal positions) and norms keep transformers' init.
+    """
+    for module in encoder.encoder.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            module.reset_parameters()
+
+
+def build_speech_encoder(cfg: SpeechLMConfig, init_weights: bool = True) -> SpeechEncoder:
+    """The config's encoder (pretrained, or built from its config with `init_config_built_encoder`) with its
+    feature frontend. `init_weights=False` leaves a config-built encoder's init to the caller."""
+    encoder = SpeechEncoder(cfg.encoder.kind, _build_encoder(cfg), cfg.n_mels, cfg.sampling_rate,
+                            cfg.encoder.whisper_window_s)
+    if init_weights and not cfg.encoder.pretrained:
+        init_config_built_encoder(encoder)
+    return encoder
 
 
 def _build_lm(cfg: SpeechLMConfig, source: str | None, tokenizer) -> nn.Module:
@@ -455,7 +475,7 @@ def build_speechlm(
 
     if tokenizer is None and (cfg.lm.tokenizer or cfg.lm.pretrained):
         tokenizer = AutoTokenizer.from_pretrained(cfg.lm.tokenizer or cfg.lm.pretrained)
-    encoder = build_speech_encoder(cfg)
+    encoder = build_speech_encoder(cfg, init_weights=False)
     lm = _build_lm(cfg, lm_source if lm_source is not None else cfg.lm.pretrained, tokenizer)
     if tokenizer is not None and lm.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(
@@ -475,6 +495,9 @@ def build_speechlm(
                                                target_modules=lcfg.target_modules, task_type="CAUSAL_LM"))
     else:
         lm.requires_grad_(cfg.lm.mode == "full")
+    if not cfg.encoder.pretrained:
+        # drawn after the LM and adapter, so their init does not depend on the encoder's init scheme
+        init_config_built_encoder(encoder)
     encoder.requires_grad_(cfg.encoder.train)
     adapter.requires_grad_(cfg.adapter.train)
     model = SpeechLM(cfg, encoder, adapter, lm, tokenizer)
