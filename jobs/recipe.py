@@ -4,8 +4,10 @@
     model: size (tiny | mini | vtblender_3b) + lm_mode / encoder_train / adapter_train / lora / pretrained paths,
            or `config:` a whole SpeechLMConfig
     data:  per data type: uris (corpora written by jobs.data), ratio, batch_size; bucket_batches; endpoint_url
-    train: max_steps, grad_accum, optimizer (Adam, lr, weight_decay, betas), warmup_steps, schedule, clip,
-           precision, strategy (ddp | fsdp), num_workers, use_gpu, checkpoint_every, max_failures, log_every
+    train: max_steps, grad_accum, optimizer (Adam, lr and per-module encoder_lr / adapter_lr / lm_lr,
+           weight_decay, betas), warmup_steps, schedule, clipping (global or per module), precision,
+           strategy (ddp | fsdp), num_workers, use_gpu, checkpoint_every, max_failures, log_every,
+           content_check_every
     stages: optional list of stages run one after another (two-stage training, ablation B3): each names its
            steps and what it changes (lm_mode, ratios); a stage starts from the previous stage's weights
 
@@ -59,6 +61,9 @@ class ModelSection(_Strict):
     lora: LoraSettings | None = None
     encoder_pretrained: str | None = None
     lm_pretrained: str | None = None
+    tokenizer_vocab_size: int = Field(512, ge=300)
+    """Vocabulary of the offline byte-level BPE built from the corpora when the LM names no tokenizer (random-init
+    LMs: tiny, mini); ignored when the LM has its own."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSection":
@@ -130,6 +135,16 @@ class TrainSection(_Strict):
     schedule: Literal["cosine", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     max_grad_norm: float | None = 1.0
+    encoder_lr: float | None = Field(None, gt=0)
+    """Peak lr of the speech encoder; None: `lr` (the paper trains every module at one lr)."""
+    adapter_lr: float | None = Field(None, gt=0)
+    """Peak lr of the modality adapter; None: `lr`."""
+    lm_lr: float | None = Field(None, gt=0)
+    """Peak lr of the LM's trainable weights (LoRA, or all in `full` mode); None: `lr`."""
+    clip: Literal["global", "per_module"] = "global"
+    """global: one gradient norm over every trainable weight, clipped to `max_grad_norm` (the paper, as NeMo's
+    gradient_clip_val). per_module: the encoder's, the adapter's and the LM's gradients each clipped to
+    `max_grad_norm` on their own, so a burst in one module does not shrink the other modules' steps."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto: bf16 autocast on GPU, fp32 on CPU."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
@@ -140,6 +155,15 @@ class TrainSection(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(3, ge=0)
     log_every: int = Field(10, ge=1)
+    content_check_every: int | None = Field(None, ge=1)
+    """Every this many steps, measure whether the audio path carries content (`models.content_check`: loss on
+    the right audio vs. on another utterance of the same length, and time-reversed) and log `speech/content_gap`;
+    None: at every checkpoint. Needs asr_ast data; skipped otherwise."""
+
+    def module_lrs(self) -> dict[str, float]:
+        """Peak lr per module (encoder, adapter, lm)."""
+        return {"encoder": self.encoder_lr or self.lr, "adapter": self.adapter_lr or self.lr,
+                "lm": self.lm_lr or self.lr}
 
 
 class StageSection(_Strict):

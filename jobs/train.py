@@ -100,6 +100,69 @@ def probe_conversation():
                          Turn.text("assistant", "A tone.")])
 
 
+def module_param_groups(model, train) -> list[dict]:
+    """AdamW parameter groups, one per module that trains (encoder, adapter, lm), each at its peak lr."""
+    lrs = train.module_lrs()
+    groups = []
+    for name, module in (("encoder", model.encoder), ("adapter", model.adapter), ("lm", model.lm)):
+        params = [p for p in module.parameters() if p.requires_grad]
+        if params:
+            groups.append({"name": name, "params": params, "lr": lrs[name]})
+    return groups
+
+
+def clip_gradients(optimizer, train) -> None:
+    """Clip to `train.max_grad_norm`: one norm over all trainable weights, or each module's on its own."""
+    import torch
+
+    if not train.max_grad_norm:
+        return
+    if train.clip == "global":
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], train.max_grad_norm)
+    else:
+        for group in optimizer.param_groups:
+            torch.nn.utils.clip_grad_norm_(group["params"], train.max_grad_norm)
+
+
+# Below this the right audio lowers the answers' loss by less than 0.05 nats per token against another utterance
+# of the same length: the LM answers as if it had heard nothing (a model that reads the audio is well above 0.5).
+CONTENT_GAP_FLOOR = 0.05
+CONTENT_PROBE_SIZE = 16
+
+
+def content_probe(recipe: Recipe, ratios: dict[str, float]) -> list:
+    """A fixed set of speech conversations (the first ASR/AST rows of the corpus) for the content check; empty
+    when the stage samples no ASR/AST data."""
+    from data_ops.shar_datasource import is_error_row, iter_corpus_rows, row_to_conversation
+
+    src = recipe.data.sources.get("asr_ast")
+    if src is None or ratios.get("asr_ast", 0) <= 0:
+        return []
+    probe = []
+    for row in iter_corpus_rows(src.uris[0], "asr_ast", endpoint_url=recipe.data.endpoint_url):
+        if not is_error_row(row):
+            probe.append(row_to_conversation(row))
+        if len(probe) == CONTENT_PROBE_SIZE:
+            break
+    return probe
+
+
+def check_content(model, probe: list, step: int, warn: bool) -> dict[str, float]:
+    """The content check (`models.content_check`) on the probe: metrics to log, and a warning in the job log
+    when the audio path carries no content."""
+    from models.content_check import content_gap
+
+    result = content_gap(model, probe)
+    print(f"[train] step {step}: content gap {result.gap:.3f} nats/token (loss {result.matched:.3f} with the right "
+          f"audio, {result.other:.3f} with another utterance of the same length, {result.reversed:.3f} reversed)",
+          flush=True)
+    if warn and result.gap < CONTENT_GAP_FLOOR:
+        print(f"[train] WARNING: the audio path carries no content (content gap {result.gap:.3f} < "
+              f"{CONTENT_GAP_FLOOR}): the model answers the same whatever is said. Check the encoder's init or "
+              "checkpoint, and lower encoder_lr / adapter_lr (docs/ablation.md).", flush=True)
+    return result.metrics()
+
+
 def batch_stats(rows: list[dict], batch: dict) -> dict:
     from data_ops.mix_sampler import padded_share
 
@@ -199,9 +262,9 @@ def train_loop_per_worker(config: dict) -> None:
     core = model
     if config.get("init_from"):
         load_initial_weights(core, Path(config["init_from"]))
-    trainable = [p for p in core.parameters() if p.requires_grad]
+    groups = module_param_groups(core, tr)
     # Adam with decoupled weight decay (AdamW), as NeMo's default fused Adam (adam_w_mode) that the paper used
-    optimizer = torch.optim.AdamW(trainable, lr=tr.lr, betas=tr.betas, weight_decay=tr.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=tr.lr, betas=tr.betas, weight_decay=tr.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(tr.warmup_steps, stage.max_steps, tr.schedule, tr.min_lr_ratio))
     if tr.strategy == "fsdp":
@@ -232,6 +295,9 @@ def train_loop_per_worker(config: dict) -> None:
         torch.set_rng_state(torch.tensor(state["rng"][rank], dtype=torch.uint8))
         if rank == 0:
             print(f"[train] resumed stage {stage.name} at step {step} from {checkpoint.path}", flush=True)
+
+    probe = content_probe(recipe, ratios) if rank == 0 and tr.strategy != "fsdp" else []
+    check_every = tr.content_check_every or tr.checkpoint_every
 
     sample_log = None
     if config.get("sample_log_dir"):
@@ -279,8 +345,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if sample_log:
                     sample_log.write(json.dumps({"step": step, "micro": micro, "type": dtype_name,
                                                  "ids": [r["id"] for r in rows]}) + "\n")
-            if tr.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable, tr.max_grad_norm)
+            clip_gradients(optimizer, tr)
             optimizer.step()
             scheduler.step()
             step += 1
@@ -292,6 +357,9 @@ def train_loop_per_worker(config: dict) -> None:
             if step % tr.log_every == 0 or step == stage.max_steps:
                 _log_window(window, step, step_offset, stage, scheduler, streams, rank, world, run, prefix,
                             start_step, t_start, dist)
+            if probe and (step % check_every == 0 or step == stage.max_steps):
+                mlflow.log_metrics(check_content(core, probe, step, warn=step > tr.warmup_steps),
+                                   step=step + step_offset)
             if step % tr.checkpoint_every == 0 or step == stage.max_steps:
                 stream_states = {t: s.state_dict() for t, s in streams.items()}
                 gathered = [None] * world
@@ -425,22 +493,30 @@ def mlflow_run_for(recipe: Recipe, tracking_uri: str, data_summary: dict) -> str
 
 
 def tokenizer_files_for(recipe: Recipe) -> dict | None:
-    """An offline tokenizer trained on the corpora's text when the LM names none (tiny / random-init LMs)."""
+    """An offline tokenizer trained on the corpora's text when the LM names none (tiny / random-init LMs).
+
+    It reads every data type of every corpus the recipe names, not only the types this recipe samples: a text-only
+    recipe (the ablation's text LM) must still get a vocabulary that covers the transcripts and translations its
+    LM will later be trained to write, as a real LM's tokenizer covers the languages it will be asked about.
+    Otherwise those words fall apart into single letters and transcription becomes spelling.
+    """
     from data_ops.shar_datasource import iter_cut_dicts
+    from data_ops.shards import read_manifest
     from models.tokenizer import build_tiny_tokenizer
 
     cfg = recipe.model.speechlm_config()
     if cfg.lm.tokenizer or cfg.lm.pretrained:
         return None
     texts = []
-    for dtype, src in recipe.data.sources.items():
-        for uri in src.uris:
+    uris = dict.fromkeys(uri for src in recipe.data.sources.values() for uri in src.uris)
+    for uri in uris:
+        for dtype in read_manifest(uri, recipe.data.endpoint_url).types:
             for i, cut in enumerate(iter_cut_dicts(uri, dtype, endpoint_url=recipe.data.endpoint_url)):
                 if i >= 2000:
                     break
                 for turn in cut["custom"]["conversation"]["turns"]:
                     texts += [p.get("text", "") for p in turn["parts"] if p.get("type") == "text"]
-    return write_tokenizer_files(build_tiny_tokenizer(texts))
+    return write_tokenizer_files(build_tiny_tokenizer(texts, vocab_size=recipe.model.tokenizer_vocab_size))
 
 
 def ray_storage(path: str, endpoint_url: str | None):
