@@ -9,7 +9,8 @@
    the model (the reference is that last assistant turn);
 3. score (data_ops.scoring): ASR WER per language, AST BLEU per direction, exact match for text tasks and spoken
    instructions, the Appendix B judge for speech QA and spoken instructions when a judge is configured (else
-   those samples are reported as unscored);
+   those samples are reported as unscored); and the content check (`models.content_check`): does the right audio
+   lower the answers' loss against another utterance of the same length;
 4. log `eval/<suite>/<task>/<metric>` to the model's training run (found from the registry), or to a new run in
    `--experiment` for a local model folder, plus a per-sample table `eval/<suite>/samples.json`.
 """
@@ -60,6 +61,9 @@ class Suite(_Strict):
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int = Field(8, ge=1)
     endpoint_url: str | None = None
+    content_check: int = Field(32, ge=0)
+    """Measure whether the model's audio path carries content (`models.content_check`) on this many ASR/AST
+    conversations of the suite's corpora: `eval/<suite>/speech/content_gap`. 0 skips it."""
 
 
 def load_suite(path: str) -> Suite:
@@ -166,6 +170,29 @@ def score(suite: Suite, task: EvalTask, rows: list[dict]) -> dict[str, float]:
     return metrics
 
 
+def _content_check_task(suite: Suite, model_uri: str, tracking_uri: str | None) -> dict[str, float]:
+    from data_ops.shar_datasource import is_error_row, iter_corpus_rows, row_to_conversation
+    from models.content_check import content_gap
+    from services.model_store import load_speechlm
+
+    convs = []
+    for uri in suite.uris:
+        for row in iter_corpus_rows(uri, "asr_ast", endpoint_url=suite.endpoint_url):
+            if len(convs) < suite.content_check and not is_error_row(row):
+                convs.append(row_to_conversation(row))
+    if len(convs) < 2:
+        return {}
+    return content_gap(load_speechlm(model_uri, tracking_uri=tracking_uri), convs).metrics()
+
+
+def content_check(suite: Suite, model_uri: str, tracking_uri: str | None) -> dict[str, float]:
+    """The content check as a Ray task (it loads the model where the cluster has room, not in the driver)."""
+    import ray
+
+    task = ray.remote(num_cpus=1)(_content_check_task)
+    return ray.get(task.remote(suite, model_uri, tracking_uri))
+
+
 def training_run_of(model_uri: str, tracking_uri: str | None) -> str | None:
     from mlflow.tracking import MlflowClient
 
@@ -210,6 +237,12 @@ def evaluate_model(model_uri: str, suite: Suite, tracking_uri: str, experiment: 
                 samples[key].append(r[key])
             samples["task"].append(task.name)
             samples["judge"].append(r.get("judge"))
+    if suite.content_check:
+        gap = content_check(suite, model_uri, tracking_uri)
+        if gap:
+            print(f"[eval] {suite.name}/content check: gap {gap['speech/content_gap']:.3f} nats/token with another "
+                  f"utterance of the same length, {gap['speech/content_gap_reversed']:.3f} time-reversed", flush=True)
+        all_metrics.update({f"eval/{suite.name}/{k}": v for k, v in gap.items()})
     if run_id is None:
         mlflow.set_experiment(experiment)
         run = mlflow.start_run(run_name=f"eval-{Path(model_uri).name}", tags={"vtb.model_uri": model_uri})
