@@ -144,7 +144,7 @@ def content_probe(recipe: Recipe, ratios: dict[str, float]) -> list:
             probe.append(row_to_conversation(row))
         if len(probe) == CONTENT_PROBE_SIZE:
             break
-    return probe
+    return probe if len(probe) >= 2 else []  # the check swaps audio between conversations: one is not enough
 
 
 def check_content(model, probe: list, step: int, warn: bool) -> dict[str, float]:
