@@ -25,17 +25,19 @@ import yaml
 
 
 def plain_loop(recipe, steps: int) -> dict:
-    import torch
-
     from data_ops.mix_sampler import TypeStream, mix_sampler
     from data_ops.shar_datasource import row_to_conversation
-    from jobs.train import build_model, lr_lambda, tokenizer_files_for
+    from jobs.training.loop import Trainer
+    from jobs.training.optim import build_optimizer, build_scheduler, module_param_groups
+    from jobs.training.ray_run import tokenizer_files_for
+    from jobs.training.sft import build_model
 
     model = build_model(recipe, recipe.stage_list()[0], tokenizer_files_for(recipe))
     tr = recipe.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tr.lr, betas=tr.betas, weight_decay=tr.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tr.warmup_steps, steps, tr.schedule, 0.0))
+    opt = build_optimizer(module_param_groups(model, tr.module_lrs()), lr=tr.lr, betas=tr.betas,
+                          weight_decay=tr.weight_decay)
+    sched = build_scheduler(opt, warmup_steps=tr.warmup_steps, total_steps=steps, schedule=tr.schedule)
+    trainer = Trainer(model, opt, sched, max_grad_norm=tr.max_grad_norm, clip=tr.clip)
     streams = {t: TypeStream(s.uris, t, s.batch_size, seed=recipe.run.seed, bucket_batches=recipe.data.bucket_batches)
                for t, s in recipe.data.sources.items()}
     draw = mix_sampler(recipe.data.ratios, recipe.run.seed)
@@ -49,12 +51,7 @@ def plain_loop(recipe, steps: int) -> dict:
         rows = streams[draw(step, 0)].next_batch()
         batch = model.processor([row_to_conversation(r) for r in rows])
         data_s += time.perf_counter() - t0
-        loss = model(**batch).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        trainer.train_step([batch])
     elapsed = time.perf_counter() - t_start
     return {"steps_per_s": (steps - warm) / elapsed, "data_wait_share": data_s / elapsed}
 
@@ -62,7 +59,7 @@ def plain_loop(recipe, steps: int) -> dict:
 def ray_job(recipe, tracking_uri: str) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from jobs.train import run_training
+    from jobs.training.ray_run import run_training
 
     out = run_training(recipe)
     client = MlflowClient(tracking_uri)

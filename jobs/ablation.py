@@ -147,18 +147,21 @@ class PeakMemory:
 def pretrain_encoder_logged(cfg: AblationConfig, text_lm: Recipe, corpus: str, eval_corpus: str, tokenizer_dir: Path,
                             out: Path, seed: int, tracking_uri: str) -> dict:
     """jobs.pretrain_encoder on the training corpus (targets: the text LM's tokenizer), tracked as its own run."""
-    import mlflow
     from transformers import AutoTokenizer
 
     from jobs.pretrain_encoder import pretrain_encoder
+    from jobs.training.tracking import client_for, find_or_create_run, log_metrics, log_params
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(cfg.experiment)
-    with mlflow.start_run(run_name=f"{cfg.name}-encoder-ctc-s{seed}", tags={"vtb.ablation": cfg.name}):
-        mlflow.log_params({"steps": cfg.encoder_steps, "lr": cfg.encoder_lr, "seed": seed, "corpus": corpus})
+    client = client_for(tracking_uri)
+    run_id, _ = find_or_create_run(client, cfg.experiment, f"{cfg.name}-encoder-ctc-s{seed}",
+                                   tags={"vtb.ablation": cfg.name})
+    log_params(client, run_id, {"steps": cfg.encoder_steps, "lr": cfg.encoder_lr, "seed": seed, "corpus": corpus})
+    try:
         return pretrain_encoder(corpus, text_lm.model.speechlm_config(), AutoTokenizer.from_pretrained(tokenizer_dir),
                                 out, steps=cfg.encoder_steps, lr=cfg.encoder_lr, seed=seed, eval_corpus=eval_corpus,
-                                on_metrics=lambda metrics, step: mlflow.log_metrics(metrics, step=step))
+                                on_metrics=lambda metrics, step: log_metrics(client, run_id, metrics, step))
+    finally:
+        client.set_terminated(run_id)
 
 
 # The content check's gap (nats per answer token, other utterance of the same length minus right audio): a model
@@ -216,7 +219,7 @@ def run_seed(cfg: AblationConfig, seed: int, root: Path, out: Path, tracking_uri
     from data_ops.shards import ManifestError, read_manifest
     from jobs.compare import compare_runs
     from jobs.evaluate import evaluate_model, load_suite
-    from jobs.train import run_training
+    from jobs.training.ray_run import run_training
 
     t0, memory = time.time(), PeakMemory()
     root.mkdir(parents=True, exist_ok=True)
@@ -295,11 +298,7 @@ def run_seed(cfg: AblationConfig, seed: int, root: Path, out: Path, tracking_uri
         "comparison_run": comparison_run, "cpus": os.cpu_count(),
     }
     (seed_out / "result.json").write_text(json.dumps(result, indent=1))
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=comparison_run):
-        mlflow.log_dict(result, "result.json")
+    client.log_dict(comparison_run, result, "result.json")
     return result
 
 
@@ -359,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = load_config(args.config if Path(args.config).is_absolute() else REPO / args.config)
+        import ray
+
+        ray.init(log_to_driver=True)  # the cluster of RAY_ADDRESS (set by `ray job submit`), else a local one
         for seed in args.seed:
             result = run_seed(cfg, seed, Path(args.root).resolve(), Path(args.out).resolve(), args.tracking_uri,
                               command)

@@ -70,7 +70,7 @@ def compare_runs(tracking_uri: str, runs: list, out: Path, *, suite: str | None 
     """Table + chart of the evaluation metrics of `runs` (MLflow Run objects) written to `out` and logged as a
     new run (tagged `vtb.kind=comparison`) in the first run's experiment. Returns (markdown, comparison run id).
     Raises ValueError when no run has evaluation metrics."""
-    import mlflow
+    from jobs.training.tracking import client_for
 
     prefix = f"eval/{suite}/" if suite else "eval/"
     rows = [((names[i] if names else None) or r.info.run_name or r.info.run_id[:8],
@@ -83,13 +83,13 @@ def compare_runs(tracking_uri: str, runs: list, out: Path, *, suite: str | None 
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.md").write_text(table)
     bar_chart(rows, metrics, out / "comparison.png")
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment_id=runs[0].info.experiment_id)
-    with mlflow.start_run(run_name="comparison", tags={"vtb.kind": "comparison", **(tags or {}),
-                                                       "vtb.compared_runs": ",".join(r.info.run_id for r in runs)}) as run:
-        mlflow.log_artifact(str(out / "comparison.md"))
-        mlflow.log_artifact(str(out / "comparison.png"))
-    return table, run.info.run_id
+    client = client_for(tracking_uri)
+    run_id = client.create_run(runs[0].info.experiment_id, run_name="comparison", tags={
+        "vtb.kind": "comparison", **(tags or {}), "vtb.compared_runs": ",".join(r.info.run_id for r in runs)}).info.run_id
+    client.log_artifact(run_id, str(out / "comparison.md"))
+    client.log_artifact(run_id, str(out / "comparison.png"))
+    client.set_terminated(run_id)
+    return table, run_id
 
 
 def main(argv: list[str] | None = None) -> int:

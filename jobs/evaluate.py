@@ -211,18 +211,13 @@ def training_run_of(model_uri: str, tracking_uri: str | None) -> str | None:
 
 def evaluate_model(model_uri: str, suite: Suite, tracking_uri: str, experiment: str = "vtblender-eval") -> dict:
     """Run every task of `suite` on the model and log metrics + per-sample table to MLflow: to the model's training
-    run (registry or runs:/ URIs), else to a new run in `experiment`. Needs Ray (a local one is started when none
-    is). Returns {"run_id", "metrics", "samples", "seconds"}; raises ModelNotFound / ManifestError."""
-    import mlflow
-    import ray
-
+    run (registry or runs:/ URIs), else to a new run in `experiment`. Needs a connected Ray (`ray.init`, the
+    caller's). Returns {"run_id", "metrics", "samples", "seconds"}; raises ModelNotFound / ManifestError."""
+    from jobs.training.tracking import client_for, experiment_id, log_metrics
     from services.model_store import resolve_model_dir
 
-    mlflow.set_tracking_uri(tracking_uri)
     resolve_model_dir(model_uri, tracking_uri)  # fail before any worker if the model is not there
     run_id = training_run_of(model_uri, tracking_uri)
-    if not ray.is_initialized():
-        ray.init(log_to_driver=True)
     t0 = time.time()
     all_metrics: dict[str, float] = {}
     samples: dict[str, list] = defaultdict(list)
@@ -243,17 +238,16 @@ def evaluate_model(model_uri: str, suite: Suite, tracking_uri: str, experiment: 
             print(f"[eval] {suite.name}/content check: gap {gap['speech/content_gap']:.3f} nats/token with another "
                   f"utterance of the same length, {gap['speech/content_gap_reversed']:.3f} time-reversed", flush=True)
         all_metrics.update({f"eval/{suite.name}/{k}": v for k, v in gap.items()})
+    client = client_for(tracking_uri)
     if run_id is None:
-        mlflow.set_experiment(experiment)
-        run = mlflow.start_run(run_name=f"eval-{Path(model_uri).name}", tags={"vtb.model_uri": model_uri})
-    else:
-        run = mlflow.start_run(run_id=run_id)
-    with run:
-        mlflow.log_metrics(all_metrics)
-        mlflow.set_tag(f"vtb.eval.{suite.name}.model_uri", model_uri)
-        mlflow.log_table(data=dict(samples), artifact_file=f"eval/{suite.name}/samples.json")
-        mlflow.log_dict(suite.model_dump(mode="json"), f"eval/{suite.name}/suite.json")
-    return {"run_id": run.info.run_id, "metrics": all_metrics, "samples": len(samples["id"]),
+        run_id = client.create_run(experiment_id(client, experiment), run_name=f"eval-{Path(model_uri).name}",
+                                   tags={"vtb.model_uri": model_uri}).info.run_id
+        client.set_terminated(run_id)
+    log_metrics(client, run_id, all_metrics)
+    client.set_tag(run_id, f"vtb.eval.{suite.name}.model_uri", model_uri)
+    client.log_table(run_id, data=dict(samples), artifact_file=f"eval/{suite.name}/samples.json")
+    client.log_dict(run_id, suite.model_dump(mode="json"), f"eval/{suite.name}/suite.json")
+    return {"run_id": run_id, "metrics": all_metrics, "samples": len(samples["id"]),
             "seconds": time.time() - t0}
 
 
@@ -274,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no MLflow tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI", file=sys.stderr)
         return 2
     try:
+        import ray
+
+        ray.init(log_to_driver=True)  # the cluster of RAY_ADDRESS (set by `ray job submit`), else a local one
         out = evaluate_model(args.model, suite, args.tracking_uri, args.experiment)
     except (ModelNotFound, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -54,27 +54,24 @@ def pretrain_encoder(corpus: str, cfg, tokenizer, out: Path, *, steps: int = 800
     import torch
 
     from data_ops.scoring import wer
-    from jobs.train import lr_lambda
+    from jobs.training.loop import Trainer
+    from jobs.training.optim import build_optimizer, build_scheduler
     from models.encoder_ctc import EncoderCTC
     from models.speechlm import build_speech_encoder
 
     torch.manual_seed(seed)
     model = EncoderCTC(build_speech_encoder(cfg), len(tokenizer))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(100, steps // 10), steps, "cosine", 0.0))
+    opt = build_optimizer(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=1e-3)
+    sched = build_scheduler(opt, warmup_steps=min(100, steps // 10), total_steps=steps, schedule="cosine")
+    trainer = Trainer(model, opt, sched, max_grad_norm=1.0)
     batches = asr_batches(corpus, batch_size, seed=seed, endpoint_url=endpoint_url)
     t0, losses = time.time(), []
     model.train()
-    for step in range(1, steps + 1):
+    while trainer.step < steps:
         audio, lens, texts = next(batches)
         targets = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        loss = model(audio, lens, targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(trainer.train_step([{"audio": audio, "audio_lens": lens, "targets": targets}]))
+        step = trainer.step
         if step % log_every == 0 or step == steps:
             mean = float(np.mean(losses[-log_every:]))
             print(f"[pretrain_encoder] step {step}/{steps} ctc loss {mean:.3f} ({time.time() - t0:.0f} s)",
@@ -124,15 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {out} exists; give a new folder", file=sys.stderr)
         return 2
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    log = None
+    log = client = run_id = None
     if args.tracking_uri:
-        import mlflow
+        from jobs.training.tracking import client_for, find_or_create_run, log_metrics, log_params
 
-        mlflow.set_tracking_uri(args.tracking_uri)
-        mlflow.set_experiment(args.experiment)
-        mlflow.start_run(run_name=f"encoder-ctc-{out.name}")
-        mlflow.log_params(vars(args))
-        log = lambda metrics, step: mlflow.log_metrics(metrics, step=step)  # noqa: E731
+        client = client_for(args.tracking_uri)
+        run_id, _ = find_or_create_run(client, args.experiment, f"encoder-ctc-{out.name}")
+        log_params(client, run_id, vars(args))
+        log = lambda metrics, step: log_metrics(client, run_id, metrics, step)  # noqa: E731
     try:
         res = pretrain_encoder(args.corpus, NAMED_SIZES[args.size](), tokenizer, out, steps=args.steps,
                                batch_size=args.batch_size, lr=args.lr, seed=args.seed, eval_corpus=args.eval_corpus,
@@ -140,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     except ManifestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if client:
+            client.set_terminated(run_id)
     print(f"[pretrain_encoder] encoder written to {out} in {res['seconds']:.0f} s")
     return 0
 

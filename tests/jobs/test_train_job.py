@@ -77,7 +77,7 @@ def test_submitted_job_trains_resumes_after_a_killed_worker_and_registers(stack,
 
     from data_ops.mix_sampler import TypeStream, mix_sampler
     from jobs.recipe import parse_recipe
-    from jobs.train import probe_conversation
+    from jobs.training.sft import probe_conversation
     from services.model_store import load_speechlm
 
     env = stack.env()
@@ -193,7 +193,9 @@ def test_lm_weights_change_only_where_the_recipe_trains(stack, corpus_conversati
     from mlflow.tracking import MlflowClient
 
     from jobs.recipe import parse_recipe
-    from jobs.train import build_model, load_tokenizer_files, tokenizer_files_for
+    from jobs.training.ray_run import tokenizer_files_for
+    from jobs.training.sft import build_model
+    from jobs.training.tokenizer import load_tokenizer as load_tokenizer_files
     from services.model_store import load_speechlm
 
     env = stack.env()

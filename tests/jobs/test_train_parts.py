@@ -1,4 +1,5 @@
-"""Pieces of the training job that run without a cluster: schedule, checkpoint round trip, stage hand-over."""
+"""Training components that run without a cluster: schedule, optimizer groups, clipping, the step, checkpoint
+round trip, stage hand-over, the prefetched micro-batches, the offline tokenizer."""
 
 from __future__ import annotations
 
@@ -8,16 +9,32 @@ import pytest
 import torch
 
 from jobs.recipe import parse_recipe
-from jobs.train import (CKPT_STATE, build_model, clip_gradients, load_checkpoint, load_initial_weights, lr_lambda,
-                        module_param_groups, save_checkpoint, write_tokenizer_files)
+from jobs.training.checkpoint import STATE, TrainState, load_checkpoint, load_initial_weights, save_checkpoint
+from jobs.training.optim import build_scheduler, clip_gradients, module_param_groups
+from jobs.training.sft import build_model
+from jobs.training.tokenizer import tokenizer_files as write_tokenizer_files
 
 
-def test_warmup_then_cosine():
-    f = lr_lambda(warmup=10, total=110, schedule="cosine", min_ratio=0.1)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)  # half-way through the decay
-    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
-    assert lr_lambda(0, 10, "constant", 0.0)(7) == 1.0
+def _lrs(sched, steps):
+    out = []
+    for _ in range(steps):
+        out.append(sched.get_last_lr()[0])
+        sched.optimizer.step()
+        sched.step()
+    return out
+
+
+def test_warmup_then_cosine_to_the_floor_per_group():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [p], "lr": 1.0}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.1}])
+    sched = build_scheduler(opt, warmup_steps=10, total_steps=110, schedule="cosine", min_lr_ratio=0.1)
+    lrs = _lrs(sched, 111)
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-6)  # half-way through the decay
+    assert lrs[110] == pytest.approx(0.1) and min(lrs[10:]) == pytest.approx(0.1)
+    assert sched.get_last_lr()[1] == pytest.approx(0.1 * sched.get_last_lr()[0])  # each group from its own peak
+    const = build_scheduler(torch.optim.SGD([p], lr=1.0), warmup_steps=2, total_steps=10, schedule="constant")
+    assert _lrs(const, 8)[2:] == [1.0] * 6
 
 
 def _recipe(lm_mode, **train):
@@ -29,13 +46,13 @@ def _recipe(lm_mode, **train):
 def test_each_module_trains_at_its_own_lr(tokenizer):
     recipe = _recipe("lora", lr=2e-3, encoder_lr=1e-4)
     model = build_model(recipe, recipe.stage_list()[0], write_tokenizer_files(tokenizer))
-    groups = {g["name"]: g for g in module_param_groups(model, recipe.train)}
+    groups = {g["name"]: g for g in module_param_groups(model, recipe.train.module_lrs())}
     assert {n: g["lr"] for n, g in groups.items()} == {"encoder": 1e-4, "adapter": 2e-3, "lm": 2e-3}
     assert {id(p) for p in groups["encoder"]["params"]} == {id(p) for p in model.encoder.parameters()}
     assert all("lora_" in n for n, p in model.lm.named_parameters() if any(p is q for q in groups["lm"]["params"]))
     frozen = _recipe("frozen")  # a frozen LM has no group at all
     model = build_model(frozen, frozen.stage_list()[0], write_tokenizer_files(tokenizer))
-    assert [g["name"] for g in module_param_groups(model, frozen.train)] == ["encoder", "adapter"]
+    assert [g["name"] for g in module_param_groups(model, frozen.train.module_lrs())] == ["encoder", "adapter"]
 
 
 @pytest.mark.parametrize("clip", ["global", "per_module"])
@@ -43,7 +60,7 @@ def test_a_burst_in_one_module_shrinks_the_others_only_under_global_clipping(cli
     a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
     opt = torch.optim.SGD([{"name": "encoder", "params": [a]}, {"name": "lm", "params": [b]}], lr=1.0)
     a.grad, b.grad = torch.full((4,), 100.0), torch.full((4,), 0.25)  # norms 200 and 0.5
-    clip_gradients(opt, _recipe("lora", clip=clip, max_grad_norm=1.0).train)
+    clip_gradients(opt, 1.0, clip)
     assert float(a.grad.norm()) == pytest.approx(1.0 if clip == "per_module" else 200 / (200**2 + 0.25) ** 0.5)
     assert float(b.grad.norm()) == pytest.approx(0.5 if clip == "per_module" else 0.5 / (200**2 + 0.25) ** 0.5)
 
@@ -53,26 +70,26 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_state(tmp_path, to
     recipe = _recipe("full")  # tied embeddings train: the case safetensors refuses without a copy
     a = build_model(recipe, recipe.stage_list()[0], files)
     opt = torch.optim.AdamW([p for p in a.parameters() if p.requires_grad], lr=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(2, 5, "cosine", 0.0))
+    sched = build_scheduler(opt, warmup_steps=2, total_steps=5, schedule="cosine")
     for _ in range(2):
         loss = sum(p.float().pow(2).mean() for p in a.parameters() if p.requires_grad)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-    save_checkpoint(tmp_path, a, opt, sched, step=2, stage="main", stream_states=[{"text": {"epoch": 1}}],
-                    rng_states=[[1, 2]], is_rank0=True)
+    save_checkpoint(tmp_path, a, opt, TrainState(step=2, stage="main", scheduler=sched.state_dict(),
+                                                 streams=[{"text": {"epoch": 1}}], rng=[[1, 2]]), is_rank0=True)
     b = build_model(recipe, recipe.stage_list()[0], files)
     opt_b = torch.optim.AdamW([p for p in b.parameters() if p.requires_grad], lr=1e-2)
-    sched_b = torch.optim.lr_scheduler.LambdaLR(opt_b, lr_lambda(2, 5, "cosine", 0.0))
+    sched_b = build_scheduler(opt_b, warmup_steps=2, total_steps=5, schedule="cosine")
     state = load_checkpoint(tmp_path, b, opt_b, sched_b)
-    assert state["step"] == 2 and state["streams"] == [{"text": {"epoch": 1}}]
+    assert state.step == 2 and state.streams == [{"text": {"epoch": 1}}] and state.rng == [[1, 2]]
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
     assert sched_b.last_epoch == 2 and sched_b.get_last_lr() == sched.get_last_lr()
     sa, sb = opt.state_dict()["state"], opt_b.state_dict()["state"]
     assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
-    assert "step" in json.loads((tmp_path / CKPT_STATE).read_text())
+    assert json.loads((tmp_path / STATE).read_text())["step"] == 2
 
 
 def test_next_stage_starts_from_previous_stage_weights(tmp_path, tokenizer):
@@ -84,7 +101,7 @@ def test_next_stage_starts_from_previous_stage_weights(tmp_path, tokenizer):
             p.add_(0.5)
     opt = torch.optim.AdamW([p for p in full.parameters() if p.requires_grad])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    save_checkpoint(tmp_path, full, opt, sched, 1, "s1", [{}], [[0]], True)
+    save_checkpoint(tmp_path, full, opt, TrainState(1, "s1", sched.state_dict(), [{}], [[0]]), True)
     lora = build_model(_recipe("lora"), _recipe("lora").stage_list()[0], files)
     assert load_initial_weights(lora, tmp_path) > 0
     base = dict(full.lm.named_parameters())
@@ -104,7 +121,8 @@ def test_offline_tokenizer_covers_every_type_of_the_corpus_not_only_the_sampled_
 
     from data_ops.schema import conversation_to_cut
     from data_ops.shards import ShardWriter
-    from jobs.train import load_tokenizer_files, tokenizer_files_for
+    from jobs.training.ray_run import tokenizer_files_for
+    from jobs.training.tokenizer import load_tokenizer as load_tokenizer_files
     from models.conversation import AudioPart, Conversation, TextPart, Turn
 
     words = "Aujourd'hui c'est mercredi et Ludovica arrive"
@@ -122,3 +140,82 @@ def test_offline_tokenizer_covers_every_type_of_the_corpus_not_only_the_sampled_
                                                          "batch_size": 1}}}, "train": {"max_steps": 5}})
     tokenizer = load_tokenizer_files(tokenizer_files_for(recipe))
     assert tokenizer.tokenize(" Ludovica mercredi") == ["ĠLudovica", "Ġmercredi"]
+
+
+def test_a_step_over_accumulated_micro_batches_equals_one_step_over_their_union():
+    from jobs.training.loop import Trainer
+
+    class Regress(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Linear(3, 1)
+
+        def forward(self, x, y):
+            return (self.w(x) - y).pow(2).mean()
+
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    losses = []
+    models = []
+    for micro in ([{"x": x[:4], "y": y[:4]}, {"x": x[4:], "y": y[4:]}], [{"x": x, "y": y}]):
+        torch.manual_seed(0)
+        m = Regress()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        t = Trainer(m, opt, build_scheduler(opt, warmup_steps=0, total_steps=1, schedule="constant"),
+                    grad_accum=len(micro), max_grad_norm=None)
+        losses.append(t.train_step(micro))
+        models.append(m)
+        assert t.step == 1
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    torch.testing.assert_close(models[0].w.weight, models[1].w.weight)
+
+
+def _text_corpus(path, n):
+    from data_ops.schema import conversation_to_cut
+    from data_ops.shards import ShardWriter
+    from models.conversation import Conversation, Turn
+
+    with ShardWriter(str(path), shard_size=7, progress=False) as w:
+        w.write("text", [conversation_to_cut(Conversation([Turn.text("user", f"q{i}"), Turn.text("assistant", f"a{i}")]),
+                                             cut_id=f"t{i}", data_type="text", task="text", langs=["en"])
+                         for i in range(n)])
+    return str(path)
+
+
+def test_prefetched_batches_checkpoint_what_training_took_not_what_was_read_ahead(tmp_path):
+    """The thread reads ahead; a checkpoint taken after 3 batches resumes at the 4th, not after the read-ahead."""
+    import time
+
+    from data_ops.mix_sampler import TypeStream
+    from jobs.training.batches import BatchPrefetcher
+
+    corpus = _text_corpus(tmp_path / "corpus", 40)
+    stream = TypeStream([corpus], "text", 2, seed=0, bucket_batches=1)
+    prefetch = BatchPrefetcher({"text": stream}, lambda step, micro: "text",
+                               lambda rows: {"attention_mask": torch.ones(len(rows), 2)}, start_step=0, grad_accum=1,
+                               depth=3)
+    taken = [prefetch.next() for _ in range(3)]
+    time.sleep(0.5)  # the thread fills its queue: 3 more batches read
+    assert [mb.step for mb in taken] == [0, 1, 2]
+    state = prefetch.consumed["text"]
+    fourth = prefetch.next()
+    prefetch.close()
+    resumed = TypeStream([corpus], "text", 2, seed=0, bucket_batches=1)
+    resumed.load_state_dict(state)
+    assert [r["id"] for r in resumed.next_batch()] == [r["id"] for r in fourth.rows]
+    seen = [r["id"] for mb in taken for r in mb.rows]
+    assert len(set(seen)) == 6
+
+
+def test_an_error_in_the_data_thread_reaches_the_training_loop(tmp_path):
+    from data_ops.mix_sampler import TypeStream
+    from jobs.training.batches import BatchPrefetcher
+
+    stream = TypeStream([_text_corpus(tmp_path / "corpus", 4)], "text", 2, seed=0, bucket_batches=1)
+
+    def broken(rows):
+        raise ValueError("cannot tensorize")
+
+    prefetch = BatchPrefetcher({"text": stream}, lambda step, micro: "text", broken, start_step=0, grad_accum=1)
+    with pytest.raises(ValueError, match="cannot tensorize"):
+        prefetch.next()
+    prefetch.close()

@@ -1,0 +1,37 @@
+"""The content check during training: does the audio path carry content (`models.content_check`)?"""
+
+from __future__ import annotations
+
+from models.content_check import content_gap
+
+# Below this the right audio lowers the answers' loss by less than 0.05 nats per token against another utterance
+# of the same length: the LM answers as if it had heard nothing (a model that reads the audio is well above 0.5).
+CONTENT_GAP_FLOOR = 0.05
+CONTENT_PROBE_SIZE = 16
+
+
+def content_probe(corpus_uri: str, endpoint_url: str | None = None, size: int = CONTENT_PROBE_SIZE) -> list:
+    """A fixed set of speech conversations: the first ASR/AST rows of the corpus (empty when it has fewer than
+    two: the check swaps audio between conversations)."""
+    from data_ops.shar_datasource import is_error_row, iter_corpus_rows, row_to_conversation
+
+    probe = []
+    for row in iter_corpus_rows(corpus_uri, "asr_ast", endpoint_url=endpoint_url):
+        if not is_error_row(row):
+            probe.append(row_to_conversation(row))
+        if len(probe) == size:
+            break
+    return probe if len(probe) >= 2 else []
+
+
+def check_content(model, probe: list, step: int, warn: bool, log=print) -> dict[str, float]:
+    """The content check on the probe: metrics to log; a warning in the job log when the audio path carries no
+    content (`warn`: past warm-up, when a gap near zero means something)."""
+    result = content_gap(model, probe)
+    log(f"step {step}: content gap {result.gap:.3f} nats/token (loss {result.matched:.3f} with the right audio, "
+        f"{result.other:.3f} with another utterance of the same length, {result.reversed:.3f} reversed)")
+    if warn and result.gap < CONTENT_GAP_FLOOR:
+        log(f"WARNING: the audio path carries no content (content gap {result.gap:.3f} < {CONTENT_GAP_FLOOR}): the "
+            "model answers the same whatever is said. Check the encoder's init or checkpoint, and lower "
+            "encoder_lr / adapter_lr (docs/ablation.md).")
+    return result.metrics()

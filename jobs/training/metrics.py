@@ -1,0 +1,112 @@
+"""Training metrics: a typed window of what happened since the last log line, and an explicit MLflow logger.
+
+No global MLflow state: `MlflowRunLogger` holds its own client and run id (`mlflow.set_tracking_uri` /
+`mlflow.start_run` would make every later call in the process write to whatever run was started last).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class BatchStats:
+    """One micro-batch: its data type, loss, size, and how long it took to get."""
+
+    data_type: str
+    loss: float
+    samples: int
+    tokens: int
+    audio_s: float = 0.0
+    padded_share: float | None = None  # of speech frames (None for a batch without audio)
+    data_s: float = 0.0
+
+
+@dataclass
+class MetricsWindow:
+    """Everything since the last `flush()`: per-step losses, per-type losses, throughput counters."""
+
+    t0: float = field(default_factory=time.perf_counter)
+    data_s: float = 0.0
+    samples: int = 0
+    audio_s: float = 0.0
+    tokens: int = 0
+    steps: int = 0
+    step_losses: list[float] = field(default_factory=list)
+    padded: list[float] = field(default_factory=list)
+    by_type: dict[str, list[float]] = field(default_factory=dict)
+
+    def add_batch(self, b: BatchStats) -> None:
+        self.by_type.setdefault(b.data_type, []).append(b.loss)
+        self.samples += b.samples
+        self.tokens += b.tokens
+        self.audio_s += b.audio_s
+        self.data_s += b.data_s
+        if b.padded_share is not None:
+            self.padded.append(b.padded_share)
+
+    def add_step(self, loss: float) -> None:
+        self.step_losses.append(loss)
+        self.steps += 1
+
+    @property
+    def mean_loss(self) -> float:
+        return float(np.mean(self.step_losses)) if self.step_losses else float("nan")
+
+    def metrics(self, *, world: int = 1, prefix: str = "", loss: float | None = None) -> dict[str, float]:
+        """The window as MLflow metrics. `world`: ranks whose samples the counters stand for (each rank counts
+        its own; rank 0 reports); `loss`: the loss to report (e.g. averaged over ranks) instead of this rank's."""
+        elapsed = max(1e-9, time.perf_counter() - self.t0)
+        out = {
+            f"{prefix}loss": self.mean_loss if loss is None else loss,
+            "throughput/samples_per_s": self.samples * world / elapsed,
+            "throughput/audio_s_per_s": self.audio_s * world / elapsed,
+            "throughput/tokens_per_s": self.tokens * world / elapsed,
+            "throughput/steps_per_s": self.steps / elapsed,
+            "data/wait_share": self.data_s / elapsed,
+        }
+        if self.padded:
+            out["data/padded_share"] = float(np.mean(self.padded))
+        for t, v in self.by_type.items():
+            out[f"{prefix}loss/{t}"] = float(np.mean(v))
+            out[f"mix/{t}_batches"] = float(len(v))
+        return out
+
+
+class MlflowRunLogger:
+    """Logs to one existing MLflow run through an explicit client; optionally samples system metrics (CPU, GPU,
+    memory) into the same run, as `mlflow.start_run(log_system_metrics=True)` would, without a global active run."""
+
+    def __init__(self, tracking_uri: str, run_id: str, *, system_metrics: bool = False):
+        from jobs.training.tracking import client_for
+
+        self.client = client_for(tracking_uri)
+        self.run_id = run_id
+        self.monitor = None
+        if system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=tracking_uri)
+            self.monitor.start()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from jobs.training.tracking import log_metrics
+
+        log_metrics(self.client, self.run_id, metrics, step)
+
+    def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, local_path, artifact_path)
+
+    def log_dict(self, obj: dict, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, obj, artifact_file)
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None

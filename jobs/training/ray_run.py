@@ -1,0 +1,178 @@
+"""The driver side of a training run on Ray Train: everything between a validated recipe and a registered model.
+
+1. validate the recipe's data before any worker starts; resolve the MLflow server;
+2. find or create the MLflow run of this run name (the same run across restarts and resubmissions), with the
+   recipe as params; build the offline tokenizer when the LM names none;
+3. per stage: a `TorchTrainer` running `sft.train_loop_per_worker`; Ray Train restarts failed workers from the
+   last checkpoint (`FailureConfig`); the next stage starts from this one's weights;
+4. register the run's `model` artifact with the recipe's alias.
+
+The caller connects to Ray (`ray.init`) first: where the cluster is, is the entrypoint's business.
+
+Why each rank reads its own shards instead of `get_dataset_shard`: Ray Data's `streaming_split` hands rows to
+whichever rank asks first, so no rank knows which rows it will get after a restart and an epoch cannot resume
+mid-way (ray #37633); it also cannot reshuffle shard order per epoch. Here every rank plans its own share of each
+epoch's seeded shard order (`plan_reads`) and streams it through Ray Data (one read task per shard, ordered), so a
+checkpoint's stream states say exactly what was consumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from jobs.recipe import Recipe, RecipeError, check_data, parse_recipe
+from jobs.training.tracking import RUN_TAG, client_for, find_or_create_run, log_params, resolve_tracking_uri
+
+# The environment a worker needs from the driver's (object storage and MLflow credentials, Ray's auth mode).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                 "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE")
+
+
+def flat_params(recipe: Recipe) -> dict[str, str]:
+    out = {}
+
+    def walk(prefix, obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = obj if isinstance(obj, str) else json.dumps(obj)
+
+    walk("", recipe.model_dump(mode="json"))
+    return out
+
+
+def mlflow_run_for(recipe: Recipe, tracking_uri: str, data_summary: dict) -> str:
+    """The MLflow run of this run name: found by tag (resubmission) or created with the recipe as params."""
+    client = client_for(tracking_uri)
+    run_id, created = find_or_create_run(client, recipe.run.experiment, recipe.run.name)
+    if created:
+        params = flat_params(recipe)
+        params.update({f"data_summary.{t}.{k}": str(v) for t, d in data_summary.items() for k, v in d.items()})
+        log_params(client, run_id, params)
+    return run_id
+
+
+def tokenizer_files_for(recipe: Recipe) -> dict | None:
+    """An offline tokenizer trained on the corpora's text when the LM names none (tiny / random-init LMs)."""
+    from jobs.training.tokenizer import corpus_tokenizer_files
+
+    cfg = recipe.model.speechlm_config()
+    if cfg.lm.tokenizer or cfg.lm.pretrained:
+        return None
+    uris = [uri for src in recipe.data.sources.values() for uri in src.uris]
+    return corpus_tokenizer_files(uris, recipe.model.tokenizer_vocab_size, recipe.data.endpoint_url)
+
+
+def ray_storage(path: str, endpoint_url: str | None):
+    """(storage_path, storage_filesystem) for RunConfig: local paths as they are, s3:// through pyarrow with the
+    configured endpoint (MinIO, moto, ...)."""
+    if not path.startswith("s3://"):
+        return str(Path(path).expanduser().resolve()), None
+    import pyarrow.fs
+
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return path, None
+    scheme, _, host = endpoint.partition("://")
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=host, scheme=scheme,
+                                 region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    return path[len("s3://"):], fs
+
+
+def register_model(recipe: Recipe, tracking_uri: str, run_id: str) -> str | None:
+    """Register the run's `model` artifact as a new version of `run.registered_model` with `run.alias`; return
+    its URI `models:/name/version` (None without a registered_model)."""
+    from mlflow.exceptions import MlflowException
+
+    name = recipe.run.registered_model
+    if not name:
+        return None
+    client = client_for(tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="VoiceTextBlender SpeechLM (vtblender)")
+    run = client.get_run(run_id)
+    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run_id,
+                                          tags={RUN_TAG: recipe.run.name})
+    client.set_registered_model_alias(name, recipe.run.alias, version.version)
+    return f"models:/{name}/{version.version}"
+
+
+def absolute_paths(recipe: Recipe) -> Recipe:
+    """Local corpus, storage and checkpoint paths made absolute (workers run in other directories)."""
+    def fix(p: str) -> str:
+        return p if "://" in p else str(Path(p).expanduser().resolve())
+
+    obj = recipe.model_dump(mode="json")
+    obj["run"]["storage_path"] = fix(obj["run"]["storage_path"])
+    for key in ("lm_pretrained", "encoder_pretrained"):  # local checkpoints; hub ids stay as they are
+        if obj["model"].get(key) and Path(obj["model"][key]).expanduser().exists():
+            obj["model"][key] = fix(obj["model"][key])
+    for src in obj["data"]["sources"].values():
+        src["uris"] = [fix(u) for u in src["uris"]]
+    return parse_recipe(obj)
+
+
+def check_cluster_fits(recipe: Recipe) -> None:
+    import ray
+
+    need = recipe.train.num_workers * recipe.train.cpus_per_worker
+    have = ray.cluster_resources().get("CPU", 0.0)
+    # Ray Data's read tasks need CPU too: a fixed cluster that fits the workers exactly would hang, not fail. (A
+    # cluster with fewer CPUs than the workers need is left alone: an autoscaler adds nodes, or Ray Train waits.)
+    if need <= have < need + 0.5:
+        raise RecipeError(f"the Ray cluster has {have:g} CPUs and the recipe's {recipe.train.num_workers} workers take "
+                          f"{need:g}, leaving none for the Ray Data tasks that read the shards; use fewer workers or "
+                          "cpus_per_worker, or a larger cluster (the local stack: --ray-num-cpus)")
+
+
+def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str | None = None, log=print) -> dict:
+    """Train `recipe` on the connected Ray cluster. `env`: the driver's environment (the MLflow server when the
+    recipe names none, storage credentials forwarded to the workers). Returns run id, tracking URI, registered
+    model URI and the last checkpoint's path."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from jobs.training.sft import WorkerJob, train_loop_per_worker
+
+    env = dict(os.environ if env is None else env)
+    recipe = absolute_paths(recipe)
+    data_summary = check_data(recipe)
+    tracking_uri = resolve_tracking_uri(recipe.run.tracking_uri, env)
+    log(f"[train] recipe OK; data: {json.dumps(data_summary)}")
+    run_id = mlflow_run_for(recipe, tracking_uri, data_summary)
+    tokenizer_files = tokenizer_files_for(recipe)
+    check_cluster_fits(recipe)
+    storage_path, fs = ray_storage(recipe.run.storage_path, recipe.data.endpoint_url)
+    worker_env = {k: env[k] for k in FORWARDED_ENV if k in env} | {"MLFLOW_TRACKING_URI": tracking_uri}
+    stages = recipe.stage_list()
+    init_from, offset, result = None, 0, None
+    for i, stage in enumerate(stages):
+        job = WorkerJob(recipe, stage, tokenizer_files, tracking_uri, run_id, init_from=init_from,
+                        final=i == len(stages) - 1, step_offset=offset, sample_log_dir=sample_log_dir)
+        trainer = TorchTrainer(
+            train_loop_per_worker, train_loop_config={"job": job},
+            scaling_config=ScalingConfig(num_workers=recipe.train.num_workers, use_gpu=recipe.train.use_gpu,
+                                         resources_per_worker={"CPU": recipe.train.cpus_per_worker}),
+            run_config=RunConfig(
+                name=recipe.run.name if len(stages) == 1 else f"{recipe.run.name}-{stage.name}",
+                storage_path=storage_path, storage_filesystem=fs,
+                failure_config=FailureConfig(max_failures=recipe.train.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints),
+                worker_runtime_env={"env_vars": worker_env},
+            ),
+        )
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        offset += stage.max_steps
+        if i < len(stages) - 1:  # the next stage starts from this one's weights (local copy for the workers)
+            init_from = result.checkpoint.to_directory(tempfile.mkdtemp(prefix=f"vtb-{stage.name}-"))
+    registered = register_model(recipe, tracking_uri, run_id)
+    return {"run_id": run_id, "tracking_uri": tracking_uri, "registered": registered,
+            "checkpoint": result.checkpoint.path if result and result.checkpoint else None}

@@ -1,0 +1,274 @@
+"""The worker side of joint speech-text SFT on Ray Train: what each `TorchTrainer` worker runs.
+
+Per worker: build the SpeechLM (same seed on every rank; DDP by default, FSDP selectable); open one `TypeStream`
+per data type over this rank's share of its shards; draw each micro-batch's data type from the ratios
+(`mix_sampler`, seeded by step: identical on all ranks), with the next batches read and tensorized ahead in a
+thread (`BatchPrefetcher`); step (`Trainer`); every `checkpoint_every` steps report a checkpoint (weights,
+optimizer, schedule, every rank's stream states and RNG) that Ray Train restarts failed workers from. Rank 0 logs
+the metrics window, the content check and, after the last stage, the model to MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jobs.recipe import Recipe, StageSection
+
+
+@dataclass
+class WorkerJob:
+    """What the driver hands every worker of one stage (pickled by Ray as it is: no dict round trip)."""
+
+    recipe: Recipe
+    stage: StageSection
+    tokenizer_files: dict | None
+    tracking_uri: str
+    mlflow_run_id: str
+    init_from: str | None = None
+    final: bool = True
+    step_offset: int = 0  # stages log on one step axis
+    sample_log_dir: str | None = None
+
+
+def log(msg: str) -> None:
+    print(f"[train] {msg}", flush=True)
+
+
+def build_model(recipe: Recipe, stage: StageSection, tokenizer_files: dict | None, device="cpu"):
+    """The stage's SpeechLM, identical on every rank (seeded)."""
+    import torch
+
+    from jobs.training.tokenizer import load_tokenizer
+    from models.speechlm import build_speechlm
+
+    torch.manual_seed(recipe.run.seed)
+    cfg = recipe.model.speechlm_config(stage.lm_mode)
+    return build_speechlm(cfg, device=device, tokenizer=load_tokenizer(tokenizer_files))
+
+
+def probe_conversation():
+    """A fixed mixed-modal conversation whose logits are logged at the end, to check a loaded model against."""
+    from models.conversation import AudioPart, Conversation, TextPart, Turn
+
+    t = np.arange(16000) / 16000
+    tone = (0.2 * np.sin(2 * np.pi * 220 * t) * np.hanning(16000)).astype(np.float32)
+    return Conversation([Turn("user", [TextPart("Listen:"), AudioPart(tone), TextPart("What is it?")]),
+                         Turn.text("assistant", "A tone.")])
+
+
+def open_streams(recipe: Recipe, ratios: dict[str, float], rank: int, world: int) -> dict:
+    from data_ops.mix_sampler import TypeStream
+    from data_ops.shar_datasource import reads_dataset
+
+    return {t: TypeStream(src.uris, t, src.batch_size, seed=recipe.run.seed, rank=rank, world_size=world,
+                          bucket_batches=recipe.data.bucket_batches, endpoint_url=recipe.data.endpoint_url,
+                          open_rows=lambda reads: reads_dataset(reads).iter_rows())
+            for t, src in recipe.data.sources.items() if ratios.get(t, 0) > 0}
+
+
+def build_trainer(job: WorkerJob, core, device, world: int):
+    """Optimizer (per-module groups), transformers' schedule, the DDP / FSDP wrapper, and the `Trainer`."""
+    import ray.train.torch
+    import torch
+
+    from jobs.training.loop import Trainer
+    from jobs.training.optim import build_optimizer, build_scheduler, module_param_groups
+
+    tr = job.recipe.train
+    optimizer = build_optimizer(module_param_groups(core, tr.module_lrs()), lr=tr.lr, betas=tr.betas,
+                                weight_decay=tr.weight_decay)
+    scheduler = build_scheduler(optimizer, warmup_steps=tr.warmup_steps, total_steps=job.stage.max_steps,
+                                schedule=tr.schedule, min_lr_ratio=tr.min_lr_ratio)
+    model = core
+    if tr.strategy == "fsdp":
+        model = ray.train.torch.prepare_model(core, parallel_strategy="fsdp",
+                                              parallel_strategy_kwargs={"use_orig_params": True})
+    elif world > 1:
+        # text-only batches leave the encoder and adapter without gradients: DDP must allow unused parameters
+        model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": True})
+    bf16 = tr.precision == "bf16" or (tr.precision == "auto" and device.type == "cuda")
+    return Trainer(model, optimizer, scheduler, grad_accum=tr.grad_accum, max_grad_norm=tr.max_grad_norm,
+                   clip=tr.clip, autocast_dtype=torch.bfloat16 if bf16 else None, device_type=device.type)
+
+
+def resume(trainer, streams: dict, rank: int) -> None:
+    """Continue from Ray Train's latest checkpoint, if any: weights, optimizer, schedule, streams, RNG."""
+    import ray.train
+    import torch
+
+    from jobs.training.checkpoint import load_checkpoint
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return
+    with checkpoint.as_directory() as d:
+        state = load_checkpoint(Path(d), trainer.model, trainer.optimizer, trainer.scheduler)
+    trainer.step = state.step
+    for t, s in state.streams[rank].items():
+        if t in streams:
+            streams[t].load_state_dict(s)
+    torch.set_rng_state(torch.tensor(state.rng[rank], dtype=torch.uint8))
+    if rank == 0:
+        log(f"resumed stage {state.stage} at step {state.step} from {checkpoint.path}")
+
+
+def report_checkpoint(trainer, stage: str, stream_states: dict, loss: float, rank: int, world: int) -> None:
+    """Collective: gather every rank's stream states and RNG, write the checkpoint on rank 0, report it."""
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from jobs.training.checkpoint import TrainState, save_checkpoint
+
+    mine = (stream_states, torch.get_rng_state().tolist())
+    gathered = [mine]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine)
+    state = TrainState(step=trainer.step, stage=stage, scheduler=trainer.scheduler.state_dict(),
+                       streams=[g[0] for g in gathered], rng=[g[1] for g in gathered])
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(Path(d), trainer.model, trainer.optimizer, state, rank == 0)
+        ray.train.report({"step": trainer.step, "stage": stage, "loss": loss},
+                         checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+
+
+def mean_over_ranks(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / world
+
+
+def log_window(window, job: WorkerJob, trainer, prefetch, rank: int, world: int, logger, progress) -> None:
+    """Collective (the loss is averaged over ranks); rank 0 logs the window to MLflow and one console line."""
+    loss = mean_over_ranks(window.mean_loss, world)
+    if rank != 0:
+        return
+    prefix = "" if len(job.recipe.stage_list()) == 1 else f"{job.stage.name}/"
+    metrics = window.metrics(world=world, prefix=prefix, loss=loss)
+    metrics[f"{prefix}lr"] = trainer.scheduler.get_last_lr()[0]
+    metrics["data/error_rows"] = float(prefetch.error_rows())
+    logger.log_metrics(metrics, step=trainer.step + job.step_offset)
+    by_type = ", ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(window.by_type.items()))
+    log(f"{job.stage.name} step {trainer.step}/{job.stage.max_steps} loss {loss:.4f} ({by_type}) "
+        f"{metrics['throughput/samples_per_s']:.1f} samples/s {metrics['throughput/audio_s_per_s']:.1f} audio-s/s "
+        f"data-wait {100 * metrics['data/wait_share']:.0f}% {progress(trainer.step)}")
+
+
+def log_final_model(core, logger, stream_states: dict) -> None:
+    """The model as the run's `model` artifact (save_pretrained), the probe conversation's logits (to check a
+    loaded copy against) and the final stream states."""
+    import torch
+
+    core.eval()
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "model"
+        core.save_pretrained(out)
+        logger.log_artifacts(str(out), "model")
+        with torch.no_grad():
+            batch = core.processor([probe_conversation()])
+            batch = {k: v.to(core.device) for k, v in batch.items()}
+            logits = core(**batch).logits.float().cpu().numpy()
+        np.save(Path(d) / "probe_logits.npy", logits)
+        logger.log_artifact(str(Path(d) / "probe_logits.npy"))
+    logger.log_dict(stream_states, "final_stream_states.json")
+
+
+class Progress:
+    """`step 40/100 ... ETA 12 s [30/90 steps this attempt]`: the rate of this attempt, not since step 0."""
+
+    def __init__(self, start_step: int, max_steps: int):
+        self.start, self.max, self.t0 = start_step, max_steps, time.perf_counter()
+
+    def __call__(self, step: int) -> str:
+        done = step - self.start
+        rate = done / max(1e-9, time.perf_counter() - self.t0)
+        eta = (self.max - step) / rate if rate > 0 else float("inf")
+        return f"ETA {eta:.0f} s [{done}/{self.max - self.start} steps this attempt]"
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's per-worker function; `config["job"]` is the stage's `WorkerJob`."""
+    import ray.data
+    import ray.train
+    import ray.train.torch
+
+    from data_ops.mix_sampler import mix_sampler
+    from data_ops.shar_datasource import row_to_conversation
+    from jobs.training.batches import BatchPrefetcher
+    from jobs.training.content import check_content, content_probe
+    from jobs.training.metrics import MetricsWindow, MlflowRunLogger
+
+    job: WorkerJob = config["job"]
+    recipe, stage, tr = job.recipe, job.stage, job.recipe.train
+    data_ctx = ray.data.DataContext.get_current()  # this worker's streams: no progress bars in the job log
+    data_ctx.enable_progress_bars = False
+    data_ctx.print_on_execution_start = False
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    core = build_model(recipe, stage, job.tokenizer_files, device)
+    if job.init_from:
+        from jobs.training.checkpoint import load_initial_weights
+
+        load_initial_weights(core, Path(job.init_from))
+    trainer = build_trainer(job, core, device, world)
+    ratios = stage.ratios or recipe.data.ratios
+    streams = open_streams(recipe, ratios, rank, world)
+    resume(trainer, streams, rank)
+    prefetch = BatchPrefetcher(streams, mix_sampler(ratios, recipe.run.seed),
+                               lambda rows: core.processor([row_to_conversation(r) for r in rows]),
+                               start_step=trainer.step, grad_accum=tr.grad_accum)
+
+    asr_src = recipe.data.sources.get("asr_ast")
+    probe = (content_probe(asr_src.uris[0], recipe.data.endpoint_url)
+             if rank == 0 and asr_src and ratios.get("asr_ast", 0) > 0 and tr.strategy != "fsdp" else [])
+    check_every = tr.content_check_every or tr.checkpoint_every
+    sample_log = None
+    if job.sample_log_dir:
+        Path(job.sample_log_dir).mkdir(parents=True, exist_ok=True)
+        sample_log = open(Path(job.sample_log_dir) / f"{stage.name}-rank{rank}.jsonl", "a")
+    logger = MlflowRunLogger(job.tracking_uri, job.mlflow_run_id, system_metrics=True) if rank == 0 else None
+    window, progress = MetricsWindow(), Progress(trainer.step, stage.max_steps)
+    trainer.model.train()
+    try:
+        while trainer.step < stage.max_steps:
+            micro_batches = [prefetch.next() for _ in range(tr.grad_accum)]
+            batches = ({k: v.to(device) for k, v in mb.batch.items()} for mb in micro_batches)
+            step_loss = trainer.train_step(batches, on_micro=lambda i, loss: window.add_batch(
+                micro_batches[i].stats(loss)))
+            window.add_step(step_loss)
+            if sample_log:
+                for mb in micro_batches:
+                    sample_log.write(json.dumps({"step": mb.step, "micro": mb.micro, "type": mb.data_type,
+                                                 "ids": [r["id"] for r in mb.rows]}) + "\n")
+                sample_log.flush()
+            step, last = trainer.step, trainer.step == stage.max_steps
+            if step % tr.log_every == 0 or last:
+                log_window(window, job, trainer, prefetch, rank, world, logger, progress)
+                window = MetricsWindow()
+            if probe and (step % check_every == 0 or last):
+                logger.log_metrics(check_content(core, probe, step, warn=step > tr.warmup_steps, log=log),
+                                   step=step + job.step_offset)
+            if step % tr.checkpoint_every == 0 or last:
+                report_checkpoint(trainer, stage.name, dict(prefetch.consumed), step_loss, rank, world)
+        if rank == 0 and job.final:
+            log_final_model(core, logger, prefetch.consumed)
+    finally:
+        prefetch.close()
+        if sample_log:
+            sample_log.close()
+        if logger:
+            logger.close()

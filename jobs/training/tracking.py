@@ -1,0 +1,68 @@
+"""MLflow for the jobs: one resolver for the tracking URI, explicit clients, runs found or made by name.
+
+No `mlflow.set_tracking_uri` / fluent `start_run` anywhere in the jobs: those set process-wide state, so a
+pipeline that talks to two runs (the ablation: a training run, an evaluation run, a comparison run) would write
+into whichever was started last.
+"""
+
+from __future__ import annotations
+
+import time
+
+RUN_TAG = "vtb.run_name"
+
+
+class TrackingError(ValueError):
+    """The MLflow tracking URI is missing or unusable (the message says which and how to fix it)."""
+
+
+def resolve_tracking_uri(uri: str | None, env: dict | None = None) -> str:
+    """The tracking URI to use: `uri` (a flag or the recipe), else $MLFLOW_TRACKING_URI from `env`. It must be
+    absolute: Ray workers run in their own working directories, where a relative path means another store."""
+    uri = uri or (env or {}).get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise TrackingError("no MLflow tracking server: pass --tracking-uri, set run.tracking_uri in the recipe, or "
+                            "set MLFLOW_TRACKING_URI (the local stack prints it: python -m infra.stack env)")
+    if not (uri.startswith(("http://", "https://", "databricks", "sqlite:////", "file:/"))):
+        raise TrackingError(f"MLflow tracking URI {uri!r} must be absolute (http(s)://... or sqlite:////abs/path): "
+                            "Ray workers run in their own working directories")
+    return uri
+
+
+def client_for(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri, registry_uri=tracking_uri)
+
+
+def experiment_id(client, name: str) -> str:
+    """The experiment's id, created when it does not exist yet."""
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name)
+
+
+def find_or_create_run(client, experiment: str, run_name: str, tags: dict | None = None) -> tuple[str, bool]:
+    """(run id, created): the run tagged with this run name (a resubmission continues it), else a new one."""
+    exp_id = experiment_id(client, experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'", max_results=1)
+    if found:
+        return found[0].info.run_id, False
+    run = client.create_run(exp_id, run_name=run_name, tags={RUN_TAG: run_name, **(tags or {})})
+    return run.info.run_id, True
+
+
+def log_params(client, run_id: str, params: dict) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
+def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    for i in range(0, len(items), 1000):  # log_batch's per-call limit
+        client.log_batch(run_id, metrics=items[i:i + 1000])
