@@ -7,8 +7,12 @@ PY := .venv/bin/python
 install:
 	bash infra/install.sh
 
+# The demo's jobs go to the cluster and server named by RAY_ADDRESS / MLFLOW_TRACKING_URI: here the local stack,
+# stopped afterwards unless KEEP_STACK=1 (then `make stack-down`).
 demo: install
-	$(PY) -m jobs.demo
+	$(PY) -m infra.stack up --services ray,mlflow --ray-num-cpus 6
+	eval "$$($(PY) -m infra.stack env)" && $(PY) -m jobs.demo; rc=$$?; \
+	  if [ -z "$(KEEP_STACK)" ]; then $(PY) -m infra.stack down; fi; exit $$rc
 
 test: install
 	$(PY) -m pytest

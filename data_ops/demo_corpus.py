@@ -264,5 +264,5 @@ def build_demo_corpus(out_uri: str, size: str | CorpusSize = "tiny", *, seed: in
                         yield mixed_modal_row_to_cut(row, task="spoken_instruction")
 
             writer.write("mixed_modal", spoken_stream())
-    logger.info("demo corpus at %s: %s", out_uri, writer.manifest.summary())
+    logger.debug("demo corpus at %s: %s", out_uri, writer.manifest.summary())
     return writer.manifest

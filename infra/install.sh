@@ -18,7 +18,15 @@ TORCH_CPU_SPEC=${TORCH_CPU_SPEC:-torch==2.13.0}
 TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-}
 
 # This machine's pip config names local index folders that may be absent; pip warns once per package.
-quiet_pip() { "$@" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true; return "${PIPESTATUS[0]}"; }
+# pip's own chatter (and setuptools' editable-install notice) goes to a log; it is shown when pip fails.
+PIP_LOG="${TMPDIR:-/tmp}/vtblender-pip-$$.log"
+quiet_pip() {
+  if "$@" >"$PIP_LOG" 2>&1; then rm -f "$PIP_LOG"; return 0; fi
+  local rc=$?
+  grep -v "is ignored: it is neither a file nor a directory" "$PIP_LOG" | tail -40 >&2
+  echo "[install] pip failed (exit $rc); full log: $PIP_LOG" >&2
+  return "$rc"
+}
 log() { printf '[install] %s\n' "$*"; }
 
 # --- Debian packages ------------------------------------------------------------------------------

@@ -352,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="docs/ablation", help="tables, charts and result.json per seed")
     ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     args = ap.parse_args(argv)
+    from jobs.training.console import quiet_console
+
+    quiet_console(os.environ)
     command = "python -m jobs.ablation " + shlex.join(argv if argv is not None else sys.argv[1:])
     if not args.tracking_uri:
         print("error: no MLflow tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI", file=sys.stderr)

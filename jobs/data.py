@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from data_ops.demo_corpus import SIZES
@@ -25,6 +26,7 @@ from data_ops.importers import ImportReport, read_audio_table, read_lhotse_manif
 from data_ops.schema import DATA_TYPES, SchemaError
 from data_ops.shards import ManifestError, ShardWriter, read_manifest
 from data_ops.storage import StorageError
+from jobs.training.console import quiet_console
 
 logger = logging.getLogger("vtblender.data")
 
@@ -48,7 +50,7 @@ def cmd_demo(a) -> None:
     _ray_init()
     manifest = build_demo_corpus(a.out, a.size, seed=a.seed, shard_size=a.shard_size, concurrency=a.concurrency,
                                  endpoint_url=a.endpoint_url, split=a.split)
-    print(f"demo corpus at {a.out}: {manifest.summary()}")
+    print(f"[data] demo corpus at {a.out}: {manifest.summary()}")
 
 
 def cmd_import_asr(a) -> None:
@@ -189,6 +191,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_console(os.environ)
     args = parser().parse_args(argv)
     try:
         args.fn(args)

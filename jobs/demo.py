@@ -1,8 +1,9 @@
 """Demo: the whole slice on the embedded default (local filesystem), end to end.
 
-    python -m jobs.demo [--size small] [--steps 150] [--keep-stack]
+    make demo        # = python -m infra.stack up; eval "$(python -m infra.stack env)"; python -m jobs.demo; ... down
 
-1. starts the local stack (Ray head, MLflow server) on 127.0.0.1;
+1. takes the Ray cluster and MLflow server from RAY_ADDRESS and MLFLOW_TRACKING_URI (`make demo` starts the local
+   stack on 127.0.0.1 and sets them; point them at your own cluster and server to run the same demo there);
 2. `ray job submit`s the demo corpus job: all four data types made here (espeak-ng voices in En/De/Es/Fr) and
    written as Shar shards with a manifest under .stack/corpus;
 3. `ray job submit`s the training job with the tiny recipe (jobs/recipes/tiny.yaml, 2 workers): the run, its
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,6 +30,7 @@ import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+RAY_PREFIX = re.compile(r"^\((?:[\w:]+ )?pid=\d+(?:, ip=[\d.]+)?\) ")  # Ray's worker-log prefix
 
 
 def submit_and_follow(client, entrypoint: list[str], env: dict, name: str, timeout_s: float) -> str:
@@ -50,8 +54,9 @@ def submit_and_follow(client, entrypoint: list[str], env: dict, name: str, timeo
         status = client.get_job_status(job_id)
         logs = client.get_job_logs(job_id)
         for line in logs[shown:].splitlines():
-            if "[train]" in line or "demo corpus at" in line or "error" in line.lower() and "error_rows" not in line:
-                print(f"    {line.strip()[:220]}", flush=True)
+            text = RAY_PREFIX.sub("", line.strip())  # "(RayTrainWorker pid=123) [train] ..." -> "[train] ..."
+            if text.startswith(("[train]", "[data]", "error", "Traceback")):
+                print(f"    {text[:220]}", flush=True)
         shown = len(logs)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             break
@@ -68,28 +73,31 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="small", choices=["tiny", "small", "demo"], help="demo corpus size")
     ap.add_argument("--steps", type=int, default=150, help="steps per stage of the tiny recipe")
-    ap.add_argument("--stack-root", default=".stack")
-    ap.add_argument("--keep-stack", action="store_true", help="leave Ray and MLflow running for inspection")
+    ap.add_argument("--work-dir", default=".stack", help="where the corpus, recipe and checkpoints go")
     args = ap.parse_args(argv)
+    env = dict(os.environ)
+    missing = [k for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI") if not env.get(k)]
+    if missing:
+        print(f"[demo] error: {' and '.join(missing)} not set. `make demo` starts the local stack and sets them; by "
+              "hand: python -m infra.stack up && eval \"$(python -m infra.stack env)\"", file=sys.stderr)
+        return 2
 
     import logging
 
     from ray.job_submission import JobSubmissionClient
 
-    logging.getLogger("ray").setLevel(logging.WARNING)  # not the upload chatter of every submission
-
     from data_ops.tts import EspeakTTS, TTSError
-    from infra.stack import LocalStack, StackError
+    from jobs.training.console import quiet_console
 
+    quiet_console(os.environ)
+    for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # the per-submission upload chatter
     t0 = time.time()
-    stack = LocalStack(args.stack_root, services=("ray", "mlflow"), ray_num_cpus=6)
     try:
-        print("[demo] starting the local stack (Ray head, MLflow) on 127.0.0.1 ...", flush=True)
-        stack.start()
-        env = stack.env()
         client = JobSubmissionClient(env["RAY_ADDRESS"])
-        job_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
-        root = stack.root
+        # what the jobs need of this environment (MLflow, S3 and Ray auth settings), not the cluster address
+        job_env = {k: v for k, v in env.items() if k.startswith(("MLFLOW_", "AWS_", "RAY_AUTH"))}
+        root = Path(args.work_dir).resolve()
         corpus = root / "corpus"
         if not (corpus / "manifest.json").exists():
             submit_and_follow(client, ["python", "-m", "jobs.data", "demo", "--out", str(corpus), "--size", args.size],
@@ -137,17 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         ui = env["MLFLOW_TRACKING_URI"]
         print(f"[demo] MLflow run {run.info.run_id}: {ui}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
         print(f"[demo] MLflow model registry: {ui}/#/models/{recipe['run']['registered_model']}")
-        print(f"[demo] Ray dashboard: {env['RAY_ADDRESS']}   logs: {root / 'logs'}")
+        print(f"[demo] Ray dashboard: {env['RAY_ADDRESS']}")
         print(f"[demo] done in {time.time() - t0:.0f} s")
         return 0
-    except (StackError, TTSError, RuntimeError) as e:
+    except (TTSError, RuntimeError, ConnectionError) as e:
         print(f"[demo] error: {e}", file=sys.stderr)
         return 1
-    finally:
-        if args.keep_stack:
-            print("[demo] stack left running; stop it with: python -m infra.stack down")
-        else:
-            stack.stop()
 
 
 if __name__ == "__main__":

@@ -259,8 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiment", default="vtblender-eval", help="for models not from the registry")
     ap.add_argument("--uris", nargs="*", help="override the suite's corpora (e.g. absolute paths under ray job submit)")
     args = ap.parse_args(argv)
+    from jobs.training.console import quiet_console
     from services.model_store import ModelNotFound
 
+    quiet_console(os.environ)
     suite = load_suite(args.suite)
     if args.uris:
         suite.uris = list(args.uris)

@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from transformers import AutoTokenizer
 
+    from jobs.training.console import quiet_console
+
+    quiet_console(os.environ)
     from data_ops.shards import ManifestError
     from models.config import NAMED_SIZES
 

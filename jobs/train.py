@@ -15,6 +15,7 @@ import sys
 import time
 
 from jobs.recipe import RecipeError, check_data, load_recipe, parse_recipe
+from jobs.training.console import quiet_console
 from jobs.training.tracking import TrackingError
 
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="validate the recipe and its data, then stop")
     ap.add_argument("--sample-log-dir", help="write every step's sample ids per rank here (audit of mixing/resume)")
     args = ap.parse_args(argv)
+    quiet_console(os.environ)
     t0 = time.time()
     try:
         recipe = load_recipe(args.config)

@@ -54,8 +54,25 @@ def audio():
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A local Ray instance for Ray Data jobs (4 logical CPUs so TTS/LLM actors and read tasks fit on 2 cores)."""
+def stack(tmp_path_factory):
+    """The session's one local stack: a Ray head (6 logical CPUs, so a training job's 2 workers, its Ray Data read
+    tasks and an evaluation fit on 2 cores), an MLflow server and a moto S3 endpoint, all on 127.0.0.1. Every
+    integration test uses it (each with its own experiment names, run names and folders) rather than starting
+    its own: a stack takes tens of seconds to start, and two Ray instances on one machine confuse each other."""
+    from infra.stack import LocalStack
+
+    s = LocalStack(tmp_path_factory.mktemp("stack"), services=("ray", "mlflow", "s3"), ray_num_cpus=6)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(stack):
+    """This test process as a Ray driver on the session's cluster, for the tests that run Ray Data in-process.
+    Its workers get the S3 endpoint's test credentials (moto accepts any) through the job's runtime env."""
     import os
 
     import ray
@@ -63,31 +80,27 @@ def ray_local():
     from infra.stack import S3_CREDENTIALS
 
     os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback-only test cluster; see infra/stack.py
-    # workers inherit the environment at start: give them the moto test credentials (moto accepts any)
-    for k, v in S3_CREDENTIALS.items():
-        os.environ.setdefault(k, v)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address=stack.services["ray"].extra["gcs_address"], log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": dict(S3_CREDENTIALS)})
     try:
         yield ray
     finally:
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1; yields its URL with credentials set in the environment."""
+@pytest.fixture
+def s3_endpoint(stack):
+    """The session's S3 endpoint (moto on 127.0.0.1); yields its URL with credentials set in the environment for
+    the duration of the test."""
     import os
 
-    from infra.stack import S3_CREDENTIALS, LocalStack
+    from infra.stack import S3_CREDENTIALS
 
-    stack = LocalStack(tmp_path_factory.mktemp("s3stack"), services=("s3",))
     saved = {k: os.environ.get(k) for k in [*S3_CREDENTIALS, "AWS_ENDPOINT_URL"]}
-    stack.start()
+    os.environ.update({**S3_CREDENTIALS, "AWS_ENDPOINT_URL": stack.urls["s3"]})
     try:
-        os.environ.update({**S3_CREDENTIALS, "AWS_ENDPOINT_URL": stack.urls["s3"]})
         yield stack.urls["s3"]
     finally:
-        stack.stop()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

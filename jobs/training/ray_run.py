@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from jobs.recipe import Recipe, RecipeError, check_data, parse_recipe
+from jobs.training.console import WORKER_ENV
 from jobs.training.tracking import RUN_TAG, client_for, find_or_create_run, log_params, resolve_tracking_uri
 
 # The environment a worker needs from the driver's (object storage and MLflow credentials, Ray's auth mode).
@@ -149,7 +150,7 @@ def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str
     tokenizer_files = tokenizer_files_for(recipe)
     check_cluster_fits(recipe)
     storage_path, fs = ray_storage(recipe.run.storage_path, recipe.data.endpoint_url)
-    worker_env = {k: env[k] for k in FORWARDED_ENV if k in env} | {"MLFLOW_TRACKING_URI": tracking_uri}
+    worker_env = {k: env[k] for k in FORWARDED_ENV if k in env} | WORKER_ENV | {"MLFLOW_TRACKING_URI": tracking_uri}
     stages = recipe.stage_list()
     init_from, offset, result = None, 0, None
     for i, stage in enumerate(stages):

@@ -207,9 +207,14 @@ def train_loop_per_worker(config: dict) -> None:
     from data_ops.mix_sampler import mix_sampler
     from data_ops.shar_datasource import row_to_conversation
     from jobs.training.batches import BatchPrefetcher
-    from jobs.training.content import check_content, content_probe
+    from jobs.training.content import ContentMonitor, content_probe
     from jobs.training.metrics import MetricsWindow, MlflowRunLogger
 
+    import os
+
+    from jobs.training.console import quiet_console
+
+    quiet_console(os.environ)
     job: WorkerJob = config["job"]
     recipe, stage, tr = job.recipe, job.stage, job.recipe.train
     data_ctx = ray.data.DataContext.get_current()  # this worker's streams: no progress bars in the job log
@@ -236,6 +241,7 @@ def train_loop_per_worker(config: dict) -> None:
     probe = (content_probe(asr_src.uris[0], recipe.data.endpoint_url)
              if rank == 0 and asr_src and ratios.get("asr_ast", 0) > 0 and tr.strategy != "fsdp" else [])
     check_every = tr.content_check_every or tr.checkpoint_every
+    check_content = ContentMonitor(probe, tr.warmup_steps, log=log)
     sample_log = None
     if job.sample_log_dir:
         Path(job.sample_log_dir).mkdir(parents=True, exist_ok=True)
@@ -260,8 +266,7 @@ def train_loop_per_worker(config: dict) -> None:
                 log_window(window, job, trainer, prefetch, rank, world, logger, progress)
                 window = MetricsWindow()
             if probe and (step % check_every == 0 or last):
-                logger.log_metrics(check_content(core, probe, step, warn=step > tr.warmup_steps, log=log),
-                                   step=step + job.step_offset)
+                logger.log_metrics(check_content(core, step), step=step + job.step_offset)
             if step % tr.checkpoint_every == 0 or last:
                 report_checkpoint(trainer, stage.name, dict(prefetch.consumed), step_loss, rank, world)
         if rank == 0 and job.final:

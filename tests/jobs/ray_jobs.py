@@ -12,18 +12,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def local_stack(tmp_path_factory, name: str, services=("ray", "mlflow"), ray_num_cpus: int = 4):
-    """For a module fixture: `yield from local_stack(...)` starts the stack and stops it afterwards."""
-    from infra.stack import LocalStack
-
-    s = LocalStack(tmp_path_factory.mktemp(name), services=services, ray_num_cpus=ray_num_cpus)
-    s.start()
-    try:
-        yield s
-    finally:
-        s.stop()
-
-
 def submit(env: dict, entrypoint: list[str], name: str, *, timeout: float, wait: bool = True):
     """`ray job submit --working-dir <repo>` of `entrypoint` with the stack's client environment passed to the job
     (`ray job submit` does not carry the caller's). Retries while the head's job agent is not registered yet."""

@@ -17,15 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.jobs.ray_jobs import local_stack, submit
+from tests.jobs.ray_jobs import submit
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    yield from local_stack(tmp_path_factory, "ablationstack", ray_num_cpus=6)
 
 
 @pytest.mark.timeout(1800)

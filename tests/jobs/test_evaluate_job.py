@@ -14,7 +14,7 @@ import pytest
 from data_ops.schema import conversation_to_cut
 from data_ops.shards import ShardWriter
 from models.conversation import AudioPart, Conversation, TextPart, Turn
-from tests.jobs.ray_jobs import local_stack, submit
+from tests.jobs.ray_jobs import submit
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,11 +46,6 @@ def _eval_corpus(root):
         w.write("mixed_modal", [cut(Conversation([Turn("user", [AudioPart(_pcm(0.6, 30), transcript="Count to 3.")]),
                                                   Turn.text("assistant", "1, 2, 3.")]),
                                     "spoken-0", "mixed_modal", "spoken_instruction", ["en"])])
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    yield from local_stack(tmp_path_factory, "evalstack")
 
 
 def test_evaluate_two_models_and_compare(stack, tmp_path, tokenizer):

@@ -24,18 +24,6 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    from infra.stack import LocalStack
-
-    s = LocalStack(tmp_path_factory.mktemp("stack"), services=("ray", "mlflow", "s3"), ray_num_cpus=6)
-    s.start()
-    try:
-        yield s
-    finally:
-        s.stop()
-
-
 def _write_corpus(uri, conversations, env):
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

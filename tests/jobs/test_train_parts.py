@@ -219,3 +219,21 @@ def test_an_error_in_the_data_thread_reaches_the_training_loop(tmp_path):
     with pytest.raises(ValueError, match="cannot tensorize"):
         prefetch.next()
     prefetch.close()
+
+
+def test_content_monitor_warns_once_after_warmup_when_the_audio_path_is_dead(make_model, audio):
+    from jobs.training.content import ContentMonitor
+    from models.conversation import AudioPart, Conversation, TextPart, Turn
+
+    model = make_model()
+    with torch.no_grad():  # the adapter outputs zeros whatever it hears: no content can reach the LM
+        model.adapter.proj_out.weight.zero_()
+        model.adapter.proj_out.bias.zero_()
+    probe = [Conversation([Turn("user", [AudioPart(audio(0.5 + 0.1 * i, seed=i)), TextPart("Transcribe.")]),
+                           Turn.text("assistant", text)]) for i, text in enumerate(["hello world", "the answer"])]
+    lines = []
+    monitor = ContentMonitor(probe, warmup_steps=10, log=lines.append)
+    metrics = [monitor(model, step) for step in (5, 20, 40)]
+    assert all(m["speech/content_gap"] == pytest.approx(0.0, abs=1e-6) for m in metrics)
+    warnings = [line for line in lines if line.startswith("WARNING")]
+    assert len(lines) == 4 and len(warnings) == 1 and lines.index(warnings[0]) == 2  # at step 20, not 5, not again
