@@ -50,8 +50,8 @@ SIZES = {
     # the ablation miniature (jobs/ablation.py): enough text for its LM to learn the tasks (~80% exact match)
     "ablation": CorpusSize(text=8000, speech=1600, sqa=400, mixed=400),
     "ablation-eval": CorpusSize(text=200, speech=160, sqa=40, mixed=100),
-    "ablation-quick": CorpusSize(text=3000, speech=600, sqa=100, mixed=100),  # CI's shortened ablation
-    "ablation-quick-eval": CorpusSize(text=80, speech=64, sqa=8, mixed=24),
+    "ablation-quick": CorpusSize(text=1200, speech=120, sqa=20, mixed=20),  # CI's shortened ablation
+    "ablation-quick-eval": CorpusSize(text=80, speech=24, sqa=4, mixed=12),
 }
 
 _DAYS = {

@@ -24,6 +24,7 @@ import soundfile as sf
 from lhotse import MonoCut, Recording
 from lhotse.audio import AudioSource
 
+from models.audio import load_audio_file
 from models.conversation import AudioPart, Conversation, ConversationError
 
 DataType = Literal["text", "asr_ast", "sqa", "mixed_modal"]
@@ -33,11 +34,8 @@ _SOURCE = re.compile(r"^samples:(\d+):(\d+)$")
 
 
 def load_audio_16k(path) -> np.ndarray:
-    """Decode an audio file to 16 kHz mono float32 (S,), resampling with lhotse and averaging channels."""
-    rec = Recording.from_file(str(path))
-    if rec.sampling_rate != SAMPLING_RATE:
-        rec = rec.resample(SAMPLING_RATE)
-    return rec.load_audio().mean(axis=0).astype(np.float32)
+    """An audio file -> mono float32 (S,) at the corpus rate (`models.audio.load_audio_file`)."""
+    return load_audio_file(path, SAMPLING_RATE)
 
 
 class SchemaError(ValueError):

@@ -32,8 +32,6 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import soundfile as sf
-from lhotse.augmentation import Resample
 from lhotse.serialization import deserialize_item
 from lhotse.shar.readers.tar import iterate_tarfile_pairwise
 from ray.data.block import BlockMetadata
@@ -42,6 +40,7 @@ from ray.data.datasource import Datasource, ReadTask
 from data_ops.schema import SAMPLING_RATE, SchemaError, fill_conversation
 from data_ops.shards import ManifestError, ShardInfo, TypeInfo, read_manifest
 from data_ops.storage import Storage, StorageError, open_storage
+from models import audio as models_audio
 from models.conversation import Conversation
 
 logger = logging.getLogger("vtblender.data")
@@ -66,19 +65,9 @@ def is_error_row(row: dict) -> bool:
 
 
 def decode_audio(data: bytes) -> np.ndarray:
-    """Audio file bytes -> 16 kHz mono float32 (S,). Raises ValueError on undecodable or empty audio."""
-    if not data:
-        raise ValueError("empty audio file (0 bytes)")
-    try:
-        samples, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except Exception as e:  # soundfile raises LibsndfileError / RuntimeError subclasses
-        raise ValueError(f"audio does not decode: {e}") from e
-    if samples.shape[0] == 0:
-        raise ValueError("audio has 0 samples")
-    mono = samples.mean(axis=1)
-    if sr != SAMPLING_RATE:
-        mono = Resample(sr, SAMPLING_RATE)(mono[None, :])[0]
-    return np.ascontiguousarray(mono, dtype=np.float32)
+    """A shard's audio file bytes -> mono float32 (S,) at the corpus rate. Raises ValueError (`AudioDecodeError`)
+    on undecodable, empty or non-finite audio."""
+    return models_audio.decode_audio(data, SAMPLING_RATE)
 
 
 def _good_row(cut, data_type: str, audio: np.ndarray | None, shard: str, index: int) -> dict:

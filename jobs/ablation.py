@@ -150,11 +150,10 @@ def pretrain_encoder_logged(cfg: AblationConfig, text_lm: Recipe, corpus: str, e
     from transformers import AutoTokenizer
 
     from jobs.pretrain_encoder import pretrain_encoder
-    from jobs.training.tracking import client_for, find_or_create_run, log_metrics, log_params
+    from jobs.training.tracking import client_for, create_run, log_metrics, log_params
 
     client = client_for(tracking_uri)
-    run_id, _ = find_or_create_run(client, cfg.experiment, f"{cfg.name}-encoder-ctc-s{seed}",
-                                   tags={"vtb.ablation": cfg.name})
+    run_id = create_run(client, cfg.experiment, f"{cfg.name}-encoder-ctc-s{seed}", tags={"vtb.ablation": cfg.name})
     log_params(client, run_id, {"steps": cfg.encoder_steps, "lr": cfg.encoder_lr, "seed": seed, "corpus": corpus})
     try:
         return pretrain_encoder(corpus, text_lm.model.speechlm_config(), AutoTokenizer.from_pretrained(tokenizer_dir),
@@ -288,7 +287,9 @@ def run_seed(cfg: AblationConfig, seed: int, root: Path, out: Path, tracking_uri
     seed_out = out / f"seed-{seed}"
     table, comparison_run = compare_runs(tracking_uri, runs, seed_out, metrics=metrics, names=labels,
                                          tags={"vtb.ablation": cfg.name, "vtb.seed": str(seed)})
-    rows = {label: {k: v for k, v in r.data.metrics.items() if k.startswith("eval/")} for label, r in zip(labels, runs)}
+    # this suite's tasks and content check only: a run found again by its name may hold metrics of an earlier suite
+    current = tuple(f"eval/{suite.name}/{t.name}/" for t in suite.tasks) + (f"eval/{suite.name}/speech/",)
+    rows = {label: {k: v for k, v in r.data.metrics.items() if k.startswith(current)} for label, r in zip(labels, runs)}
     result = {
         "ablation": cfg.name, "seed": seed, "command": command, "models": state["models"],
         "encoder_ctc": state.get("encoder"),
@@ -324,7 +325,8 @@ def seeds_table(out: Path) -> str | None:
     seeds = [r["seed"] for r in results]
     labels = list(results[0]["models"])
     suite_metrics = [m for m in results[0]["metrics"][labels[0]] if not m.endswith(("/samples", "judge_unscored"))
-                     and m.count("/") == 3 and m.split("/")[-1] in ("wer", "bleu", "exact_match")]
+                     and m.count("/") == 3 and m.split("/")[-1] in ("wer", "bleu", "exact_match", "answer_loss",
+                                                                    "content_gap")]
     lines = ["| model | metric | " + " | ".join(f"seed {s}" for s in seeds) + " | spread |",
              "| --- | --- |" + " ---: |" * (len(seeds) + 1)]
     for label in labels:
@@ -363,7 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config if Path(args.config).is_absolute() else REPO / args.config)
         import ray
 
+        from jobs.training.console import quiet_ray_data
+
         ray.init(log_to_driver=True)  # the cluster of RAY_ADDRESS (set by `ray job submit`), else a local one
+        quiet_ray_data()
         for seed in args.seed:
             result = run_seed(cfg, seed, Path(args.root).resolve(), Path(args.out).resolve(), args.tracking_uri,
                               command)

@@ -81,10 +81,14 @@ class Predictor:
     """Ray Data actor: rows of the Shar datasource -> {id, prediction, reference, prompt, context, langs}."""
 
     def __init__(self, model_uri: str, tracking_uri: str | None, max_new_tokens: int):
+        import os
+
         import torch
 
+        from jobs.training.console import quiet_console
         from services.model_store import load_speechlm
 
+        quiet_console(os.environ)  # a Ray worker: no download progress bars in the job log
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_speechlm(model_uri, tracking_uri=tracking_uri, device=device,
                                    dtype=torch.bfloat16 if device == "cuda" else torch.float32)
@@ -92,13 +96,16 @@ class Predictor:
 
     def __call__(self, batch: dict) -> dict:
         from data_ops.shar_datasource import row_to_conversation
+        from models.content_check import answer_token_losses
         from models.conversation import AudioPart, Conversation, TextPart
 
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-        prompts, refs, questions, contexts = [], [], [], []
+        prompts, refs, questions, contexts, full, lasts = [], [], [], [], [], []
         for row in rows:
             conv = row_to_conversation(row)
             last = max(i for i, t in enumerate(conv.turns) if t.role == "assistant")
+            full.append(conv)
+            lasts.append(last)
             prompt = Conversation(conv.turns[:last])
             prompts.append(prompt)
             refs.append(conv.turns[last].text_only)
@@ -106,8 +113,12 @@ class Predictor:
             questions.append(" ".join(p.text for p in user.parts if isinstance(p, TextPart)))
             contexts.append(" ".join(p.transcript or "" for p in user.parts if isinstance(p, AudioPart)))
         predictions = self.model.generate(prompts, max_new_tokens=self.max_new_tokens)
+        # the reference answers' loss (teacher-forced, every assistant turn): moves before exact match does
+        losses = answer_token_losses(self.model, [Conversation(c.turns[:i + 1]) for c, i in zip(full, lasts)],
+                                     batch_size=len(rows))
         return {"id": [r["id"] for r in rows], "langs": [r["langs"] for r in rows], "prediction": predictions,
-                "reference": refs, "question": questions, "context": contexts}
+                "reference": refs, "question": questions, "context": contexts,
+                "loss_sum": [s for s, _ in losses], "loss_tokens": [n for _, n in losses]}
 
 
 def predict(suite: Suite, task: EvalTask, model_uri: str, tracking_uri: str | None) -> list[dict]:
@@ -135,6 +146,8 @@ def score(suite: Suite, task: EvalTask, rows: list[dict]) -> dict[str, float]:
     metrics: dict[str, float] = {"samples": float(len(rows))}
     if not rows:
         return metrics
+    # mean cross-entropy per reference answer token (teacher-forced): a continuous measure of the same skill
+    metrics["answer_loss"] = sum(r["loss_sum"] for r in rows) / max(1, sum(r["loss_tokens"] for r in rows))
     refs, hyps = [r["reference"] for r in rows], [r["prediction"] for r in rows]
     if task.kind == "asr":
         by_lang = defaultdict(list)
@@ -171,10 +184,14 @@ def score(suite: Suite, task: EvalTask, rows: list[dict]) -> dict[str, float]:
 
 
 def _content_check_task(suite: Suite, model_uri: str, tracking_uri: str | None) -> dict[str, float]:
+    import os
+
     from data_ops.shar_datasource import is_error_row, iter_corpus_rows, row_to_conversation
+    from jobs.training.console import quiet_console
     from models.content_check import content_gap
     from services.model_store import load_speechlm
 
+    quiet_console(os.environ)  # a Ray worker: no download progress bars in the job log
     convs = []
     for uri in suite.uris:
         for row in iter_corpus_rows(uri, "asr_ast", endpoint_url=suite.endpoint_url):
@@ -272,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import ray
 
+        from jobs.training.console import quiet_ray_data
+
         ray.init(log_to_driver=True)  # the cluster of RAY_ADDRESS (set by `ray job submit`), else a local one
+        quiet_ray_data()
         out = evaluate_model(args.model, suite, args.tracking_uri, args.experiment)
     except (ModelNotFound, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)

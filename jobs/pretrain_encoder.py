@@ -126,10 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     log = client = run_id = None
     if args.tracking_uri:
-        from jobs.training.tracking import client_for, find_or_create_run, log_metrics, log_params
+        from jobs.training.tracking import client_for, create_run, log_metrics, log_params
 
         client = client_for(args.tracking_uri)
-        run_id, _ = find_or_create_run(client, args.experiment, f"encoder-ctc-{out.name}")
+        run_id = create_run(client, args.experiment, f"encoder-ctc-{out.name}")
         log_params(client, run_id, vars(args))
         log = lambda metrics, step: log_metrics(client, run_id, metrics, step)  # noqa: E731
     try:

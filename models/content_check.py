@@ -89,19 +89,24 @@ def time_reversed_audio(conversations: Sequence[Conversation]) -> list[Conversat
 
 
 @torch.no_grad()
-def answer_loss(model, conversations: Sequence[Conversation], batch_size: int = 8) -> float:
-    """Mean cross-entropy per answer token over all `conversations` (not a mean of batch means)."""
-    total, count = 0.0, 0
+def answer_token_losses(model, conversations: Sequence[Conversation], batch_size: int = 8) -> list[tuple[float, int]]:
+    """Per conversation: (summed cross-entropy over its answer tokens, how many answer tokens)."""
+    out: list[tuple[float, int]] = []
     for i in range(0, len(conversations), batch_size):
         batch = model.processor(conversations[i:i + batch_size])
         batch = {k: v.to(model.device) for k, v in batch.items()}
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()  # (B, L, V)
         target = labels[:, 1:]
-        total += float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                       ignore_index=IGNORE_INDEX, reduction="sum"))
-        count += int((target != IGNORE_INDEX).sum())
-    return total / max(count, 1)
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
+        out += [(float(s), int(n)) for s, n in zip(nll.sum(dim=1), (target != IGNORE_INDEX).sum(dim=1))]
+    return out
+
+
+def answer_loss(model, conversations: Sequence[Conversation], batch_size: int = 8) -> float:
+    """Mean cross-entropy per answer token over all `conversations` (not a mean of batch means)."""
+    losses = answer_token_losses(model, conversations, batch_size)
+    return sum(s for s, _ in losses) / max(sum(n for _, n in losses), 1)
 
 
 def content_gap(model, conversations: Sequence[Conversation], batch_size: int = 8) -> ContentGap:

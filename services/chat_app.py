@@ -88,6 +88,8 @@ class ChatDeployment:
         self.stats = {"batches": 0, "batched_requests": 0}
         # load the default model now: a replica is healthy only when it can answer
         self._default = self._load(self.cfg.served_model_name)
+        # requests are decoded at the rate the served models were trained at (every model here shares one)
+        self.sampling_rate = self._default.config.sampling_rate
 
     # -- models -------------------------------------------------------------------------------------------------
     def _load(self, model_id: str):
@@ -162,7 +164,7 @@ class ChatDeployment:
             body = json.loads(raw)
         except ValueError:
             raise APIError(400, "the request body is not valid JSON") from None
-        req = await asyncio.to_thread(parse_chat_request, body, self.cfg.limits)
+        req = await asyncio.to_thread(parse_chat_request, body, self.cfg.limits, self.sampling_rate)
         model_id, model = await self._model_for(req)
         n_prompt, audio_tokens = prompt_tokens(model, req)
         if n_prompt > self.cfg.limits.max_prompt_tokens:

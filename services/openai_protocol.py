@@ -25,12 +25,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
-import soundfile as sf
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.audio import AudioDecodeError, decode_audio
 from models.conversation import AudioPart, Conversation, TextPart, Turn
 
-SAMPLING_RATE = 16000
 AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg", "oga", "opus", "aiff", "aif", "au"}  # what libsndfile decodes
 
 
@@ -91,28 +90,14 @@ class ChatRequest:
     audio_seconds: float
 
 
-def decode_audio_bytes(data: bytes, where: str, limits: Limits) -> np.ndarray:
-    if not data:
-        raise APIError(400, f"{where}: the audio is empty (0 bytes)", where, "empty_audio")
+def decode_audio_bytes(data: bytes, where: str, limits: Limits, sampling_rate: int) -> np.ndarray:
+    """Request audio -> mono float32 at the model's rate (`models.audio`), its problems as 4xx API errors."""
     try:
-        samples, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except Exception:
-        raise APIError(400, f"{where}: the audio could not be decoded (supported: WAV, FLAC, OGG/Vorbis/Opus, MP3)",
-                       where, "invalid_audio") from None
-    if samples.shape[0] == 0:
-        raise APIError(400, f"{where}: the audio has no samples", where, "empty_audio")
-    seconds = samples.shape[0] / sr
-    if seconds > limits.max_audio_seconds_per_part:
-        raise APIError(413, f"{where}: {seconds:.1f} s of audio is over the limit of "
-                            f"{limits.max_audio_seconds_per_part:g} s per audio part", where, "audio_too_long")
-    mono = samples.mean(axis=1)
-    if sr != SAMPLING_RATE:
-        from lhotse.augmentation import Resample
-
-        mono = Resample(sr, SAMPLING_RATE)(mono[None, :])[0]
-    if not np.isfinite(mono).all():
-        raise APIError(400, f"{where}: the audio contains NaN or infinite samples", where, "invalid_audio")
-    return np.ascontiguousarray(mono, dtype=np.float32)
+        return decode_audio(data, sampling_rate, max_seconds=limits.max_audio_seconds_per_part)
+    except AudioDecodeError as e:
+        status = 413 if e.code == "audio_too_long" else 400
+        suffix = " per audio part" if e.code == "audio_too_long" else ""
+        raise APIError(status, f"{where}: {e}{suffix}", where, e.code) from None
 
 
 def _b64(data: str, where: str) -> bytes:
@@ -167,7 +152,7 @@ def fetch_audio_url(url: str, where: str, limits: Limits) -> bytes:
         raise APIError(400, f"{where}: fetching the audio URL failed: {type(e).__name__}", where, "fetch_failed") from None
 
 
-def _audio_part(part: dict, where: str, limits: Limits) -> AudioPart:
+def _audio_part(part: dict, where: str, limits: Limits, sampling_rate: int) -> AudioPart:
     kind = part.get("type", "audio_url" if "audio_url" in part else None)
     if kind == "input_audio":
         spec = part.get("input_audio")
@@ -193,10 +178,12 @@ def _audio_part(part: dict, where: str, limits: Limits) -> AudioPart:
             data = _b64(payload, where)
         else:
             data = fetch_audio_url(url, where, limits)
-    return AudioPart(decode_audio_bytes(data, where, limits), SAMPLING_RATE)
+    return AudioPart(decode_audio_bytes(data, where, limits, sampling_rate), sampling_rate)
 
 
-def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
+def parse_chat_request(body: Any, limits: Limits, sampling_rate: int) -> ChatRequest:
+    """An OpenAI Chat Completions body -> `ChatRequest`, audio decoded at `sampling_rate` (the model's
+    `config.sampling_rate`). Raises `APIError` (4xx) naming the field at fault."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     messages = body.get("messages")
@@ -239,7 +226,7 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
                     if n_audio > limits.max_audio_parts:
                         raise APIError(413, f"{pw}: more than {limits.max_audio_parts} audio parts in one request",
                                        pw, "too_many_audio_parts")
-                    audio = _audio_part(part, pw, limits)
+                    audio = _audio_part(part, pw, limits, sampling_rate)
                     seconds += audio.duration
                     if seconds > limits.max_audio_seconds_per_request:
                         raise APIError(413, f"{pw}: {seconds:.1f} s of audio in this request is over the limit of "

@@ -29,12 +29,25 @@ def quiet_console(env: dict) -> None:
         env.setdefault("RAY_COLOR_PREFIX", "0")  # Ray colours "(pid=...)" prefixes with ANSI codes otherwise
     # `ray job submit --working-dir .` leaves .git and .venv out by default (what we want) and warns each time
     logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
+    # "Waiting up to 300 seconds for model version to finish creation" at every registration
+    logging.getLogger("mlflow.store.model_registry.abstract_store").setLevel(logging.WARNING)
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     except ImportError:  # a process without transformers (the data jobs' driver) has no bars of its own
         pass
+
+
+def quiet_ray_data() -> None:
+    """For drivers whose Ray Data runs are many and short (evaluation tasks, the ablation's steps): no per-dataset
+    progress blocks in the log; each step prints its own one-line result instead."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 # What Ray Train workers need in their environment for one readable line per print: Train V2 patches `print` to

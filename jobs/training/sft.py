@@ -200,26 +200,22 @@ class Progress:
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's per-worker function; `config["job"]` is the stage's `WorkerJob`."""
-    import ray.data
+    import os
+
     import ray.train
     import ray.train.torch
 
     from data_ops.mix_sampler import mix_sampler
     from data_ops.shar_datasource import row_to_conversation
     from jobs.training.batches import BatchPrefetcher
+    from jobs.training.console import quiet_console, quiet_ray_data
     from jobs.training.content import ContentMonitor, content_probe
     from jobs.training.metrics import MetricsWindow, MlflowRunLogger
-
-    import os
-
-    from jobs.training.console import quiet_console
 
     quiet_console(os.environ)
     job: WorkerJob = config["job"]
     recipe, stage, tr = job.recipe, job.stage, job.recipe.train
-    data_ctx = ray.data.DataContext.get_current()  # this worker's streams: no progress bars in the job log
-    data_ctx.enable_progress_bars = False
-    data_ctx.print_on_execution_start = False
+    quiet_ray_data()  # one small dataset per shard read plan: a progress block for each would bury the log
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

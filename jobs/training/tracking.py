@@ -51,6 +51,11 @@ def find_or_create_run(client, experiment: str, run_name: str, tags: dict | None
     return run.info.run_id, True
 
 
+def create_run(client, experiment: str, run_name: str, tags: dict | None = None) -> str:
+    """A new run (for work that starts from scratch each time, e.g. an encoder's CTC pretraining)."""
+    return client.create_run(experiment_id(client, experiment), run_name=run_name, tags=tags or {}).info.run_id
+
+
 def log_params(client, run_id: str, params: dict) -> None:
     from mlflow.entities import Param
 

@@ -62,8 +62,8 @@ def test_bad_items_become_counted_error_rows(tmp_path, pcm_audio, caplog):
     errors = [r for r in rows if is_error_row(r)]
     assert good == ["u00", "u03", "u04", "u06", "u07"]
     by_where = {(r["shard"], r["index"]): r["error"] for r in errors}
-    assert "does not decode" in by_where[(shards[0].cuts, 1)]
-    assert "empty audio" in by_where[(shards[0].cuts, 2)]
+    assert "could not be decoded: Format not recognised" in by_where[(shards[0].cuts, 1)]
+    assert "empty (0 bytes)" in by_where[(shards[0].cuts, 2)]
     assert "unreadable cut line" in by_where[(shards[1].cuts, 1)]
     assert "missing shard" in by_where[(shards[2].cuts, 0)] and "4 cuts are skipped" in by_where[(shards[2].cuts, 0)]
     assert len(errors) == 4

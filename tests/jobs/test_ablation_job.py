@@ -1,11 +1,13 @@
-"""The ablation miniature, shortened (jobs/ablations/table4_quick.yaml), submitted as a Ray job on a local stack:
-corpora -> text LM -> joint / B1 / B2 from it -> evaluation -> table + chart in MLflow and on disk. It checks
-only the effects that hold with a wide margin at this length (400 speech steps), measured, not assumed:
-- B1 (speech-only SFT) loses text accuracy against the text LM;
-- joint SFT keeps more text accuracy than B1;
-- the content check ran on every model. Speech quality claims (WER, BLEU, B2 vs joint) are not asserted here:
-  at 400 steps they sit within seed noise; the full run (docs/ablation.md) reports them.
-The full run (docs/ablation.md) is `make ablation`; it takes about 40 minutes per seed on 2 cores."""
+"""The ablation miniature, shortened (jobs/ablations/table4_quick.yaml), submitted as a Ray job on the local stack:
+corpora -> text LM -> CTC encoder -> joint / B1 from them -> evaluation -> table + chart + claims in MLflow and on
+disk, and a rerun that finds every step done. It checks only the effects that hold with a wide margin at this
+length on seeds 0, 1 and 2 (measured, docs/ablation.md "CI's shortened run"), in the reference answers' loss on
+held-out text, which moves long before exact match does:
+- the text LM learned its tasks (loss far below an untrained model's);
+- B1 (speech-only SFT) forgets text: its loss rises above the text LM's;
+- joint SFT keeps more of it: its loss stays below B1's;
+- the content check ran on every model. Speech quality claims are not asserted here: at 100 speech steps they
+  sit within seed noise; the full run (`make ablation`, about 40 minutes per seed on 2 cores) reports them."""
 
 from __future__ import annotations
 
@@ -21,9 +23,14 @@ from tests.jobs.ray_jobs import submit
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
+# Reference answers' cross-entropy on held-out text (nats/token), measured on seeds 0/1/2 (docs/ablation/ci-quick):
+# text LM 0.633/0.666/0.595 (an untrained LM: about 7), joint 0.672/0.751/0.719, B1 0.883/0.898/0.838. The smallest
+# gap asserted (B1 - joint) was 0.119; the margin is well under half of it.
+TEXT_LM_LEARNED = 1.5
+FORGETTING_MARGIN = 0.05
 
 
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(1200)
 def test_quick_ablation_shows_the_papers_directions(stack, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -32,16 +39,16 @@ def test_quick_ablation_shows_the_papers_directions(stack, tmp_path):
     job_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
     proc = submit(env, ["python", "-m", "jobs.ablation", "--config", "jobs/ablations/table4_quick.yaml", "--seed", "0",
                         "--root", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--tracking-uri", tracking],
-                  "ablation", timeout=1700)
+                  "ablation", timeout=1100)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
 
     result = json.loads((tmp_path / "out/seed-0/result.json").read_text())
-    assert list(result["models"]) == ["text-lm", "joint", "b1-speech-only", "b2-frozen-lm"]
+    assert list(result["models"]) == ["text-lm", "joint", "b1-speech-only"]
     m = {label: {k.removeprefix("eval/ablation/"): v for k, v in r.items()} for label, r in result["metrics"].items()}
-    text, gap = "text/exact_match", "speech/content_gap"
-    assert m["text-lm"][text] >= 0.3, f"the text LM did not learn its tasks: {m['text-lm'][text]}"
-    assert m["b1-speech-only"][text] < m["text-lm"][text], m
-    assert m["joint"][text] > m["b1-speech-only"][text], m
+    text, gap = "text/answer_loss", "speech/content_gap"
+    assert m["text-lm"][text] < TEXT_LM_LEARNED, f"the text LM did not learn its tasks: {m['text-lm'][text]}"
+    assert m["b1-speech-only"][text] > m["text-lm"][text] + FORGETTING_MARGIN, m
+    assert m["joint"][text] < m["b1-speech-only"][text] - FORGETTING_MARGIN, m
     assert all(isinstance(r[gap], float) for r in m.values()), m  # the content check ran on every model
     # the claims the job checks itself agree with the numbers above
     claims = {c["claim"].split(":")[0]: c["holds"] for c in result["claims"]}
@@ -61,11 +68,11 @@ def test_quick_ablation_shows_the_papers_directions(stack, tmp_path):
     assert len(set(samples.values())) == 1 and samples["joint"] > 0
     assert result["memory"]["peak_gib"] > 0 and result["seconds"] > 0
 
-    # running the command again finds every step done and only rebuilds the table
+    # running the command again (a driver on the same cluster) finds every step done and only rebuilds the table
     proc = subprocess.run([sys.executable, "-m", "jobs.ablation", "--config", "jobs/ablations/table4_quick.yaml",
                            "--seed", "0", "--root", str(tmp_path / "work"), "--out", str(tmp_path / "out2"),
                            "--tracking-uri", tracking], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **job_env})
+                          env={**os.environ, **job_env, "RAY_ADDRESS": stack.services["ray"].extra["gcs_address"]})
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = json.loads((tmp_path / "out2/seed-0/result.json").read_text())
     assert again["models"] == result["models"] and again["metrics"] == result["metrics"]

@@ -92,3 +92,21 @@ def test_overfits_equal_length_clips_on_content(seed):
     assert learned.matched < 0.1
     assert learned.gap > 1.0 and learned.gap_reversed > 1.0, learned
     assert learned.gap > collapsed.gap + 1.0  # untrained, the audio meant little
+
+
+def test_per_conversation_answer_losses_add_up_to_the_models_own_mean_loss(make_model, audio):
+    """Evaluation's `answer_loss` metric: per-conversation sums that agree with the training loss of the batch."""
+    from models.content_check import answer_loss, answer_token_losses
+
+    model = make_model().eval()
+    convs = [Conversation([Turn("user", [AudioPart(audio(0.4, seed=1)), TextPart("Transcribe.")]),
+                           Turn.text("assistant", "hello world")]),
+             Conversation([Turn.text("user", "the answer is"), Turn.text("assistant", "five"),
+                           Turn.text("user", "again"), Turn.text("assistant", "the answer is five")])]
+    losses = answer_token_losses(model, convs, batch_size=2)
+    assert [n for _, n in losses][1] > [n for _, n in losses][0] > 0  # both assistant turns of the second count
+    with torch.no_grad():
+        batch = model.processor(convs)
+        expected = float(model(**batch).loss)
+    assert sum(s for s, _ in losses) / sum(n for _, n in losses) == pytest.approx(expected, rel=1e-5)
+    assert answer_loss(model, convs, batch_size=1) == pytest.approx(expected, rel=1e-5)  # batching does not matter

@@ -27,7 +27,7 @@ def test_parts_in_order_turns_merged_and_resampled():
                                      {"audio_url": "data:audio/flac;base64," + _b64(a8k, 8000, "FLAC")}]}],
         "max_completion_tokens": 7, "temperature": 0, "stop": "END", "seed": 3,
         "stream": True, "stream_options": {"include_usage": True}}
-    req = parse_chat_request(body, Limits())
+    req = parse_chat_request(body, Limits(), 16000)
     roles = [t.role for t in req.conversation.turns]
     assert roles == ["system", "user"]  # developer -> system; consecutive user messages form one turn
     kinds = [type(p).__name__ for p in req.conversation.turns[1].parts]
@@ -56,7 +56,7 @@ def test_parts_in_order_turns_merged_and_resampled():
 ])
 def test_limits_and_bad_fields(limits, body, status, code):
     with pytest.raises(APIError) as e:
-        parse_chat_request(body, limits)
+        parse_chat_request(body, limits, 16000)
     assert e.value.status == status and (code is None or e.value.code == code)
     assert e.value.body()["error"]["message"]
 
