@@ -211,6 +211,34 @@ def check_claims(rows: dict[str, dict[str, float]], suite: str) -> list[dict]:
     return checks
 
 
+class SeedState:
+    """What one seed's run has done so far (`state-seed<N>.json` under the work folder): steps finished, their
+    outputs and timings, so a rerun skips them."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.state = json.loads(path.read_text()) if path.is_file() else {}
+        self.timings = self.state.get("timings", {})
+
+    def __getitem__(self, key: str):
+        return self.state[key]
+
+    def get(self, key: str, default=None):
+        return self.state.get(key, default)
+
+    def done(self, key: str, value) -> None:
+        self.state[key] = value
+        self.path.write_text(json.dumps(self.state, indent=1))
+
+    def timed(self, key: str, fn):
+        """Run `fn`, record how long it took (only work that runs: a step found done keeps its first timing)."""
+        start = time.time()
+        value = fn()
+        self.timings[key] = round(time.time() - start, 1)
+        self.state["timings"] = self.timings
+        return value
+
+
 def run_seed(cfg: AblationConfig, seed: int, root: Path, out: Path, tracking_uri: str, command: str) -> dict:
     from mlflow.tracking import MlflowClient
 
@@ -222,21 +250,8 @@ def run_seed(cfg: AblationConfig, seed: int, root: Path, out: Path, tracking_uri
 
     t0, memory = time.time(), PeakMemory()
     root.mkdir(parents=True, exist_ok=True)
-    state_path = root / f"state-seed{seed}.json"
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-
-    def done(key: str, value) -> None:
-        state[key] = value
-        state_path.write_text(json.dumps(state, indent=1))
-
-    timings = state.get("timings", {})
-
-    def timed(key: str, fn):  # only around work that runs (a step found done keeps its first timing)
-        start = time.time()
-        value = fn()
-        timings[key] = round(time.time() - start, 1)
-        state["timings"] = timings
-        return value
+    state = SeedState(root / f"state-seed{seed}.json")
+    done, timed, timings = state.done, state.timed, state.timings
 
     def corpus(key: str, path: Path, size: str, corpus_seed: int, split: str) -> str:
         try:

@@ -69,6 +69,65 @@ def submit_and_follow(client, entrypoint: list[str], env: dict, name: str, timeo
     return logs
 
 
+def ensure_corpus(client, root: Path, size: str, job_env: dict) -> Path:
+    """The demo corpus under `root/corpus`, made by a `jobs.data demo` Ray job unless it is there."""
+    corpus = root / "corpus"
+    if not (corpus / "manifest.json").exists():
+        submit_and_follow(client, ["python", "-m", "jobs.data", "demo", "--out", str(corpus), "--size", size],
+                          job_env, "demo-corpus", timeout_s=1200)
+    else:
+        print(f"[demo] reusing the corpus at {corpus}")
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    print("[demo] corpus: " + ", ".join(f"{t} {v['num_cuts']} cuts / {v['hours'] * 60:.1f} min"
+                                        for t, v in manifest["types"].items()))
+    return corpus
+
+
+def demo_recipe(root: Path, corpus: Path, steps: int) -> tuple[dict, Path]:
+    """jobs/recipes/tiny.yaml on the demo corpus, `steps` per stage, a fresh run name; written under `root`."""
+    recipe = yaml.safe_load((ROOT / "jobs" / "recipes" / "tiny.yaml").read_text())
+    run_name = f"tiny-demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    recipe["run"].update(name=run_name, storage_path=str(root / "runs"))
+    for stage in recipe.get("stages") or []:
+        stage["max_steps"] = steps
+    for src in recipe["data"]["sources"].values():
+        src["uris"] = [str(corpus)]
+    path = root / "recipes" / f"{run_name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return recipe, path
+
+
+def chat_turn(recipe: dict, tracking_uri: str, steps: int) -> str:
+    """Load the registered model, answer one turn of text + speech, print the answer and the run's loss."""
+    from mlflow.tracking import MlflowClient
+
+    from data_ops.tts import EspeakTTS
+    from models.conversation import AudioPart, Conversation, TextPart, Turn
+    from services.model_store import load_speechlm
+
+    model_uri = f"models:/{recipe['run']['registered_model']}@{recipe['run']['alias']}"
+    model = load_speechlm(model_uri, tracking_uri=tracking_uri)
+    question = "How many apples do I have now?"
+    audio, tts = EspeakTTS().synthesize(question, "en", np.random.default_rng(0), voice="en-us")
+    conv = Conversation([Turn("user", [TextPart("I have 6 apples. My friend gives me 3 more."), AudioPart(audio)])])
+    answer = model.generate([conv], max_new_tokens=24)[0]
+    mc = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    run = mc.search_runs([mc.get_experiment_by_name(recipe["run"]["experiment"]).experiment_id],
+                         filter_string=f"tags.`vtb.run_name` = '{recipe['run']['name']}'")[0]
+    last_stage = recipe["stages"][-1]["name"] if recipe.get("stages") else None
+    loss = mc.get_metric_history(run.info.run_id, f"{last_stage}/loss" if last_stage else "loss")
+    print(f"[demo] chat turn: user = [text 'I have 6 apples. My friend gives me 3 more.', "
+          f"speech '{question}' ({len(audio) / model.config.sampling_rate:.1f} s, espeak-ng {tts['voice']})]")
+    print(f"[demo] {model_uri} answers: {answer!r}")
+    print(f"[demo] training loss {loss[0].value:.3f} (step {loss[0].step}) -> {loss[-1].value:.3f} "
+          f"(step {loss[-1].step}) in the joint stage; a tiny random-init model, {steps} steps per stage on CPU")
+    print(f"[demo] MLflow run {run.info.run_id}: {tracking_uri}/#/experiments/{run.info.experiment_id}/runs/"
+          f"{run.info.run_id}")
+    print(f"[demo] MLflow model registry: {tracking_uri}/#/models/{recipe['run']['registered_model']}")
+    return answer
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="small", choices=["tiny", "small", "demo"], help="demo corpus size")
@@ -86,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ray.job_submission import JobSubmissionClient
 
-    from data_ops.tts import EspeakTTS, TTSError
+    from data_ops.tts import TTSError
     from jobs.training.console import quiet_console
 
     quiet_console(os.environ)
@@ -98,53 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         # what the jobs need of this environment (MLflow, S3 and Ray auth settings), not the cluster address
         job_env = {k: v for k, v in env.items() if k.startswith(("MLFLOW_", "AWS_", "RAY_AUTH"))}
         root = Path(args.work_dir).resolve()
-        corpus = root / "corpus"
-        if not (corpus / "manifest.json").exists():
-            submit_and_follow(client, ["python", "-m", "jobs.data", "demo", "--out", str(corpus), "--size", args.size],
-                              job_env, "demo-corpus", timeout_s=1200)
-        else:
-            print(f"[demo] reusing the corpus at {corpus}")
-        manifest = json.loads((corpus / "manifest.json").read_text())
-        print("[demo] corpus: " + ", ".join(f"{t} {v['num_cuts']} cuts / {v['hours'] * 60:.1f} min"
-                                            for t, v in manifest["types"].items()))
-
-        recipe = yaml.safe_load((ROOT / "jobs" / "recipes" / "tiny.yaml").read_text())
-        run_name = f"tiny-demo-{time.strftime('%Y%m%d-%H%M%S')}"
-        recipe["run"].update(name=run_name, storage_path=str(root / "runs"))
-        for stage in recipe.get("stages") or []:
-            stage["max_steps"] = args.steps
-        for src in recipe["data"]["sources"].values():
-            src["uris"] = [str(corpus)]
-        recipe_path = root / "recipes" / f"{run_name}.yaml"
-        recipe_path.parent.mkdir(parents=True, exist_ok=True)
-        recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        corpus = ensure_corpus(client, root, args.size, job_env)
+        recipe, recipe_path = demo_recipe(root, corpus, args.steps)
         submit_and_follow(client, ["python", "-m", "jobs.train", "--config", str(recipe_path)], job_env, "train",
                           timeout_s=1800)
-
-        from mlflow.tracking import MlflowClient
-
-        from models.conversation import AudioPart, Conversation, TextPart, Turn
-        from services.model_store import load_speechlm
-
-        model_uri = f"models:/{recipe['run']['registered_model']}@{recipe['run']['alias']}"
-        model = load_speechlm(model_uri, tracking_uri=env["MLFLOW_TRACKING_URI"])
-        question = "How many apples do I have now?"
-        audio, tts = EspeakTTS().synthesize(question, "en", np.random.default_rng(0), voice="en-us")
-        conv = Conversation([Turn("user", [TextPart("I have 6 apples. My friend gives me 3 more."), AudioPart(audio)])])
-        answer = model.generate([conv], max_new_tokens=24)[0]
-        mc = MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
-        run = mc.search_runs([mc.get_experiment_by_name(recipe["run"]["experiment"]).experiment_id],
-                             filter_string=f"tags.`vtb.run_name` = '{run_name}'")[0]
-        last_stage = recipe["stages"][-1]["name"] if recipe.get("stages") else None
-        loss = mc.get_metric_history(run.info.run_id, f"{last_stage}/loss" if last_stage else "loss")
-        print(f"[demo] chat turn: user = [text 'I have 6 apples. My friend gives me 3 more.', "
-              f"speech '{question}' ({len(audio) / 16000:.1f} s, espeak-ng {tts['voice']})]")
-        print(f"[demo] {model_uri} answers: {answer!r}")
-        print(f"[demo] training loss {loss[0].value:.3f} (step {loss[0].step}) -> {loss[-1].value:.3f} "
-              f"(step {loss[-1].step}) in the joint stage; a tiny random-init model, {args.steps} steps per stage on CPU")
-        ui = env["MLFLOW_TRACKING_URI"]
-        print(f"[demo] MLflow run {run.info.run_id}: {ui}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}")
-        print(f"[demo] MLflow model registry: {ui}/#/models/{recipe['run']['registered_model']}")
+        chat_turn(recipe, env["MLFLOW_TRACKING_URI"], args.steps)
         print(f"[demo] Ray dashboard: {env['RAY_ADDRESS']}")
         print(f"[demo] done in {time.time() - t0:.0f} s")
         return 0

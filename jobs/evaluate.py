@@ -146,8 +146,6 @@ def score(suite: Suite, task: EvalTask, rows: list[dict]) -> dict[str, float]:
     metrics: dict[str, float] = {"samples": float(len(rows))}
     if not rows:
         return metrics
-    # mean cross-entropy per reference answer token (teacher-forced): a continuous measure of the same skill
-    metrics["answer_loss"] = sum(r["loss_sum"] for r in rows) / max(1, sum(r["loss_tokens"] for r in rows))
     refs, hyps = [r["reference"] for r in rows], [r["prediction"] for r in rows]
     if task.kind == "asr":
         by_lang = defaultdict(list)
@@ -180,6 +178,8 @@ def score(suite: Suite, task: EvalTask, rows: list[dict]) -> dict[str, float]:
             metrics["judge_unscored"] = float(result.unscored)
             if result.mean is not None:
                 metrics["judge_score"] = result.mean
+    # mean cross-entropy per reference answer token (teacher-forced): a continuous measure of the same skill
+    metrics["answer_loss"] = sum(r["loss_sum"] for r in rows) / max(1, sum(r["loss_tokens"] for r in rows))
     return metrics
 
 

@@ -66,7 +66,7 @@ def stack(tmp_path_factory):
     try:
         yield s
     finally:
-        s.stop()
+        s.stop(timeout=10)  # a test cluster: lingering workers after 10 s are killed, not waited for
 
 
 @pytest.fixture(scope="session")

@@ -77,3 +77,24 @@ def _trees_imports_from(folder: str, module: str) -> dict[str, bool]:
     for path, tree in _trees(folder).items():
         out[path] = any(isinstance(n, ast.ImportFrom) and n.module == module for n in ast.walk(tree))
     return out
+
+
+def test_jobs_functions_and_repo_files_stay_readable():
+    """Entrypoints stay thin (no function in jobs/ over 80 lines) and no tracked file runs past 600 lines."""
+    import subprocess
+
+    long_functions = [f"{path}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+                      for path, tree in _trees("jobs").items() for node in ast.walk(tree)
+                      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.end_lineno - node.lineno + 1 > 80]
+    assert long_functions == []
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    long_files = []
+    for name in tracked:
+        path = ROOT / name
+        if path.suffix in (".png", ".jpg", ".wav", ".flac") or not path.is_file():
+            continue
+        lines = path.read_bytes().count(b"\n")
+        if lines > 600:
+            long_files.append(f"{name} ({lines} lines)")
+    assert long_files == []

@@ -73,9 +73,15 @@ def test_evaluate_two_models_and_compare(stack, tmp_path, tokenizer):
     suite = tmp_path / "suite.yaml"
     suite.write_text((ROOT / "jobs/suites/demo.yaml").read_text())
 
-    for name in ("model-a", "model-b"):
-        proc = submit(env, ["python", "-m", "jobs.evaluate", "--model", f"models:/{name}@candidate", "--suite",
+    from concurrent.futures import ThreadPoolExecutor
+
+    def evaluate(name):  # two Ray jobs at once on the cluster, as two users would submit them
+        return submit(env, ["python", "-m", "jobs.evaluate", "--model", f"models:/{name}@candidate", "--suite",
                             str(suite), "--uris", str(tmp_path / "eval")], f"eval-{name}", timeout=600)
+
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(evaluate, ("model-a", "model-b")))
+    for proc in procs:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "[eval] demo/asr: samples 3, wer_de" in proc.stdout
 
@@ -85,6 +91,7 @@ def test_evaluate_two_models_and_compare(stack, tmp_path, tokenizer):
         m = runs[name].data.metrics  # logged to the model's own (training) run
         assert m["eval/demo/asr/samples"] == 3 and "eval/demo/asr/wer_en" in m and "eval/demo/asr/wer_de" in m
         assert "eval/demo/ast/bleu_de-en" in m and "eval/demo/text/exact_match" in m
+        assert 0 < m["eval/demo/text/answer_loss"] < 20 and 0 < m["eval/demo/asr/answer_loss"] < 20
         assert m["eval/demo/sqa/judge_unscored"] == 1  # no judge configured: reported, not faked
         assert m["eval/demo/spoken_instruction/samples"] == 1
         table = json.loads(mlflow.artifacts.load_text(f"runs:/{runs[name].info.run_id}/eval/demo/samples.json"))
