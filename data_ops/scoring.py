@@ -18,7 +18,7 @@ import re
 import jiwer
 import sacrebleu
 
-from data_ops.sqa import ChatEndpoint, EndpointError, chat_complete
+from data_ops.llm_client import ChatClient, ChatEndpoint, EndpointError
 
 JUDGE_SYSTEM = (
     "You are an expert evaluator of question-answering performance.\n\n"
@@ -111,14 +111,12 @@ class JudgeResult:
 
 def judge(endpoint: ChatEndpoint, api_key: str | None, items: list[dict]) -> JudgeResult:
     """Score items {question, context, reference, answer} with the Appendix B rubric."""
-    import requests
-
-    session = requests.Session()
+    client = ChatClient(endpoint, api_key)
     scores: list[int | None] = []
     for it in items:
         prompt = JUDGE_INPUT.format(**{k: it.get(k, "") for k in ("question", "context", "reference", "answer")})
         try:
-            reply = chat_complete(endpoint, prompt, api_key, session, system=JUDGE_SYSTEM)
+            reply = client.complete(prompt, system=JUDGE_SYSTEM)
         except EndpointError:
             reply = None
         scores.append(parse_judge(reply))

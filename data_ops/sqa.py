@@ -15,15 +15,14 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import re
 import time
 import uuid
 from typing import Iterable, Iterator
 
-import requests
 from tqdm import tqdm
 
+from data_ops.llm_client import ChatClient, ChatEndpoint, EndpointError
 from data_ops.schema import SAMPLING_RATE, conversation_to_cut
 from data_ops.storage import open_storage
 from models.conversation import AudioPart, Conversation, TextPart, Turn
@@ -43,25 +42,6 @@ SQA_PROMPT = (
 )
 _NONE = {"none", "null", "n/a", ""}
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$", re.IGNORECASE)
-
-
-@dataclasses.dataclass
-class ChatEndpoint:
-    """An OpenAI-compatible chat endpoint. The key is read from the environment variable `api_key_env` by the
-    job's driver and handed to its actors (never logged, never part of the config file)."""
-
-    base_url: str
-    model: str
-    api_key_env: str | None = "OPENAI_API_KEY"
-    temperature: float = 0.7
-    max_tokens: int = 256
-    timeout_s: float = 60.0
-    max_retries: int = 4
-    backoff_s: float = 1.0
-
-
-class EndpointError(RuntimeError):
-    pass
 
 
 def parse_qa(text: str | None) -> tuple[str, str | None, str | None]:
@@ -89,56 +69,19 @@ def parse_qa(text: str | None) -> tuple[str, str | None, str | None]:
     return "ok", q.strip(), str(a).strip()
 
 
-def chat_complete(endpoint: ChatEndpoint, prompt: str, api_key: str | None = None,
-                  session: requests.Session | None = None, system: str | None = None) -> str:
-    """One chat completion; retries connection errors, timeouts, 429 and 5xx with exponential backoff + jitter
-    (honouring Retry-After); other 4xx fail at once. Raises EndpointError when it gives up."""
-    url = endpoint.base_url.rstrip("/") + "/chat/completions"
-    headers = {"Content-Type": "application/json"}
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    payload = {"model": endpoint.model, "messages": messages,
-               "temperature": endpoint.temperature, "max_tokens": endpoint.max_tokens}
-    http = session or requests
-    last = ""
-    for attempt in range(endpoint.max_retries + 1):
-        wait = endpoint.backoff_s * (2 ** attempt) * (0.5 + random.random())
-        try:
-            r = http.post(url, json=payload, headers=headers, timeout=endpoint.timeout_s)
-        except (requests.ConnectionError, requests.Timeout) as e:
-            last = f"{type(e).__name__}: {e}"
-        else:
-            if r.status_code == 200:
-                try:
-                    return r.json()["choices"][0]["message"]["content"] or ""
-                except (ValueError, KeyError, IndexError, TypeError):
-                    return ""  # a 200 without a usable message counts as a malformed answer
-            last = f"HTTP {r.status_code}: {r.text[:200]}"
-            if r.status_code != 429 and r.status_code < 500:
-                break
-            retry_after = r.headers.get("Retry-After")
-            if retry_after and retry_after.isdigit():
-                wait = max(wait, float(retry_after))
-        if attempt < endpoint.max_retries:
-            time.sleep(wait)
-    raise EndpointError(f"{url}: gave up after {attempt + 1} attempts: {last}")
-
-
 class SQAMapper:
     """Ray Data callable class: rows {id, transcript} -> {id, status, question, answer, detail}."""
 
     def __init__(self, endpoint: ChatEndpoint, api_key: str | None):
         self.endpoint = endpoint
-        self.api_key = api_key
-        self.session = requests.Session()
+        self.client = ChatClient(endpoint, api_key)
 
     def __call__(self, batch: dict) -> dict:
         out: dict[str, list] = {"id": [], "status": [], "question": [], "answer": [], "detail": []}
         for item_id, transcript in zip(batch["id"], batch["transcript"]):
             try:
                 prompt = SQA_PROMPT.replace("{transcript}", transcript)
-                reply = chat_complete(self.endpoint, prompt, self.api_key, self.session)
+                reply = self.client.complete(prompt)
                 status, q, a = parse_qa(reply)
                 detail = None if status == "ok" else reply[:300]
             except EndpointError as e:

@@ -81,7 +81,8 @@ def cmd_import_nemo(a) -> None:
 
 def cmd_sqa(a) -> None:
     from data_ops.shar_datasource import iter_corpus_rows, iter_cut_dicts, is_error_row, row_to_conversation
-    from data_ops.sqa import ChatEndpoint, english_asr_transcripts, generate_sqa, sqa_cuts
+    from data_ops.llm_client import ChatEndpoint
+    from data_ops.sqa import english_asr_transcripts, generate_sqa, sqa_cuts
 
     _ray_init()
     endpoint = ChatEndpoint(base_url=a.base_url, model=a.model, api_key_env=a.api_key_env,

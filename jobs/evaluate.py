@@ -141,7 +141,7 @@ def predict(suite: Suite, task: EvalTask, model_uri: str, tracking_uri: str | No
 
 def score(suite: Suite, task: EvalTask, rows: list[dict]) -> dict[str, float]:
     from data_ops import scoring
-    from data_ops.sqa import ChatEndpoint
+    from data_ops.llm_client import ChatEndpoint
 
     metrics: dict[str, float] = {"samples": float(len(rows))}
     if not rows:

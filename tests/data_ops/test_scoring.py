@@ -60,7 +60,7 @@ def test_judge_against_a_loopback_openai_server_counts_garbage_as_unscored():
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from data_ops.scoring import JUDGE_SYSTEM, judge
-    from data_ops.sqa import ChatEndpoint
+    from data_ops.llm_client import ChatEndpoint
 
     seen = []
 
@@ -92,7 +92,7 @@ def test_judge_against_a_loopback_openai_server_counts_garbage_as_unscored():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         endpoint = ChatEndpoint(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", model="judge",
-                                api_key_env=None, max_retries=1, backoff_s=0.01)
+                                api_key_env=None, max_retries=1)
         items = [{"question": "Who?", "context": "My name is Anna.", "reference": "Anna", "answer": a}
                  for a in ("good", "bad", "garbage", "down")]
         result = judge(endpoint, None, items)

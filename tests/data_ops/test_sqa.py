@@ -9,7 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from data_ops.sqa import SQA_PROMPT, ChatEndpoint, generate_sqa, load_results, parse_qa
+from data_ops.llm_client import ChatEndpoint
+from data_ops.sqa import SQA_PROMPT, generate_sqa, load_results, parse_qa
 
 # transcript -> what the fake LLM answers; "flaky" fails twice with 503 first, "down" always fails
 REPLIES = {
@@ -95,7 +96,7 @@ def test_parse_qa(text, status):
 
 def test_sqa_generation_keeps_valid_counts_dropped_and_resumes(llm_server, ray_local, tmp_path):
     endpoint = ChatEndpoint(base_url=llm_server, model="fake-gemma", api_key_env="VTB_TEST_LLM_KEY",
-                            max_retries=2, backoff_s=0.05, timeout_s=10)
+                            max_retries=2, timeout_s=10)
     items = [{"id": f"utt-{i}", "transcript": t} for i, t in enumerate(REPLIES)]
     work = str(tmp_path / "work")
     summary, kept = generate_sqa(items, endpoint, work, concurrency=2, flush_every=3, progress=False)
