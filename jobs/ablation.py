@@ -373,8 +373,12 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_console(os.environ)
     command = "python -m jobs.ablation " + shlex.join(argv if argv is not None else sys.argv[1:])
-    if not args.tracking_uri:
-        print("error: no MLflow tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI", file=sys.stderr)
+    from jobs.training.tracking import TrackingError, resolve_tracking_uri
+
+    try:
+        args.tracking_uri = resolve_tracking_uri(args.tracking_uri, dict(os.environ))
+    except TrackingError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         cfg = load_config(args.config if Path(args.config).is_absolute() else REPO / args.config)

@@ -103,8 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from mlflow.tracking import MlflowClient
 
-    if not args.tracking_uri:
-        print("error: pass --tracking-uri or set MLFLOW_TRACKING_URI", file=sys.stderr)
+    from jobs.training.tracking import TrackingError, resolve_tracking_uri
+
+    try:
+        args.tracking_uri = resolve_tracking_uri(args.tracking_uri, dict(os.environ))
+    except TrackingError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     client = MlflowClient(args.tracking_uri, registry_uri=args.tracking_uri)
     if args.experiment:

@@ -283,8 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     suite = load_suite(args.suite)
     if args.uris:
         suite.uris = list(args.uris)
-    if not args.tracking_uri:
-        print("error: no MLflow tracking server: pass --tracking-uri or set MLFLOW_TRACKING_URI", file=sys.stderr)
+    from jobs.training.tracking import TrackingError, resolve_tracking_uri
+
+    try:
+        args.tracking_uri = resolve_tracking_uri(args.tracking_uri, dict(os.environ))
+    except TrackingError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         import ray
