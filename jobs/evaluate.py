@@ -283,12 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     suite = load_suite(args.suite)
     if args.uris:
         suite.uris = list(args.uris)
-    from jobs.training.tracking import TrackingError, resolve_tracking_uri
+    from jobs.training.tracking import tracking_uri_or_report
 
-    try:
-        args.tracking_uri = resolve_tracking_uri(args.tracking_uri, dict(os.environ))
-    except TrackingError as e:
-        print(f"error: {e}", file=sys.stderr)
+    args.tracking_uri = tracking_uri_or_report(args.tracking_uri, dict(os.environ))
+    if args.tracking_uri is None:
         return 2
     try:
         import ray

@@ -29,6 +29,17 @@ def resolve_tracking_uri(uri: str | None, env: dict | None = None) -> str:
     return uri
 
 
+def tracking_uri_or_report(uri: str | None, env: dict) -> str | None:
+    """For entrypoints: `resolve_tracking_uri`, or None after printing why there is none (the caller exits 2)."""
+    import sys
+
+    try:
+        return resolve_tracking_uri(uri, env)
+    except TrackingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
 def client_for(tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
