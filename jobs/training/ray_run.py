@@ -70,7 +70,10 @@ def tokenizer_files_for(recipe: Recipe) -> dict | None:
 
 def ray_storage(path: str, endpoint_url: str | None):
     """(storage_path, storage_filesystem) for RunConfig: local paths as they are, s3:// through pyarrow with the
-    configured endpoint (MinIO, moto, ...)."""
+    configured endpoint (MinIO, moto, ...).
+
+    The one place that is not `data_ops.storage` (boto3): Ray Train writes and reads checkpoints itself, through a
+    `pyarrow.fs.FileSystem` (RunConfig.storage_filesystem), so this hands it one for the same endpoint."""
     if not path.startswith("s3://"):
         return str(Path(path).expanduser().resolve()), None
     import pyarrow.fs
@@ -153,6 +156,8 @@ def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str
     worker_env = {k: env[k] for k in FORWARDED_ENV if k in env} | WORKER_ENV | {"MLFLOW_TRACKING_URI": tracking_uri}
     stages = recipe.stage_list()
     init_from, offset, result = None, 0, None
+    # the hand-over between stages: a local copy of the last stage's checkpoint, removed when the run ends
+    handover = tempfile.TemporaryDirectory(prefix="vtb-stages-")
     for i, stage in enumerate(stages):
         job = WorkerJob(recipe, stage, tokenizer_files, tracking_uri, run_id, init_from=init_from,
                         final=i == len(stages) - 1, step_offset=offset, sample_log_dir=sample_log_dir)
@@ -173,7 +178,8 @@ def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str
             raise result.error
         offset += stage.max_steps
         if i < len(stages) - 1:  # the next stage starts from this one's weights (local copy for the workers)
-            init_from = result.checkpoint.to_directory(tempfile.mkdtemp(prefix=f"vtb-{stage.name}-"))
+            init_from = result.checkpoint.to_directory(str(Path(handover.name) / stage.name))
+    handover.cleanup()
     registered = register_model(recipe, tracking_uri, run_id)
     return {"run_id": run_id, "tracking_uri": tracking_uri, "registered": registered,
             "checkpoint": result.checkpoint.path if result and result.checkpoint else None}
