@@ -1,12 +1,15 @@
 """Training components shared by the job entrypoints (`jobs.train`, `jobs.pretrain_encoder`, `jobs.ablation`) and
-`bench/`, as `torchtune.training` serves torchtune's recipes. They know nothing of entrypoints or of the recipe
-YAML beyond the typed values they are given.
+`bench/`, as `torchtune.training` serves torchtune's recipes. They know nothing of the entrypoints.
 
 - `loop`: `Trainer`, one optimizer step over gradient-accumulated micro-batches (autocast, clipping, schedule);
-- `optim`: per-module AdamW parameter groups and gradient clipping; the warm-up + decay schedule (transformers');
+- `optim`: per-module AdamW parameter groups, gradient clipping, transformers' warm-up + decay schedules;
+- `batches`: the SFT micro-batches, read and tokenized in a thread ahead of the step, with their stream states;
 - `checkpoint`: what a checkpoint holds (`TrainState`), save / load / start-from-weights;
 - `metrics`: `MetricsWindow` (throughput, padding, data wait, per-type loss) and `MlflowRunLogger` (explicit client);
-- `content`: the content check run during training (is the audio path carrying content?);
+- `content`: the content check during training (does the audio path carry content?);
 - `tokenizer`: the offline tokenizer trained on a corpus, and its transport to Ray workers;
-- `ray_run`: the driver side of a Ray Train run (MLflow run by name, `TorchTrainer` per stage, registration).
+- `tracking`: the one MLflow tracking-URI resolver, explicit clients, runs found or made by name;
+- `console`: known library noise filtered, one line per print in Ray workers;
+- `sft`: the worker side of joint SFT on Ray Train (`train_loop_per_worker`);
+- `ray_run`: the driver side (`run_training`: data check, MLflow run, `TorchTrainer` per stage, registration).
 """
