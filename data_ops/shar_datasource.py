@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import io
 import json
 import logging
 import tarfile

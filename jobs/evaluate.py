@@ -186,18 +186,14 @@ def score(suite: Suite, task: EvalTask, rows: list[dict]) -> dict[str, float]:
 def _content_check_task(suite: Suite, model_uri: str, tracking_uri: str | None) -> dict[str, float]:
     import os
 
-    from data_ops.shar_datasource import is_error_row, iter_corpus_rows, row_to_conversation
     from jobs.training.console import quiet_console
+    from jobs.training.content import content_probe
     from models.content_check import content_gap
     from services.model_store import load_speechlm
 
     quiet_console(os.environ)  # a Ray worker: no download progress bars in the job log
-    convs = []
-    for uri in suite.uris:
-        for row in iter_corpus_rows(uri, "asr_ast", endpoint_url=suite.endpoint_url):
-            if len(convs) < suite.content_check and not is_error_row(row):
-                convs.append(row_to_conversation(row))
-    if len(convs) < 2:
+    convs = content_probe(suite.uris, suite.endpoint_url, size=suite.content_check)
+    if not convs:
         return {}
     return content_gap(load_speechlm(model_uri, tracking_uri=tracking_uri), convs).metrics()
 

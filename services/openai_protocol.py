@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import io
 import ipaddress
 import socket
 from typing import Any

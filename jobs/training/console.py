@@ -50,8 +50,7 @@ def quiet_ray_data() -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-# What Ray Train workers need in their environment for one readable line per print: Train V2 patches `print` to
-# also log to its own files, and when anything has wrapped sys.stdout (MLflow's system metrics monitor does) the
-# patched print writes the line twice to the worker's stdout.
-WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-              "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+# What Ray Train workers need in their environment before they start (the rest `quiet_console` sets in the worker):
+# Train V2 patches `print` to also log to its own files, and when anything has wrapped sys.stdout (MLflow's system
+# metrics monitor does) the patched print writes the line twice to the worker's stdout.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 from models.content_check import content_gap
 
 # Below this the right audio lowers the answers' loss by less than 0.05 nats per token against another utterance
@@ -10,17 +12,19 @@ CONTENT_GAP_FLOOR = 0.05
 CONTENT_PROBE_SIZE = 16
 
 
-def content_probe(corpus_uri: str, endpoint_url: str | None = None, size: int = CONTENT_PROBE_SIZE) -> list:
-    """A fixed set of speech conversations: the first ASR/AST rows of the corpus (empty when it has fewer than
-    two: the check swaps audio between conversations)."""
+def content_probe(corpus_uris: Sequence[str], endpoint_url: str | None = None,
+                  size: int = CONTENT_PROBE_SIZE) -> list:
+    """A fixed set of speech conversations: the first `size` ASR/AST rows of the corpora, in order (empty when
+    they have fewer than two: the check swaps audio between conversations). Training and evaluation both use it."""
     from data_ops.shar_datasource import is_error_row, iter_corpus_rows, row_to_conversation
 
-    probe = []
-    for row in iter_corpus_rows(corpus_uri, "asr_ast", endpoint_url=endpoint_url):
-        if not is_error_row(row):
-            probe.append(row_to_conversation(row))
-        if len(probe) == size:
-            break
+    probe: list = []
+    for uri in corpus_uris:
+        for row in iter_corpus_rows(uri, "asr_ast", endpoint_url=endpoint_url):
+            if not is_error_row(row):
+                probe.append(row_to_conversation(row))
+            if len(probe) == size:
+                return probe if size >= 2 else []
     return probe if len(probe) >= 2 else []
 
 

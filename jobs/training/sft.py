@@ -234,7 +234,7 @@ def train_loop_per_worker(config: dict) -> None:
                                start_step=trainer.step, grad_accum=tr.grad_accum)
 
     asr_src = recipe.data.sources.get("asr_ast")
-    probe = (content_probe(asr_src.uris[0], recipe.data.endpoint_url)
+    probe = (content_probe(asr_src.uris[:1], recipe.data.endpoint_url)
              if rank == 0 and asr_src and ratios.get("asr_ast", 0) > 0 and tr.strategy != "fsdp" else [])
     check_every = tr.content_check_every or tr.checkpoint_every
     check_content = ContentMonitor(probe, tr.warmup_steps, log=log)
