@@ -22,7 +22,7 @@ import logging
 import numpy as np
 from tqdm import tqdm
 
-from data_ops.importers import speech_cuts
+from data_ops.importers import LANGUAGE_NAMES, speech_cuts
 from data_ops.mixed_modal import mixed_modal_dataset, mixed_modal_row_to_cut
 from data_ops.schema import conversation_to_cut
 from data_ops.shards import CorpusManifest, ShardWriter
@@ -41,6 +41,7 @@ class CorpusSize:
     speech: int  # spoken utterances; each gives an ASR cut, every other one an AST cut too
     sqa: int  # of the English utterances, how many also get a speech-QA cut (at most all of them)
     mixed: int  # mixed-modal conversations
+    sentences: int = 0  # text tasks on the spoken sentences (`sentence_task`), added to the text SFT
 
 
 SIZES = {
@@ -48,8 +49,9 @@ SIZES = {
     "small": CorpusSize(text=300, speech=240, sqa=60, mixed=80),
     "demo": CorpusSize(text=2000, speech=2400, sqa=600, mixed=600),
     # the ablation miniature (jobs/ablation.py): enough text for its LM to learn the tasks (~80% exact match)
-    "ablation": CorpusSize(text=8000, speech=1600, sqa=400, mixed=400),
-    "ablation-eval": CorpusSize(text=200, speech=160, sqa=40, mixed=100),
+    # and sentence tasks, so that its LM knows the languages it will hear, as the paper's Gemma does
+    "ablation": CorpusSize(text=8000, speech=1600, sqa=400, mixed=400, sentences=2000),
+    "ablation-eval": CorpusSize(text=200, speech=160, sqa=40, mixed=100, sentences=50),
     "ablation-quick": CorpusSize(text=1200, speech=120, sqa=20, mixed=20),  # CI's shortened ablation
     "ablation-quick-eval": CorpusSize(text=80, speech=24, sqa=4, mixed=12),
 }
@@ -167,9 +169,43 @@ def word_problem(rng) -> list[tuple[str, str]]:
             ("assistant", f"Doubling {a} gives {2 * a}, and adding {b} gives {2 * a + b}.")]
 
 
+def sentence_task(rng) -> list[tuple[str, str]]:
+    """A text task on the spoken sentences' language: repeat a sentence, or translate it to or from English.
+
+    Why: the paper's LM (Gemma after text SFT) already reads and translates the languages its speech data holds;
+    SFT teaches it to listen, not to speak German. The demo's other text tasks are English arithmetic and spelling,
+    so an LM trained on them alone has never produced a German or Spanish word or a name, and speech SFT would
+    have to teach it the languages as well as the listening."""
+    texts, _ = parallel_sentence(rng)
+    lang = LANGS[int(rng.integers(len(LANGS)))]
+    if rng.random() < 0.4:
+        return [("user", f"Repeat this sentence: {texts[lang]}"), ("assistant", texts[lang])]
+    if lang == "en":
+        target = LANGS[int(rng.integers(1, len(LANGS)))]
+        source = "en"
+    else:
+        source, target = lang, "en"
+    return [("user", f"Translate from {LANGUAGE_NAMES[source]} to {LANGUAGE_NAMES[target]}: {texts[source]}"),
+            ("assistant", texts[target])]
+
+
 def text_sft(rng: np.random.Generator, n: int) -> list[list[tuple[str, str]]]:
     makers = [_arithmetic, _counting, _word, _lists, word_problem]
     return [makers[i % len(makers)](rng) for i in range(n)]
+
+
+def _spread(items: list, extra: list) -> list:
+    """`items` in order with `extra` spread evenly among them."""
+    if not extra:
+        return items
+    every = (len(items) + len(extra)) / len(extra)
+    out, e = [], 0
+    for i, item in enumerate(items):
+        out.append(item)
+        while e < len(extra) and (len(out) + 1) >= every * (e + 1):
+            out.append(extra[e])
+            e += 1
+    return out + extra[e:]
 
 
 def _conversation(turns: list[tuple[str, str]]) -> Conversation:
@@ -197,9 +233,14 @@ def build_demo_corpus(out_uri: str, size: str | CorpusSize = "tiny", *, seed: in
     rng = np.random.default_rng(seed)
     with ShardWriter(out_uri, shard_size=shard_size, endpoint_url=endpoint_url, progress=progress) as writer:
         # text SFT
-        text_cuts = (conversation_to_cut(_conversation(t), cut_id=f"text-{i:06d}", data_type="text", task="text",
-                                         langs=["en"]) for i, t in enumerate(text_sft(rng, sz.text)))
-        writer.write("text", text_cuts)
+        text_cuts = [conversation_to_cut(_conversation(t), cut_id=f"text-{i:06d}", data_type="text", task="text",
+                                         langs=["en"]) for i, t in enumerate(text_sft(rng, sz.text))]
+        # drawn from their own generator (every other draw of the corpus stays as it was without them), and
+        # spread evenly through the shards, so every stretch of training sees both kinds
+        sentence_rng = np.random.default_rng([seed, 1])
+        sentence_cuts = [conversation_to_cut(_conversation(sentence_task(sentence_rng)), cut_id=f"sentence-{i:06d}",
+                                             data_type="text", task="text", langs=["en"]) for i in range(sz.sentences)]
+        writer.write("text", _spread(text_cuts, sentence_cuts))
 
         # ASR / AST / SQA from spoken parallel sentences
         items, qa = [], {}
