@@ -31,7 +31,7 @@ from ray import serve
 
 from models.conversation import ConversationError
 from services.chat_generation import generate, prompt_tokens, sse
-from services.openai_protocol import APIError, ChatRequest, Limits, apply_stop, parse_chat_request
+from services.openai_protocol import APIError, ChatRequest, Limits, apply_stop, parse_chat_request, read_body
 
 
 class ServeConfig(BaseModel):
@@ -156,10 +156,7 @@ class ChatDeployment:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         self._check_key(request)
-        raw = await request.body()
-        if len(raw) > self.cfg.limits.max_body_bytes:
-            raise APIError(413, f"the request body ({len(raw)} bytes) is over the limit of "
-                                f"{self.cfg.limits.max_body_bytes} bytes", None, "body_too_large")
+        raw = await read_body(request.stream(), request.headers.get("content-length"), self.cfg.limits.max_body_bytes)
         try:
             body = json.loads(raw)
         except ValueError:

@@ -62,6 +62,24 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+async def read_body(chunks, declared_length: str | None, limit: int) -> bytes:
+    """The request body from its ASGI `chunks` (Starlette's `request.stream()`), refused with 413 as soon as it is
+    known to be over `limit` bytes: from its Content-Length before anything is read, else while reading (a chunked
+    body has none), so an oversized upload is never held whole in memory."""
+
+    def too_large(size: str) -> APIError:
+        return APIError(413, f"the request body ({size}) is over the limit of {limit} bytes", None, "body_too_large")
+
+    if declared_length is not None and declared_length.strip().isdigit() and int(declared_length) > limit:
+        raise too_large(f"{int(declared_length)} bytes")
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > limit:
+            raise too_large(f"more than {limit} bytes")
+    return bytes(body)
+
+
 @dataclasses.dataclass
 class SamplingParams:
     max_new_tokens: int

@@ -78,3 +78,24 @@ def test_apply_stop():
     assert apply_stop("one two. three", ["."]) == ("one two", True)
     assert apply_stop("abc", ["x", "b"]) == ("a", True)
     assert apply_stop("abc", []) == ("abc", False)
+
+
+async def _chunks(*parts: bytes):
+    for p in parts:
+        yield p
+
+
+@pytest.mark.parametrize("declared, parts, expect", [
+    (None, [b"a" * 600, b"b" * 600], "more than 1024 bytes"),  # no Content-Length: counted while reading
+    ("2048", [b"never read"], "(2048 bytes)"),  # refused from the header, before reading
+    ("10", [b"a" * 1000, b"b" * 1000], "more than 1024 bytes"),  # a header that lies does not let it through
+])
+def test_body_over_the_limit_is_refused_while_reading(declared, parts, expect):
+    import asyncio
+
+    from services.openai_protocol import read_body
+
+    with pytest.raises(APIError) as e:
+        asyncio.run(read_body(_chunks(*parts), declared, 1024))
+    assert e.value.status == 413 and expect in e.value.message
+    assert asyncio.run(read_body(_chunks(b"x" * 1000, b"y" * 24), None, 1024)) == b"x" * 1000 + b"y" * 24
