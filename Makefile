@@ -12,7 +12,9 @@ install:
 demo: install
 	$(PY) -m infra.stack up --services ray,mlflow --ray-num-cpus 6
 	eval "$$($(PY) -m infra.stack env)" && $(PY) -m jobs.demo; rc=$$?; \
-	  if [ -z "$(KEEP_STACK)" ]; then $(PY) -m infra.stack down; fi; exit $$rc
+	  if [ -z "$(KEEP_STACK)" ]; then echo "[demo] stopping the local stack (Ray, the Serve app, MLflow): KEEP_STACK=1 make demo keeps it up"; \
+	    $(PY) -m infra.stack down; \
+	  else echo "[demo] the local stack stays up (eval \"\$$($(PY) -m infra.stack env)\" for its addresses; make stack-down stops it)"; fi; exit $$rc
 
 test: install
 	$(PY) -m pytest

@@ -67,7 +67,7 @@ def main() -> None:
                                  "args": {"model": str(root / "model"), "max_batch_size": args.clients,
                                           "batch_wait_timeout_s": 0.01}}]}
         (root / "serve.yaml").write_text(yaml.safe_dump(cfg))
-        subprocess.run([serve_bin, "deploy", str(root / "serve.yaml"), "-a", env["RAY_ADDRESS"]], check=True, env=env,
+        subprocess.run([serve_bin, "deploy", str(root / "serve.yaml"), "-a", env["RAY_DASHBOARD_ADDRESS"]], check=True, env=env,
                        capture_output=True)
         base = f"http://127.0.0.1:{port}"
         for _ in range(240):
@@ -96,7 +96,7 @@ def main() -> None:
         stats = requests.get(base + "/v1/stats", timeout=10).json()
         print(f"server: {stats['batched_requests']} requests in {stats['batches']} generate() batches")
     finally:
-        subprocess.run([serve_bin, "shutdown", "-y", "-a", env["RAY_ADDRESS"]], env=env, capture_output=True)
+        subprocess.run([serve_bin, "shutdown", "-y", "-a", env["RAY_DASHBOARD_ADDRESS"]], env=env, capture_output=True)
         stack.stop()
 
 

@@ -96,7 +96,8 @@ class LocalStack:
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         self._load_state()
         try:
-            for name in self.services_wanted:
+            # Ray last: its head gets the addresses of the others in its environment (`_service_env`)
+            for name in sorted(self.services_wanted, key=lambda n: n == "ray"):
                 if name in self.services and _pid_alive(self.services[name].pid):
                     continue
                 self.services[name] = getattr(self, f"_start_{name}")()
@@ -119,12 +120,28 @@ class LocalStack:
         return {n: {**dataclasses.asdict(s), "alive": _pid_alive(s.pid)} for n, s in self.services.items()}
 
     def env(self) -> dict[str, str]:
-        """Client environment for the running services."""
+        """Client environment for the running services, for every Ray client there is.
+
+        Ray's tools read three variables: `RAY_ADDRESS` is the cluster (GCS) address, what `ray.init()`, a job
+        driver and `serve run` connect to; `ray job submit` and the job SDK take `RAY_API_SERVER_ADDRESS` (the
+        dashboard's HTTP address) before it; `serve deploy`, `serve status` and `serve shutdown` read only
+        `RAY_DASHBOARD_ADDRESS`. With all three set, each command of the README works as written.
+        """
         self._load_state()
         env = {}
         if "ray" in self.services:
-            env["RAY_ADDRESS"] = self.services["ray"].url
+            ray = self.services["ray"]
+            env["RAY_ADDRESS"] = ray.extra["gcs_address"]
+            env["RAY_API_SERVER_ADDRESS"] = ray.url
+            env["RAY_DASHBOARD_ADDRESS"] = ray.url
             env["RAY_AUTH_MODE"] = "disabled"
+        env.update(self._service_env())
+        return env
+
+    def _service_env(self) -> dict[str, str]:
+        """Where MLflow and S3 are: given to clients, and to the Ray head so that its jobs and Serve replicas see
+        them as they would on a cluster whose nodes have them in their environment."""
+        env = {}
         if "mlflow" in self.services:
             env["MLFLOW_TRACKING_URI"] = self.services["mlflow"].url
         if "s3" in self.services:
@@ -183,7 +200,7 @@ class LocalStack:
         # Jobs run `python ...` on the cluster: on this one-machine cluster that must be this environment's python
         # (a real cluster's image has the project installed the same way), whether or not the venv is activated.
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        proc, log = self._spawn("ray", cmd, {"RAY_AUTH_MODE": "disabled", "PATH": path})
+        proc, log = self._spawn("ray", cmd, {"RAY_AUTH_MODE": "disabled", "PATH": path, **self._service_env()})
         url = f"http://{HOST}:{dash}"
         # The dashboard answers before the head node has registered and before its agent (which runs submitted
         # jobs) is up; a job submitted then fails ("No available agent"). Wait for all three.

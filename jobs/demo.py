@@ -8,8 +8,9 @@
    written as Shar shards with a manifest under .stack/corpus;
 3. `ray job submit`s the training job with the tiny recipe (jobs/recipes/tiny.yaml, 2 workers): the run, its
    metrics and the model land in MLflow and the model is registered as `vtblender-tiny@candidate`;
-4. loads that registered model and answers one mixed-modal chat turn [text, speech, text];
-5. prints where to look: MLflow UI, run, Ray dashboard, logs.
+4. deploys that registered model with Ray Serve as the README does (`serve deploy services/serve_config.yaml`) and
+   asks the endpoint one mixed-modal chat turn [text, speech] with the `openai` client;
+5. prints where to look: the endpoint, MLflow UI, run, Ray dashboard.
 
 The tiny model (about 1M parameters, random init, offline tokenizer) trains for a couple of minutes on 2 CPU cores:
 its answer shows the plumbing (shards -> Ray Data -> Ray Train -> MLflow registry -> generation), not a model that
@@ -98,28 +99,67 @@ def demo_recipe(root: Path, corpus: Path, steps: int) -> tuple[dict, Path]:
     return recipe, path
 
 
-def chat_turn(recipe: dict, tracking_uri: str, steps: int) -> str:
-    """Load the registered model, answer one turn of text + speech, print the answer and the run's loss."""
+def deploy_chat_app(env: dict) -> str:
+    """`serve deploy services/serve_config.yaml` (the README's command; it serves `models:/vtblender-tiny@candidate`,
+    what the demo registers) and wait until the app answers; returns the endpoint's base URL."""
+    import subprocess
+
+    import requests
+
+    config = ROOT / "services" / "serve_config.yaml"
+    http = yaml.safe_load(config.read_text())["http_options"]
+    serve_bin = str(Path(sys.executable).with_name("serve"))
+    print(f"[demo] serve deploy {config.relative_to(ROOT)}", flush=True)
+    proc = subprocess.run([serve_bin, "deploy", str(config)], capture_output=True, text=True, env=env, timeout=180)
+    if proc.returncode != 0:
+        raise RuntimeError(f"serve deploy failed:\n{proc.stderr[-2000:]}")
+    base = f"http://{http['host']}:{http['port']}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{base}/health", timeout=2).status_code == 200:
+                return base
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    status = subprocess.run([serve_bin, "status"], capture_output=True, text=True, env=env)
+    raise RuntimeError(f"the Serve app did not answer on {base} within 300 s:\n{status.stdout[-2000:]}")
+
+
+def chat_turn(recipe: dict, tracking_uri: str, steps: int, base: str) -> str:
+    """Ask the Serve endpoint one turn of text + speech with the `openai` client; print the answer and the run's
+    loss."""
+    import base64
+    import io
+
+    import soundfile as sf
     from mlflow.tracking import MlflowClient
+    from openai import OpenAI
 
+    from data_ops.schema import SAMPLING_RATE
     from data_ops.tts import EspeakTTS
-    from models.conversation import AudioPart, Conversation, TextPart, Turn
-    from services.model_store import load_speechlm
 
-    model_uri = f"models:/{recipe['run']['registered_model']}@{recipe['run']['alias']}"
-    model = load_speechlm(model_uri, tracking_uri=tracking_uri)
     question = "How many apples do I have now?"
     audio, tts = EspeakTTS().synthesize(question, "en", np.random.default_rng(0), voice="en-us")
-    conv = Conversation([Turn("user", [TextPart("I have 6 apples. My friend gives me 3 more."), AudioPart(audio)])])
-    answer = model.generate([conv], max_new_tokens=24)[0]
+    wav = io.BytesIO()
+    sf.write(wav, audio, SAMPLING_RATE, format="WAV")
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=2, timeout=120)
+    reply = client.chat.completions.create(model="vtblender", temperature=0, max_tokens=24, messages=[
+        {"role": "user", "content": [
+            {"type": "text", "text": "I have 6 apples. My friend gives me 3 more."},
+            {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav.getvalue()).decode(),
+                                                    "format": "wav"}}]}])
+    answer = reply.choices[0].message.content
+    model_uri = f"models:/{recipe['run']['registered_model']}@{recipe['run']['alias']}"
     mc = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     run = mc.search_runs([mc.get_experiment_by_name(recipe["run"]["experiment"]).experiment_id],
                          filter_string=f"tags.`vtb.run_name` = '{recipe['run']['name']}'")[0]
     last_stage = recipe["stages"][-1]["name"] if recipe.get("stages") else None
     loss = mc.get_metric_history(run.info.run_id, f"{last_stage}/loss" if last_stage else "loss")
     print(f"[demo] chat turn: user = [text 'I have 6 apples. My friend gives me 3 more.', "
-          f"speech '{question}' ({len(audio) / model.config.sampling_rate:.1f} s, espeak-ng {tts['voice']})]")
-    print(f"[demo] {model_uri} answers: {answer!r}")
+          f"speech '{question}' ({len(audio) / SAMPLING_RATE:.1f} s, espeak-ng {tts['voice']})]")
+    print(f"[demo] {model_uri}, served at {base}/v1/chat/completions, answers: {answer!r} "
+          f"({reply.usage.prompt_tokens} prompt tokens, {reply.usage.completion_tokens} generated)")
     print(f"[demo] training loss {loss[0].value:.3f} (step {loss[0].step}) -> {loss[-1].value:.3f} "
           f"(step {loss[-1].step}) in the joint stage; a tiny random-init model, {steps} steps per stage on CPU")
     print(f"[demo] MLflow run {run.info.run_id}: {tracking_uri}/#/experiments/{run.info.experiment_id}/runs/"
@@ -153,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)  # the per-submission upload chatter
     t0 = time.time()
     try:
-        client = JobSubmissionClient(env["RAY_ADDRESS"])
+        client = JobSubmissionClient(env.get("RAY_API_SERVER_ADDRESS") or env["RAY_ADDRESS"])
         # what the jobs need of this environment (MLflow, S3 and Ray auth settings), not the cluster address
         job_env = {k: v for k, v in env.items() if k.startswith(("MLFLOW_", "AWS_", "RAY_AUTH"))}
         root = Path(args.work_dir).resolve()
@@ -161,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         recipe, recipe_path = demo_recipe(root, corpus, args.steps)
         submit_and_follow(client, ["python", "-m", "jobs.train", "--config", str(recipe_path)], job_env, "train",
                           timeout_s=1800)
-        chat_turn(recipe, env["MLFLOW_TRACKING_URI"], args.steps)
-        print(f"[demo] Ray dashboard: {env['RAY_ADDRESS']}")
+        base = deploy_chat_app(env)
+        chat_turn(recipe, env["MLFLOW_TRACKING_URI"], args.steps, base)
+        print(f"[demo] chat endpoint: {base}/v1 (OpenAI Chat Completions, model 'vtblender'; README \"Serving\")")
+        print(f"[demo] Ray dashboard: {env.get('RAY_DASHBOARD_ADDRESS') or env['RAY_ADDRESS']}")
         print(f"[demo] done in {time.time() - t0:.0f} s")
         return 0
     except (TTSError, RuntimeError, ConnectionError) as e:

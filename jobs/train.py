@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[train] registered model: models:/{recipe.run.registered_model}@{recipe.run.alias} "
               f"({out['registered']})")
     print(f"[train] last checkpoint: {out['checkpoint']}")
-    if os.environ.get("RAY_ADDRESS", "").startswith("http"):
-        print(f"[train] Ray dashboard: {os.environ['RAY_ADDRESS']}")
+    if os.environ.get("RAY_DASHBOARD_ADDRESS"):
+        print(f"[train] Ray dashboard: {os.environ['RAY_DASHBOARD_ADDRESS']}")
     return 0
 
 

@@ -28,6 +28,13 @@ def resolve_model_dir(uri: str, tracking_uri: str | None = None, dst: str | None
 
     # Everything explicit (no mlflow.set_tracking_uri/set_registry_uri): a process may talk to several servers.
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking_uri and not uri.startswith(("file:", "s3:", "gs:", "http:", "https:")):
+        # MLflow would look in ./mlruns and report only that the model does not exist
+        raise ModelNotFound(
+            f"{uri} names an MLflow model but no tracking server is given: set MLFLOW_TRACKING_URI in this "
+            f"process's environment (for Serve replicas: the cluster's nodes or the app's runtime_env) or pass "
+            f"tracking_uri"
+        )
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         if uri.startswith("models:/"):

@@ -16,7 +16,7 @@ def submit(env: dict, entrypoint: list[str], name: str, *, timeout: float, wait:
     """`ray job submit --working-dir <repo>` of `entrypoint` with the stack's client environment passed to the job
     (`ray job submit` does not carry the caller's). Retries while the head's job agent is not registered yet."""
     job_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
-    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", env["RAY_ADDRESS"],
+    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", env["RAY_API_SERVER_ADDRESS"],
            *([] if wait else ["--no-wait"]), "--submission-id", f"{name}-{int(time.time())}", "--working-dir",
            str(ROOT), "--runtime-env-json", json.dumps({"env_vars": job_env}), "--", *entrypoint]
     for _ in range(6):

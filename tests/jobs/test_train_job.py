@@ -78,7 +78,7 @@ def test_submitted_job_trains_resumes_after_a_killed_worker_and_registers(stack,
     job_env = {k: env[k] for k in env if k != "RAY_ADDRESS"}
     for attempt in range(6):  # right after start-up the head's job agent may not be registered yet
         submit = subprocess.run(
-            [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", env["RAY_ADDRESS"], "--no-wait",
+            [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", stack.urls["ray"], "--no-wait",
              "--submission-id", job_id,
              "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": job_env}), "--",
              "python", "-m", "jobs.train", "--config", str(path), "--sample-log-dir", str(samples)],
@@ -88,7 +88,7 @@ def test_submitted_job_trains_resumes_after_a_killed_worker_and_registers(stack,
             break
         time.sleep(5)
     assert submit.returncode == 0, submit.stderr[-2000:]
-    client = JobSubmissionClient(env["RAY_ADDRESS"])
+    client = JobSubmissionClient(stack.urls["ray"])
 
     # kill one training worker once the first checkpoint is committed on S3
     s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",

@@ -35,12 +35,11 @@ def _pcm(seconds: float, seed: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    import mlflow
+def server(stack, tmp_path_factory):
     import torch
     from mlflow.tracking import MlflowClient
 
-    from infra.stack import LocalStack, free_port
+    from infra.stack import free_port
     from models.config import tiny
     from models.speechlm import SpeechLM, build_speechlm
     from models.tokenizer import build_tiny_tokenizer
@@ -52,16 +51,13 @@ def server(tmp_path_factory):
         torch.manual_seed(seed)
         build_speechlm(tiny(), tokenizer=tok).save_pretrained(root / name)
         dirs[name] = root / name
-    stack = LocalStack(root / "stack", services=("ray", "mlflow"), ray_num_cpus=4)
-    stack.start()
     env = stack.env()
     try:
         tracking = env["MLFLOW_TRACKING_URI"]
-        mlflow.set_tracking_uri(tracking)
-        mlflow.set_experiment("serve-test")
-        with mlflow.start_run() as run:
-            mlflow.log_artifacts(str(dirs["a"]), "model")
         client = MlflowClient(tracking, registry_uri=tracking)
+        run = client.create_run(client.create_experiment("serve-test"))
+        client.log_artifacts(run.info.run_id, str(dirs["a"]), "model")
+        client.set_terminated(run.info.run_id)
         client.create_registered_model("tiny-serve")
         v = client.create_model_version("tiny-serve", f"{run.info.artifact_uri}/model", run.info.run_id)
         client.set_registered_model_alias("tiny-serve", "candidate", v.version)
@@ -76,14 +72,16 @@ def server(tmp_path_factory):
                 "args": {"model": "models:/tiny-serve@candidate", "served_model_name": "tiny",
                          "models": {"b": str(dirs["b"])}, "api_key_env": "VTB_TEST_KEY", "max_batch_size": 8,
                          "batch_wait_timeout_s": 0.05,
-                         "limits": {"max_audio_seconds_per_part": 5.0, "max_new_tokens": 64}},
+                         "limits": {"max_audio_seconds_per_part": 5.0, "max_audio_seconds_per_request": 8.0,
+                                    "max_audio_parts": 3, "max_turns": 8, "max_new_tokens": 64,
+                                    "max_prompt_tokens": 1000, "max_body_bytes": 1_000_000}},
             }],
         }
         cfg_path = root / "serve.yaml"
         cfg_path.write_text(yaml.safe_dump(config))
         serve_bin = str(Path(sys.executable).with_name("serve"))
         clean_env = {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], **env}
-        proc = subprocess.run([serve_bin, "deploy", str(cfg_path), "-a", env["RAY_ADDRESS"]], capture_output=True,
+        proc = subprocess.run([serve_bin, "deploy", str(cfg_path), "-a", env["RAY_DASHBOARD_ADDRESS"]], capture_output=True,
                               text=True, timeout=120, env=clean_env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         base = f"http://127.0.0.1:{port}"
@@ -96,15 +94,14 @@ def server(tmp_path_factory):
                 pass
             time.sleep(1)
         else:
-            status = subprocess.run([serve_bin, "status", "-a", env["RAY_ADDRESS"]], capture_output=True, text=True,
+            status = subprocess.run([serve_bin, "status", "-a", env["RAY_DASHBOARD_ADDRESS"]], capture_output=True, text=True,
                                     env=clean_env)
             raise AssertionError(f"Serve app did not come up:\n{status.stdout[-3000:]}")
         models = {"tiny": SpeechLM.from_pretrained(dirs["a"]), "b": SpeechLM.from_pretrained(dirs["b"])}
         yield {"base": base, "models": models, "env": clean_env, "serve": serve_bin}
-        subprocess.run([serve_bin, "shutdown", "-y", "-a", env["RAY_ADDRESS"]], capture_output=True, timeout=120,
-                       env=clean_env)
     finally:
-        stack.stop()
+        subprocess.run([serve_bin, "shutdown", "-y", "-a", env["RAY_DASHBOARD_ADDRESS"]], capture_output=True, timeout=120,
+                       env=clean_env)
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +240,36 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_goes_on(server, case):
     assert message in err["message"] and err["type"]
     ok = _post(server, {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
     assert ok.status_code == 200
+
+
+def _chunked(data: bytes, size: int = 65536):
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+OVER_LIMIT = {  # every limit of the app, each over by a little: (request sender, the error's message)
+    "body_declared": (lambda s: _post(s, None, raw=b" " * 1_000_001), "(1000001 bytes) is over the limit of 1000000"),
+    "body_chunked": (lambda s: requests.post(s["base"] + "/v1/chat/completions", data=_chunked(b" " * 1_100_000),
+                                             headers={"Authorization": f"Bearer {KEY}"}, timeout=60),
+                     "(more than 1000000 bytes) is over the limit of 1000000"),
+    "audio_per_part": (lambda s: _post(s, _user(_audio_part(_pcm(5.5, 3)))), "over the limit of 5 s per audio part"),
+    "audio_per_request": (lambda s: _post(s, _user(_audio_part(_pcm(4.5, 4)), _audio_part(_pcm(4.5, 5)))),
+                          "of audio in this request is over the limit of 8"),
+    "audio_parts": (lambda s: _post(s, _user(*[_audio_part(_pcm(0.3, i)) for i in range(4)])),
+                    "more than 3 audio parts"),
+    "turns": (lambda s: _post(s, {"model": "tiny", "messages": [{"role": ("user", "assistant")[i % 2], "content": "hi"}
+                                                                 for i in range(9)]}), "over the limit of 8"),
+    "prompt_tokens": (lambda s: _post(s, {"model": "tiny", "messages": [{"role": "user", "content": "zqx " * 400}]}),
+                      "over the limit of 1000"),
+}
+
+
+@pytest.mark.parametrize("case", list(OVER_LIMIT))
+def test_every_limit_answers_413_naming_it(server, case):
+    send, message = OVER_LIMIT[case]
+    r = send(server)
+    assert r.status_code == 413, r.text
+    assert message in r.json()["error"]["message"]
 
 
 def test_api_key_is_checked_on_every_route_but_health(server):
