@@ -200,8 +200,11 @@ class LocalStack:
         # Jobs run `python ...` on the cluster: on this one-machine cluster that must be this environment's python
         # (a real cluster's image has the project installed the same way), whether or not the venv is activated.
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        proc, log = self._spawn("ray", cmd, {"RAY_AUTH_MODE": "disabled", "PATH": path, **self._service_env()})
         url = f"http://{HOST}:{dash}"
+        # RAY_API_SERVER_ADDRESS: Ray's own state-API clients in workers (Train's PlacementGroupCleaner) otherwise
+        # look the cluster up by scanning local processes, and fail when the machine runs a second Ray instance
+        proc, log = self._spawn("ray", cmd, {"RAY_AUTH_MODE": "disabled", "PATH": path, "RAY_API_SERVER_ADDRESS": url,
+                                             **self._service_env()})
         # The dashboard answers before the head node has registered and before its agent (which runs submitted
         # jobs) is up; a job submitted then fails ("No available agent"). Wait for all three.
         self._wait("ray", proc, log, lambda: _http_ok(f"{url}/api/version") and _ray_node_alive(url)
