@@ -9,8 +9,10 @@ Routes: `POST /v1/chat/completions` (streaming with SSE), `GET /v1/models`, `GET
   as `served_model_name`; `models` adds more fine-tunes (id -> URI). The request's `model` field picks one; each
   replica keeps up to 3 extra fine-tunes loaded (`serve.multiplexed`, least recently used evicted). Each is a
   whole SpeechLM (the method fine-tunes encoder and adapter too, not only the LoRA adapter).
-- Throughput: non-streaming requests are batched (`serve.batch`): requests with the same model and sampling
-  settings share one left-padded `generate()`, whose prefill runs the encoder once per audio part.
+- Throughput: every request, streaming or not, is batched (`serve.batch`): requests with the same model and
+  sampling settings share one left-padded `generate()`, whose prefill runs the encoder once per audio part; each
+  request's tokens reach it as they are generated and each ends on its own (`services/chat_generation.py`).
+  `GET /v1/stats` reports batches, requests, streamed requests, prefill and decode seconds.
 - Limits and access: `services.openai_protocol.Limits`; an optional API key (from the environment variable named
   by `api_key_env`) is required as `Authorization: Bearer ...` on every route but `/health`.
 """
@@ -30,8 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from models.conversation import ConversationError
-from services.chat_generation import generate, prompt_tokens, sse
-from services.openai_protocol import APIError, ChatRequest, Limits, apply_stop, parse_chat_request, read_body
+from services.chat_generation import Row, generate_rows, prompt_tokens, sse
+from services.openai_protocol import APIError, ChatRequest, Limits, parse_chat_request, read_body
 
 
 class ServeConfig(BaseModel):
@@ -85,7 +87,8 @@ class ChatDeployment:
         self._generate_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.created = int(time.time())
-        self.stats = {"batches": 0, "batched_requests": 0}
+        self.stats = {"batches": 0, "batched_requests": 0, "streamed_requests": 0, "generate_calls": 0,
+                      "streamed_in_shared_calls": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
         # load the default model now: a replica is healthy only when it can answer
         self._default = self._load(self.cfg.served_model_name)
         # requests are decoded at the rate the served models were trained at (every model here shares one)
@@ -113,22 +116,24 @@ class ChatDeployment:
 
     # -- generation ---------------------------------------------------------------------------------------------
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def _generate_batch(self, items: list) -> list:
+    async def _generate_batch(self, rows: list[Row]) -> list[None]:
+        """Rows that arrived together; each group with one model and sampling settings is one `generate()`.
+        Results land in the rows (streams read them while this runs)."""
         self.stats["batches"] += 1
-        self.stats["batched_requests"] += len(items)
-        groups: dict[tuple, list[int]] = {}
-        for i, (model_id, _, req) in enumerate(items):
-            groups.setdefault((model_id, req.params.key()), []).append(i)
-        results: list[dict | None] = [None] * len(items)
-        for (_, _), idx in groups.items():
-            model, params = items[idx[0]][1], items[idx[0]][2].params
-            convs = [items[i][2].conversation for i in idx]
-            texts, ids = await asyncio.to_thread(generate, model, convs, params)
-            for i, text, tok in zip(idx, texts, ids):
-                text, stopped = apply_stop(text, params.stop)
-                results[i] = {"text": text, "completion_tokens": len(tok),
-                              "finish_reason": "stop" if stopped or len(tok) < params.max_new_tokens else "length"}
-        return results
+        self.stats["batched_requests"] += len(rows)
+        self.stats["streamed_requests"] += sum(row.queue is not None for row in rows)
+        groups: dict[tuple, list[Row]] = {}
+        for row in rows:
+            groups.setdefault((row.model_id, row.req.params.key()), []).append(row)
+        for group in groups.values():
+            timing = await asyncio.to_thread(generate_rows, group)
+            self.stats["generate_calls"] += 1
+            if len(group) > 1:
+                self.stats["streamed_in_shared_calls"] += sum(row.queue is not None for row in group)
+            self.stats["prefill_s"] += timing["prefill_s"]
+            self.stats["decode_s"] += timing["decode_s"]
+            self.stats["decode_steps"] += max(0, timing["steps"] - 1)
+        return [None] * len(rows)
 
     # -- routes -------------------------------------------------------------------------------------------------
     def _check_key(self, request: Request) -> None:
@@ -151,7 +156,9 @@ class ChatDeployment:
     @app.get("/v1/stats")
     async def batch_stats(self, request: Request):
         self._check_key(request)
-        return self.stats
+        s = self.stats
+        return {**s, "mean_batch_size": round(s["batched_requests"] / max(1, s["generate_calls"]), 3),
+                "decode_ms_per_step": round(1000 * s["decode_s"] / max(1, s["decode_steps"]), 3)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -171,8 +178,15 @@ class ChatDeployment:
         usage = {"prompt_tokens": n_prompt, "prompt_tokens_details": {"audio_tokens": audio_tokens},
                  "audio_seconds": round(req.audio_seconds, 3)}
         if req.stream:
-            return StreamingResponse(sse(model, req, rid, model_id, usage), media_type="text/event-stream")
-        out = await self._generate_batch((model_id, model, req))
+            row = Row(req, model_id, model, asyncio.get_running_loop())
+            # generation runs in the batch while the response streams from the row; the task's outcome lands in it
+            asyncio.ensure_future(self._generate_batch(row)).add_done_callback(lambda task: task.cancelled() or task.exception())
+            return StreamingResponse(sse(row, rid, usage), media_type="text/event-stream")
+        row = Row(req, model_id, model)
+        await self._generate_batch(row)
+        if row.error is not None:
+            raise APIError(500, f"generation failed: {row.error}", None, "generation_failed")
+        out = row.result()
         usage.update(completion_tokens=out["completion_tokens"], total_tokens=n_prompt + out["completion_tokens"])
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},

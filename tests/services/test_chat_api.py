@@ -173,7 +173,7 @@ def test_model_field_selects_another_fine_tune_and_models_route(server, client):
     assert sorted(m.id for m in client.models.list().data) == ["b", "tiny"]
 
 
-def test_concurrent_requests_are_batched(server):
+def test_concurrent_streaming_and_plain_requests_share_batches(server, client):
     from concurrent.futures import ThreadPoolExecutor
 
     messages, conv = CASES["text_audio_text"]
@@ -181,17 +181,22 @@ def test_concurrent_requests_are_batched(server):
     h = {"Authorization": f"Bearer {KEY}"}
     before = requests.get(server["base"] + "/v1/stats", headers=h, timeout=10).json()
 
-    def one(_):
-        r = requests.post(server["base"] + "/v1/chat/completions", headers=h, timeout=120,
-                          json={"model": "tiny", "messages": messages, "max_tokens": 8, "temperature": 0})
-        return r.json()["choices"][0]["message"]["content"]
+    def one(i):
+        kw = dict(model="tiny", messages=messages, max_tokens=8, temperature=0)
+        if i % 2:  # every other request streams
+            return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
+                           if c.choices)
+        return client.chat.completions.create(**kw).choices[0].message.content
 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(one, range(8)))
     after = requests.get(server["base"] + "/v1/stats", headers=h, timeout=10).json()
     assert answers == [want] * 8
-    batches = after["batches"] - before["batches"]
-    assert after["batched_requests"] - before["batched_requests"] == 8 and batches < 8
+    delta = {k: after[k] - before[k] for k in ("batched_requests", "streamed_requests", "generate_calls",
+                                               "streamed_in_shared_calls")}
+    assert delta["batched_requests"] == 8 and delta["streamed_requests"] == 4
+    assert delta["generate_calls"] < 8 and delta["streamed_in_shared_calls"] >= 1  # streams shared generate() calls
+    assert after["prefill_s"] > before["prefill_s"] and after["decode_ms_per_step"] > 0
 
 
 def _post(server, body, key=KEY, raw: bytes | None = None):

@@ -1,5 +1,5 @@
-"""Generation for the chat app without a server: stop strings end generation inside `generate()`, and a stream
-closed early (stopped, or its client gone) ends its generation instead of running on to max_tokens."""
+"""Generation for the chat app without a server: requests share one batched generate() as rows, and each ends on
+its own (its stop string, its client gone) while the others go on; a stream closed early cancels its row."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from services import chat_generation
+from services.chat_generation import Row, generate_rows, sse
 from services.openai_protocol import Limits, parse_chat_request
 
 MAX = 120
@@ -30,42 +30,55 @@ def model():
 def _request(stop=None, stream=False):
     # sampled with a seed: reproducible, and varied text (this random model's greedy answer is one token repeated)
     body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": MAX, "temperature": 1.0, "seed": 0,
-            "stream": stream, "stream_options": {"include_usage": True} if stream else None}
+            "stream": stream}
     if stop:
         body["stop"] = stop
-    return parse_chat_request({k: v for k, v in body.items() if v is not None}, Limits(), 16000)
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return parse_chat_request(body, Limits(), 16000)
 
 
-def test_stop_string_ends_generation_inside_generate(model):
-    (free_text,), (free_ids,) = chat_generation.generate(model, [_request().conversation], _request().params)
-    assert len(free_ids) == MAX  # this random model never ends on its own: without a stop it runs to max_tokens
-    # the first two letters in a row of the answer, and how many tokens it took to write them
-    k, stop = next((k, m.group()) for k in range(1, MAX) if (m := re.search(
-        "[A-Za-z]{2}", model.tokenizer.decode(free_ids[:k], skip_special_tokens=True))))
-    assert k < MAX // 4
-    req = _request(stop=[stop])
-    (text,), (ids,) = chat_generation.generate(model, [req.conversation], req.params)
-    assert len(ids) == k  # it stopped at the token that completed the stop string
-    assert stop in text and free_text.startswith(text.strip())
+def test_rows_of_one_batch_end_on_their_own(model):
+    free = [Row(_request(), "m", model) for _ in range(3)]
+    generate_rows(free)
+    # the first two letters in a row of row 0's answer, and how many tokens it took to write them
+    k, stop = next((k, m.group()) for k in range(1, MAX) if (m := re.search("[A-Za-z]{2}", free[0].text(k))))
+    assert k < len(free[0].ids) and len(free[2].ids) > k + 10  # row 0 goes on after `stop`, row 2 long after
+
+    # the same batch (same seed and shape: the same samples), now with a stop string and a client gone
+    stopped, cancelled, other = Row(_request(stop=[stop]), "m", model), Row(_request(), "m", model), \
+        Row(_request(), "m", model)
+    cancelled.cancel()  # its client went away before its first token
+    timing = generate_rows([stopped, cancelled, other])
+    assert len(stopped.ids) == k and stopped.result()["finish_reason"] == "stop"  # at the token completing `stop`
+    assert free[0].text().startswith(stopped.result()["text"]) and stop not in stopped.result()["text"]
+    assert cancelled.ids == []
+    assert other.ids == free[2].ids  # the batch went on for the row still wanted, unchanged
+    assert timing["steps"] >= len(other.ids) and timing["prefill_s"] > 0 and timing["decode_s"] > 0
 
 
-def test_a_stream_closed_early_stops_its_generation(model, monkeypatch):
-    lengths = []
-    original = chat_generation.generate
-
-    def recording(*args, **kwargs):
-        out = original(*args, **kwargs)
-        lengths.append(len(out[1][0]))
-        return out
-
-    monkeypatch.setattr(chat_generation, "generate", recording)
-
-    async def read_two_chunks_then_leave():
-        stream = chat_generation.sse(model, _request(stream=True), "id", "m", {"prompt_tokens": 1})
-        chunks = [await stream.__anext__(), await stream.__anext__()]
+def test_a_stream_closed_early_cancels_its_row(model):
+    async def read_the_first_chunk_then_leave():
+        row = Row(_request(stream=True), "m", model, asyncio.get_running_loop())
+        stream = sse(row, "id", {"prompt_tokens": 1})
+        first = await stream.__anext__()
         await stream.aclose()  # what Starlette does when the client disconnects
-        return chunks
+        return row, first
 
-    chunks = asyncio.run(read_two_chunks_then_leave())
-    assert '"role": "assistant"' in chunks[0] and '"content"' in chunks[1]
-    assert lengths and lengths[0] < MAX  # generation ended when the stream did, not at max_tokens
+    row, first = asyncio.run(read_the_first_chunk_then_leave())
+    assert '"role": "assistant"' in first and row.done.is_set()
+
+
+def test_a_stream_sends_its_tokens_as_they_come_and_the_usage(model):
+    async def run():
+        row = Row(_request(stream=True), "m", model, asyncio.get_running_loop())
+        generation = asyncio.get_running_loop().run_in_executor(None, generate_rows, [row])
+        chunks = [c async for c in sse(row, "id", {"prompt_tokens": 1})]
+        await generation
+        return row, chunks
+
+    row, chunks = asyncio.run(run())
+    deltas = [re.search(r'"content": "(.*?)"}', c) for c in chunks[1:]]
+    assert len([d for d in deltas if d and d.group(1)]) > 3  # many content chunks, not one at the end
+    assert '"finish_reason": "length"' in chunks[-3] and f'"completion_tokens": {MAX}' in chunks[-2]
+    assert chunks[-1] == "data: [DONE]\n\n"
