@@ -31,8 +31,9 @@ log() { printf '[install] %s\n' "$*"; }
 
 # --- Debian packages ------------------------------------------------------------------------------
 # espeak-ng: the default TTS engine for demo data and mixed-modal SFT; sox: audio inspection;
-# libsndfile1: soundfile's codec library (the wheel bundles one, the system one is a fallback).
-APT_PKGS=(espeak-ng sox libsndfile1)
+# libsndfile1: soundfile's codec library (the wheel bundles one, the system one is a fallback);
+# chromium: the headless browser of the chat page's test (driven by playwright, which downloads no browser).
+APT_PKGS=(espeak-ng sox libsndfile1 chromium)
 missing=()
 for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

@@ -3,7 +3,10 @@
     serve run services/serve_config.yaml                 # or: serve deploy services/serve_config.yaml
     serve run services.chat_app:build_app model=models:/vtblender-tiny@candidate
 
-Routes: `POST /v1/chat/completions` (streaming with SSE), `GET /v1/models`, `GET /health` (no auth).
+Routes: `POST /v1/chat/completions` (streaming with SSE), `GET /v1/models`, `GET /v1/stats`, `GET /health` (no
+auth) and `GET /` (no auth): a chat page (`services/chat_page.html`) that records from the microphone or takes an
+audio file, puts typed text around it, streams the answer in, and keeps the conversation (it sends the key typed
+into it to the API routes).
 
 - Models: `model` (an MLflow URI `models:/name@alias` / `models:/name/3`, a `runs:/` URI or a local folder) is served
   as `served_model_name`; `models` adds more fine-tunes (id -> URI). The request's `model` field picks one; each
@@ -24,10 +27,11 @@ import json
 import os
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -57,6 +61,7 @@ class ServeConfig(BaseModel):
 
 
 app = FastAPI(title="vtblender chat", docs_url=None, redoc_url=None)
+CHAT_PAGE = Path(__file__).with_name("chat_page.html").read_text()
 
 
 @app.exception_handler(APIError)
@@ -146,6 +151,10 @@ class ChatDeployment:
     @app.get("/health")
     async def health(self) -> dict:
         return {"status": "ok"}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page(self) -> str:
+        return CHAT_PAGE
 
     @app.get("/v1/models")
     async def list_models(self, request: Request):

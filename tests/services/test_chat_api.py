@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import subprocess
 import sys
 import time
@@ -287,3 +288,57 @@ def test_api_key_is_checked_on_every_route_but_health(server):
     assert requests.get(server["base"] + "/health", timeout=10).status_code == 200
     r = _post(server, None, raw=b"{not json")
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_chat_page_in_headless_chromium_records_sends_and_streams_two_turns(server, tmp_path):
+    """GET / in Debian's chromium (infra/install.sh), driven by playwright: the microphone is a fake capture
+    device playing a WAV file; record, type around it, send, see the answer stream in; a second turn keeps the
+    first one's audio in the conversation."""
+    import shutil
+
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium is not installed: infra/install.sh installs Debian's package (as root)"
+    capture = tmp_path / "mic.wav"
+    sf.write(capture, (0.3 * np.sin(np.arange(3 * 16000) / 9)).astype(np.float32), 16000, subtype="PCM_16")
+    h = {"Authorization": f"Bearer {KEY}"}
+    before = requests.get(server["base"] + "/v1/stats", headers=h, timeout=10).json()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={capture}"])
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 700})
+            page.goto(server["base"] + "/")
+            page.fill("#api-key", KEY)
+            page.dispatch_event("#api-key", "change")  # the model list needs the key
+            page.wait_for_function("document.querySelectorAll('#model option').length === 2")
+            page.fill("#text", "Listen:")
+            page.click("#record")
+            page.wait_for_timeout(1500)
+            page.click("#record")
+            page.wait_for_selector("#pending .part.audio")
+            page.fill("#text", "Answer briefly.")
+            page.click("#send")
+            page.wait_for_selector(".msg.assistant.done", timeout=120_000)
+            page.fill("#text", "And again?")
+            page.keyboard.press("Enter")
+            page.wait_for_function("document.querySelectorAll('.msg.assistant.done').length === 2", timeout=120_000)
+            answers = page.locator(".msg.assistant").all_inner_texts()
+            users = page.locator(".msg.user").all_inner_texts()
+            page.screenshot(path=str(tmp_path / "chat.png"))
+        finally:
+            browser.close()
+    assert users[0].startswith("Listen:") and "recording" in users[0] and users[0].endswith("Answer briefly.")
+    for answer in answers:  # the usage line under each answer: audio tokens in both prompts (turn 1's audio kept)
+        found = re.search(r"\((\d+) audio\)", answer)
+        assert found, answers
+        audio_tokens = int(found.group(1))
+        assert audio_tokens >= 15, answer  # ~1.5 s at 80 ms per audio position
+    after = requests.get(server["base"] + "/v1/stats", headers=h, timeout=10).json()
+    assert after["streamed_requests"] - before["streamed_requests"] == 2
+    shot = np.asarray(Image.open(tmp_path / "chat.png").convert("L"), dtype=np.float32)
+    assert shot.shape == (700, 900) and shot.std() > 20  # a rendered page, not a blank one

@@ -12,7 +12,7 @@ import torch
 from services.chat_generation import Row, generate_rows, sse
 from services.openai_protocol import Limits, parse_chat_request
 
-MAX = 120
+MAX = 60
 
 
 @pytest.fixture(scope="module")
