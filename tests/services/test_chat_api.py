@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import soundfile as sf
 import yaml
 
 from models.conversation import AudioPart, Conversation, TextPart, Turn
+from tests.services.serve_app import wait_healthy
 
 pytestmark = pytest.mark.integration
 KEY = "sk-serve-test"
@@ -86,18 +86,12 @@ def server(stack, tmp_path_factory):
                               text=True, timeout=120, env=clean_env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            try:
-                if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        else:
+        try:
+            wait_healthy(base)
+        except AssertionError:
             status = subprocess.run([serve_bin, "status", "-a", env["RAY_DASHBOARD_ADDRESS"]], capture_output=True, text=True,
                                     env=clean_env)
-            raise AssertionError(f"Serve app did not come up:\n{status.stdout[-3000:]}")
+            raise AssertionError(f"Serve app did not come up:\n{status.stdout[-3000:]}") from None
         models = {"tiny": SpeechLM.from_pretrained(dirs["a"]), "b": SpeechLM.from_pretrained(dirs["b"])}
         yield {"base": base, "models": models, "env": clean_env, "serve": serve_bin}
     finally:

@@ -10,14 +10,14 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 import soundfile as sf
 import yaml
+
+from tests.services.serve_app import wait_healthy
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,20 +44,6 @@ def _register_as_make_demo_does(tracking: str, model_uri: str, folder: Path) -> 
         client.create_registered_model(name)
     version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run.info.run_id)
     client.set_registered_model_alias(name, alias, version.version)
-
-
-def _wait_healthy(base: str, proc: subprocess.Popen | None = None, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"serve run exited with {proc.returncode}")
-        try:
-            if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"nothing healthy on {base} after {timeout:.0f} s")
 
 
 def _ask_as_the_readme_does(work: Path, env: dict) -> str:
@@ -98,7 +84,7 @@ def test_readme_serving_commands_work_as_written(stack, tmp_path):
         proc = subprocess.run(["bash", "-euc", shell], cwd=work, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         assert re.search(r"status: (DEPLOYING|RUNNING)", proc.stdout), proc.stdout[-2000:]
-        _wait_healthy(base)
+        wait_healthy(base)
         out = _ask_as_the_readme_does(work, env)
         assert "prompt_tokens=" in out and "audio_tokens=" in out, out  # the print of r.usage
 
@@ -109,7 +95,7 @@ def test_readme_serving_commands_work_as_written(stack, tmp_path):
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
         try:
-            _wait_healthy(base, fg)
+            wait_healthy(base, proc=fg)
             assert "prompt_tokens=" in _ask_as_the_readme_does(work, env)
         finally:
             os.killpg(fg.pid, signal.SIGINT)  # Ctrl-C: serve run removes the app and exits
