@@ -13,10 +13,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# The LM linears LoRA wraps: attention (q/k/v/o) and MLP (gate/up/down), as the paper's rank-32 adapter does.
-GEMMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -58,7 +54,11 @@ class LoraSettings(_Strict):
     r: int = Field(32, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: list(GEMMA_LORA_TARGETS))
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """The LM linears LoRA wraps. "all-linear" (PEFT's): every linear layer of the decoder but the output layer,
+    i.e. attention and MLP as the paper's rank-32 adapter, whatever the architecture calls them (Gemma, Llama,
+    Qwen, Mistral: q/k/v/o_proj + gate/up/down_proj; Phi-3: qkv_proj, o_proj, gate_up_proj, down_proj). Or the
+    linears' names; one that matches no linear layer of the LM is an error, not a silently smaller adapter."""
 
 
 class LMConfig(_Strict):

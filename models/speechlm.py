@@ -443,6 +443,19 @@ def build_speech_encoder(cfg: SpeechLMConfig, init_weights: bool = True) -> Spee
     return encoder
 
 
+def check_lora_targets(lm: nn.Module, targets: list[str] | str) -> None:
+    """Every named LoRA target must name linear layers of `lm` (PEFT only fails when none does)."""
+    if isinstance(targets, str):
+        return
+    names = sorted({name.rsplit(".", 1)[-1] for name, module in lm.named_modules() if isinstance(module, nn.Linear)})
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise ValueError(
+            f"lm.lora.target_modules {missing} match no linear layer of this {lm.config.model_type} LM, whose "
+            f"linear layers are {names}; \"all-linear\" wraps attention and MLP whatever their names"
+        )
+
+
 def _build_lm(cfg: SpeechLMConfig, source: str | None, tokenizer) -> nn.Module:
     if source:
         return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
@@ -491,6 +504,7 @@ def build_speechlm(
             lm = PeftModel.from_pretrained(lm, lora_dir, is_trainable=lora_trainable)
         else:
             lcfg = cfg.lm.lora
+            check_lora_targets(lm, lcfg.target_modules)
             lm = get_peft_model(lm, LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
                                                target_modules=lcfg.target_modules, task_type="CAUSAL_LM"))
     else:
