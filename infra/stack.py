@@ -180,6 +180,7 @@ class LocalStack:
         while time.time() < deadline:
             if proc.poll() is not None:
                 tail = log.read_text(errors="replace")[-2000:]
+                _terminate(proc.pid, 10)  # what it started before failing (Ray's GCS, say) goes with it
                 raise StackError(f"{name} exited with code {proc.returncode} while starting; log {log}:\n{tail}")
             if check():
                 return
@@ -187,7 +188,19 @@ class LocalStack:
         _terminate(proc.pid, 10)
         raise StackError(f"{name} did not become healthy within {timeout:.0f} s; see {log}")
 
-    def _start_ray(self) -> Service:
+    def _start_ray(self, attempts: int = 3) -> Service:
+        # `ray start` gives its raylet a fixed 30 s to register with the GCS; on a machine busy with other work
+        # (a training run, an install) it can miss that and exit. Starting again is what a user would do.
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_ray_once()
+            except StackError as e:
+                if attempt == attempts or "timed out during startup" not in str(e):
+                    raise
+                print(f"[stack] the Ray head did not register in time (a busy machine?); starting it again "
+                      f"({attempt + 1}/{attempts})", file=sys.stderr, flush=True)
+
+    def _start_ray_once(self) -> Service:
         gcs, dash, client, agent = free_port(), free_port(), free_port(), free_port()
         # Short path: Ray puts unix sockets under the temp dir and they are limited to 107 bytes.
         temp_dir = Path("/tmp") / f"vtb-ray-{gcs}"
