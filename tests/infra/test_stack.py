@@ -37,6 +37,9 @@ def test_stack_starts_answers_and_stops_twice_leaving_nothing(tmp_path):
             with urllib.request.urlopen(urls["ray"] + "/api/version", timeout=10) as r:
                 assert r.status == 200
             env = stack.env()
+            # one variable per kind of Ray client: ray.init / serve run, job submission, serve deploy
+            assert env["RAY_ADDRESS"] == stack.services["ray"].extra["gcs_address"]
+            assert env["RAY_API_SERVER_ADDRESS"] == env["RAY_DASHBOARD_ADDRESS"] == urls["ray"]
             s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                               aws_access_key_id="testing", aws_secret_access_key="testing")
             s3.create_bucket(Bucket=f"round{round_}")
