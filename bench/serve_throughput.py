@@ -2,9 +2,9 @@
 
     python -m bench.serve_throughput [--clients 8] [--requests 32] [--max-tokens 16]
 
-Starts the local stack (Ray), deploys the chat app with two tiny fine-tunes (random init, saved locally), sends the
-same mixed-modal request (text + 1.5 s of audio + text) sequentially and then from N concurrent clients, then a
-mixed load (half of the requests streaming, half to the second fine-tune) from N clients, and prints requests/s,
+Starts the local stack (Ray), deploys the chat app with two tiny fine-tunes of one base LM (random init, saved
+locally), sends the same mixed-modal request (text + 1.5 s of audio + text) sequentially and then from N concurrent
+clients, then a mixed load (half of the requests streaming, half to the second fine-tune) from N clients, and prints requests/s,
 p50/p95 latency of each, the ratio to one client (batching's gain as a number) and the mean number of requests per
 `generate()` call the server reports.
 """
@@ -53,17 +53,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     args = ap.parse_args()
 
-    import torch
-
     from infra.stack import LocalStack, free_port
-    from models.config import tiny
-    from models.speechlm import build_speechlm
-    from models.tokenizer import build_tiny_tokenizer
+    from tests.services.serve_app import save_fine_tunes
 
     root = Path(tempfile.mkdtemp(prefix="vtb-serve-bench-"))
-    torch.manual_seed(0)
-    build_speechlm(tiny(), tokenizer=build_tiny_tokenizer()).save_pretrained(root / "model")
-    build_speechlm(tiny(), tokenizer=build_tiny_tokenizer()).save_pretrained(root / "model-b")  # another fine-tune
+    save_fine_tunes(root, ["model", "model-b"])  # two fine-tunes of one base: one LM, two LoRA adapters on it
     stack = LocalStack(root / "stack", services=("ray",), ray_num_cpus=4)
     stack.start()
     env = {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], **stack.env()}

@@ -10,8 +10,9 @@ into it to the API routes).
 
 - Models: `model` (an MLflow URI `models:/name@alias` / `models:/name/3`, a `runs:/` URI or a local folder) is served
   as `served_model_name`; `models` adds more fine-tunes (id -> URI). The request's `model` field picks one; each
-  replica keeps up to 3 extra fine-tunes loaded (`serve.multiplexed`, least recently used evicted). Each is a
-  whole SpeechLM (the method fine-tunes encoder and adapter too, not only the LoRA adapter).
+  replica keeps up to 3 extra fine-tunes loaded (`serve.multiplexed`, least recently used evicted). LoRA
+  fine-tunes of one base LM share one copy of it (`services.model_store.ModelStore`): each adds its LoRA adapter,
+  encoder and modality adapter (the method fine-tunes those too); `GET /v1/stats` says what is loaded.
 - Throughput: every request, streaming or not, is batched (`serve.batch`): requests with the same model and
   sampling settings share one left-padded `generate()`, whose prefill runs the encoder once per audio part; each
   request's tokens reach it as they are generated and each ends on its own (`services/chat_generation.py`).
@@ -92,6 +93,9 @@ class ChatDeployment:
         self._generate_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._generate_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.created = int(time.time())
+        from services.model_store import ModelStore
+
+        self.store = ModelStore(self.cfg.tracking_uri, self.device, self.dtype)
         self.stats = {"batches": 0, "batched_requests": 0, "streamed_requests": 0, "generate_calls": 0,
                       "streamed_in_shared_calls": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
         # load the default model now: a replica is healthy only when it can answer
@@ -101,10 +105,7 @@ class ChatDeployment:
 
     # -- models -------------------------------------------------------------------------------------------------
     def _load(self, model_id: str):
-        from services.model_store import load_speechlm
-
-        return load_speechlm(self.uris[model_id], tracking_uri=self.cfg.tracking_uri, device=self.device,
-                             dtype=self.dtype)
+        return self.store.load(self.uris[model_id])
 
     @serve.multiplexed(max_num_models_per_replica=3)
     async def get_model(self, model_id: str):
@@ -166,7 +167,7 @@ class ChatDeployment:
     async def batch_stats(self, request: Request):
         self._check_key(request)
         s = self.stats
-        return {**s, "mean_batch_size": round(s["batched_requests"] / max(1, s["generate_calls"]), 3),
+        return {**s, **self.store.stats(), "mean_batch_size": round(s["batched_requests"] / max(1, s["generate_calls"]), 3),
                 "decode_ms_per_step": round(1000 * s["decode_s"] / max(1, s["decode_steps"]), 3)}
 
     @app.post("/v1/chat/completions")

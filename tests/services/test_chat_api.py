@@ -18,7 +18,7 @@ import soundfile as sf
 import yaml
 
 from models.conversation import AudioPart, Conversation, TextPart, Turn
-from tests.services.serve_app import wait_healthy
+from tests.services.serve_app import save_fine_tunes, wait_healthy
 
 pytestmark = pytest.mark.integration
 KEY = "sk-serve-test"
@@ -37,21 +37,15 @@ def _pcm(seconds: float, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(stack, tmp_path_factory):
-    import torch
     from mlflow.tracking import MlflowClient
 
     from infra.stack import free_port
-    from models.config import tiny
-    from models.speechlm import SpeechLM, build_speechlm
+    from models.speechlm import SpeechLM
     from models.tokenizer import build_tiny_tokenizer
 
     root = tmp_path_factory.mktemp("serve")
     tok = build_tiny_tokenizer(["hello world", "the answer is five", "Two plus three is five."])
-    dirs = {}
-    for name, seed in (("a", 0), ("b", 1)):
-        torch.manual_seed(seed)
-        build_speechlm(tiny(), tokenizer=tok).save_pretrained(root / name)
-        dirs[name] = root / name
+    dirs = save_fine_tunes(root, ["a", "b"], tokenizer=tok)  # two fine-tunes of one base LM
     env = stack.env()
     try:
         tracking = env["MLFLOW_TRACKING_URI"]
@@ -166,6 +160,11 @@ def test_model_field_selects_another_fine_tune_and_models_route(server, client):
     r = client.chat.completions.create(model="b", messages=messages, max_tokens=12, temperature=0)
     assert r.choices[0].message.content == server["models"]["b"].generate([conv], max_new_tokens=12)[0]
     assert sorted(m.id for m in client.models.list().data) == ["b", "tiny"]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == server["models"]["tiny"].generate([conv], max_new_tokens=12)[0]
+    stats = requests.get(server["base"] + "/v1/stats", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+    # the two fine-tunes hold one base LM with two LoRA adapters on it
+    assert (stats["loaded_models"], stats["shared_lm_bases"], stats["lora_adapters_on_shared_bases"]) == (2, 1, 2)
 
 
 def test_concurrent_streaming_and_plain_requests_share_batches(server, client):
