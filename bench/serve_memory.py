@@ -21,17 +21,11 @@ import tempfile
 from pathlib import Path
 
 
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
 def child(dirs: list[str], share: bool) -> dict:
     """Load dirs[0], then the rest, each answering once; RSS after each stage."""
     import torch
 
+    from services.chat_app import replica_rss_bytes as rss_bytes
     from services.model_store import ModelStore
 
     torch.set_num_threads(1)

@@ -12,20 +12,11 @@ p50/p95 latency of each, the ratio to one client (batching's gain as a number) a
 from __future__ import annotations
 
 import argparse
-import base64
-import io
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import requests
-import soundfile as sf
-import yaml
 
 
 def run(base: str, bodies: list[dict], n: int, clients: int) -> tuple[float, list[float]]:
@@ -53,40 +44,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     args = ap.parse_args()
 
-    from infra.stack import LocalStack, free_port
-    from tests.services.serve_app import save_fine_tunes
+    from bench.serve_deployment import deployed_chat_app, mixed_modal_body
 
-    root = Path(tempfile.mkdtemp(prefix="vtb-serve-bench-"))
-    save_fine_tunes(root, ["model", "model-b"])  # two fine-tunes of one base: one LM, two LoRA adapters on it
-    stack = LocalStack(root / "stack", services=("ray",), ray_num_cpus=4)
-    stack.start()
-    env = {"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], **stack.env()}
-    serve_bin = str(Path(sys.executable).with_name("serve"))
-    try:
-        port = free_port()
-        cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
-               "applications": [{"name": "bench", "route_prefix": "/", "import_path": "services.chat_app:build_app",
-                                 "args": {"model": str(root / "model"), "models": {"b": str(root / "model-b")},
-                                          "max_batch_size": args.clients,
-                                          "batch_wait_timeout_s": 0.01}}]}
-        (root / "serve.yaml").write_text(yaml.safe_dump(cfg))
-        subprocess.run([serve_bin, "deploy", str(root / "serve.yaml"), "-a", env["RAY_DASHBOARD_ADDRESS"]], check=True, env=env,
-                       capture_output=True)
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(240):
-            try:
-                if requests.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        buf = io.BytesIO()
-        t = np.arange(24000) / 16000
-        sf.write(buf, (0.2 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 16000, format="WAV")
-        audio = base64.b64encode(buf.getvalue()).decode()
-        body = {"model": "vtblender", "max_tokens": args.max_tokens, "temperature": 0, "messages": [{"role": "user", "content": [
-            {"type": "text", "text": "Listen:"}, {"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}},
-            {"type": "text", "text": "What is it?"}]}]}
+    with deployed_chat_app({"max_batch_size": args.clients, "batch_wait_timeout_s": 0.01}) as base:
+        body = mixed_modal_body(args.max_tokens)
         mixed = [body, {**body, "stream": True}, {**body, "model": "b"}, {**body, "model": "b", "stream": True}]
         run(base, mixed, 8, 4)  # warm-up: both fine-tunes loaded
         p = lambda xs, q: 1000 * float(np.percentile(xs, q))  # noqa: E731
@@ -102,9 +63,6 @@ def main() -> None:
                 1, after["generate_calls"] - before["generate_calls"])
             base_rps = base_rps or rps
             print(f"{name:40s}{rps:8.2f}{rps / base_rps:7.2f}{p(lat, 50):9.0f}{p(lat, 95):9.0f}{per_call:14.2f}")
-    finally:
-        subprocess.run([serve_bin, "shutdown", "-y", "-a", env["RAY_DASHBOARD_ADDRESS"]], env=env, capture_output=True)
-        stack.stop()
 
 
 if __name__ == "__main__":

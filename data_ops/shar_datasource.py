@@ -10,6 +10,8 @@ Bad data never stops the stream: a missing shard, an unreadable cut line, audio 
 a cut whose conversation does not fit its audio — each becomes one *error row* (every other field but
 `shard`/`index`/`id` empty, `error` saying what and where) and a log line naming the shard. Consumers drop error
 rows and count them (`is_error_row`), so the count reaches the consumer's metrics without any global state.
+A store that cannot be reached is not bad data: the storage layer retries and resumes each read, and when it
+gives up, `StorageUnavailable` stops the stream (the job resumes from its checkpoint; no row is skipped).
 
 Shard order is a permutation drawn from (seed, epoch); `plan_reads` also splits an epoch between training ranks
 and takes `start`/`skip` per shard, so a resumed reader continues each shard exactly where it stopped (Ray Data
@@ -38,7 +40,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from data_ops.schema import SAMPLING_RATE, SchemaError, fill_conversation
 from data_ops.shards import ManifestError, ShardInfo, TypeInfo, read_manifest
-from data_ops.storage import Storage, StorageError, open_storage
+from data_ops.storage import Storage, StorageError, StorageUnavailable, open_storage
 from models import audio as models_audio
 from models.conversation import Conversation
 
@@ -93,6 +95,8 @@ def iter_shard_rows(storage: Storage, shard: ShardInfo, data_type: str, start: i
     try:
         cuts_stream = storage.open_read(shard.cuts)
         tar_stream = storage.open_read(shard.recording) if shard.recording else None
+    except StorageUnavailable:
+        raise  # the store, not the shard: the job stops and resumes from its checkpoint; nothing is skipped
     except StorageError as e:
         yield _error_row(name, start, None, f"missing shard: {e}; its {shard.num_cuts - start} cuts are skipped")
         return
@@ -130,6 +134,8 @@ def iter_shard_rows(storage: Storage, shard: ShardInfo, data_type: str, start: i
                 yield _good_row(cut, data_type, audio, name, index)
             except (ValueError, SchemaError) as e:
                 yield _error_row(name, index, cut.id, str(e))
+    except StorageUnavailable:
+        raise  # reads are retried and resumed in the storage layer; when that gives up, nothing is skipped
     except (OSError, EOFError, tarfile.TarError, RuntimeError) as e:
         # a truncated gzip or tar: the rest of this shard is unreadable, the stream goes on with the next shard
         yield _error_row(name, max(index, start), None, f"shard unreadable after item {index}: {type(e).__name__}: {e}")

@@ -4,20 +4,66 @@ Two small classes with the same verbs (`open_read`, `exists`, `list`, `put_file`
 with an explicit endpoint URL (MinIO, moto, Ceph, ...): `endpoint_url` argument, else `AWS_ENDPOINT_URL`, else AWS.
 Reads stream (boto3's `StreamingBody`), so a reader never holds a whole shard in memory.
 
+A network fault is not bad data: an S3 read that fails on the way (a reset, a timeout, the endpoint restarting) is
+retried with backoff and resumed at the byte it stopped at (a ranged GET pinned to the object's ETag), so the
+reader above sees one unbroken stream. When the retries run out the read raises `StorageUnavailable` naming the
+object: the job stops and resumes from its checkpoint rather than skip the rest of a shard.
+
 Why not fsspec/smart_open: they are not in the design card, and their S3 backends pull aiobotocore; what is needed
 here is five calls.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import BinaryIO
+
+logger = logging.getLogger("vtblender.storage")
 
 
 class StorageError(OSError):
     """A storage location cannot be used; the message names the URI."""
+
+
+class StorageUnavailable(OSError):
+    """The store could not be reached, or a read kept failing, after every retry; the message names the object.
+    Not a data error: whoever reads must stop (and resume later), never skip what it could not read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff for transient S3 faults: waits first_wait_s, 2x, 4x, ... (at most max_wait_s each),
+    `attempts` tries in all. The default rides out about 40 s of outage (an endpoint restart)."""
+
+    attempts: int = 8
+    first_wait_s: float = 0.5
+    max_wait_s: float = 10.0
+
+    def waits(self):
+        for k in range(self.attempts - 1):
+            yield min(self.max_wait_s, self.first_wait_s * 2 ** k)
+
+
+# S3 error codes that mean "try again", not "this object is wrong"
+_RETRYABLE_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "503", "500", "502", "504"}
+
+
+def _is_transient(e: Exception) -> bool:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(e, (StorageError, StorageUnavailable)):  # already sorted: missing object, retries spent
+        return False
+    if isinstance(e, ClientError):
+        return str(e.response.get("Error", {}).get("Code")) in _RETRYABLE_CODES
+    # BotoCoreError covers connection refused/closed, timeouts and streaming errors; OSError covers resets;
+    # urllib3's ProtocolError (a connection dropped mid-body) is neither
+    return isinstance(e, (BotoCoreError, OSError)) or type(e).__module__.startswith("urllib3")
 
 
 class LocalStorage:
@@ -58,8 +104,86 @@ class LocalStorage:
         os.replace(tmp, dst)
 
 
+class _ResumableS3Read(io.RawIOBase):
+    """One S3 object as a raw stream that survives transient faults: on an error mid-body it opens a ranged GET at
+    the next byte (If-Match the first response's ETag, so a replaced object fails instead of mixing two) after the
+    policy's backoff."""
+
+    def __init__(self, storage: "S3Storage", key: str):
+        self.storage, self.key, self.pos = storage, key, 0
+        self.etag = self.size = None
+        self.body = None
+        self._open()
+
+    def _name(self) -> str:
+        return f"s3://{self.storage.bucket}/{self.key}"
+
+    def _open(self) -> None:
+        from botocore.exceptions import ClientError
+
+        kwargs = {"Bucket": self.storage.bucket, "Key": self.key}
+        if self.pos:
+            kwargs.update(Range=f"bytes={self.pos}-", IfMatch=self.etag)
+
+        def get():
+            try:
+                return self.storage.client.get_object(**kwargs)
+            except ClientError as e:
+                if _is_transient(e):
+                    raise
+                raise StorageError(f"{self._name()}: {e.response['Error'].get('Code', e)}") from e
+
+        resp = self.storage.retrying(get, f"open {self._name()}" + (f" at byte {self.pos}" if self.pos else ""))
+        if self.etag is None:
+            self.etag, self.size = resp["ETag"], resp["ContentLength"]
+        self.body = resp["Body"]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        if self.size is not None and self.pos >= self.size:
+            return 0
+        waits = self.storage.retry.waits()
+        while True:
+            try:
+                if self.body is None:
+                    self._open()
+                data = self.body.read(len(buf))
+                if not data:  # botocore checks the length at the end: an early EOF raises instead
+                    return 0
+                buf[:len(data)] = data
+                self.pos += len(data)
+                return len(data)
+            except StorageError:
+                raise
+            except Exception as e:  # noqa: BLE001 - sorted by _is_transient below
+                if not _is_transient(e):
+                    raise
+                self._drop_body()
+                wait = next(waits, None)
+                if wait is None:
+                    raise StorageUnavailable(f"{self._name()}: reading at byte {self.pos} of {self.size} failed "
+                                             f"{self.storage.retry.attempts} times; last: {type(e).__name__}: {e}") from e
+                logger.warning("%s: read failed at byte %d (%s: %s); resuming in %.1f s", self._name(), self.pos,
+                               type(e).__name__, e, wait)
+                time.sleep(wait)
+
+    def _drop_body(self) -> None:
+        if self.body is not None:
+            try:
+                self.body.close()
+            except Exception:  # noqa: BLE001 - a broken connection may fail to close; it is dropped anyway
+                pass
+        self.body = None
+
+    def close(self) -> None:
+        self._drop_body()
+        super().close()
+
+
 class S3Storage:
-    def __init__(self, uri: str, endpoint_url: str | None = None):
+    def __init__(self, uri: str, endpoint_url: str | None = None, retry: RetryPolicy = RetryPolicy()):
         rest = uri[len("s3://"):]
         self.bucket, _, prefix = rest.partition("/")
         if not self.bucket:
@@ -67,6 +191,7 @@ class S3Storage:
         self.prefix = prefix.strip("/")
         self.uri = uri.rstrip("/")
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        self.retry = retry
         self._client = None
 
     def __getstate__(self):  # the boto3 client is not picklable; Ray tasks rebuild it
@@ -83,13 +208,26 @@ class S3Storage:
     def _key(self, rel: str) -> str:
         return f"{self.prefix}/{rel}" if self.prefix else rel
 
-    def open_read(self, rel: str) -> BinaryIO:
-        from botocore.exceptions import ClientError
+    def retrying(self, call, what: str):
+        """call() until it succeeds or fails with a non-transient error; StorageUnavailable after the retries."""
+        waits = self.retry.waits()
+        while True:
+            try:
+                return call()
+            except Exception as e:  # noqa: BLE001 - sorted by _is_transient
+                if not _is_transient(e):
+                    raise
+                wait = next(waits, None)
+                if wait is None:
+                    raise StorageUnavailable(f"{what}: failed {self.retry.attempts} times; last: "
+                                             f"{type(e).__name__}: {e}") from e
+                logger.warning("%s failed (%s: %s); retrying in %.1f s", what, type(e).__name__, e, wait)
+                time.sleep(wait)
 
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"]
-        except ClientError as e:
-            raise StorageError(f"s3://{self.bucket}/{self._key(rel)}: {e.response['Error'].get('Code', e)}") from e
+    def open_read(self, rel: str) -> BinaryIO:
+        """A buffered stream of the object that resumes after transient faults (see the module's docstring).
+        StorageError when it does not exist; StorageUnavailable when the store stays unreachable."""
+        return io.BufferedReader(_ResumableS3Read(self, self._key(rel)), buffer_size=1 << 18)
 
     def exists(self, rel: str) -> bool:
         from botocore.exceptions import ClientError
