@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -121,7 +122,24 @@ class Predictor:
                 "loss_sum": [s for s, _ in losses], "loss_tokens": [n for _, n in losses]}
 
 
-def predict(suite: Suite, task: EvalTask, model_uri: str, tracking_uri: str | None) -> list[dict]:
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where the model runs: `actors` predictor actors, each with `gpus_per_actor` GPUs (None: one GPU each when
+    the cluster has GPUs, else none; on a GPU cluster a CPU-only actor would never get a GPU)."""
+
+    actors: int = 1
+    gpus_per_actor: float | None = None
+
+    def gpus(self) -> float:
+        if self.gpus_per_actor is not None:
+            return self.gpus_per_actor
+        import ray
+
+        return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def predict(suite: Suite, task: EvalTask, model_uri: str, tracking_uri: str | None,
+            placement: Placement = Placement()) -> list[dict]:
     import ray.data
 
     from data_ops.shar_datasource import is_error_row, shar_dataset
@@ -134,7 +152,8 @@ def predict(suite: Suite, task: EvalTask, model_uri: str, tracking_uri: str | No
         ds = ds.limit(task.limit)
     out = ds.map_batches(Predictor, fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri,
                                                            "max_new_tokens": suite.max_new_tokens},
-                         batch_size=suite.batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+                         batch_size=suite.batch_size, compute=ray.data.ActorPoolStrategy(size=placement.actors),
+                         num_cpus=1, num_gpus=placement.gpus())
     rows = list(out.iter_rows())
     return sorted(rows, key=lambda r: r["id"])
 
@@ -195,14 +214,20 @@ def _content_check_task(suite: Suite, model_uri: str, tracking_uri: str | None) 
     convs = content_probe(suite.uris, suite.endpoint_url, size=suite.content_check)
     if not convs:
         return {}
-    return content_gap(load_speechlm(model_uri, tracking_uri=tracking_uri), convs).metrics()
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU when the task was given one
+    model = load_speechlm(model_uri, tracking_uri=tracking_uri, device=device,
+                          dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    return content_gap(model, convs).metrics()
 
 
-def content_check(suite: Suite, model_uri: str, tracking_uri: str | None) -> dict[str, float]:
+def content_check(suite: Suite, model_uri: str, tracking_uri: str | None,
+                  placement: Placement = Placement()) -> dict[str, float]:
     """The content check as a Ray task (it loads the model where the cluster has room, not in the driver)."""
     import ray
 
-    task = ray.remote(num_cpus=1)(_content_check_task)
+    task = ray.remote(num_cpus=1, num_gpus=placement.gpus())(_content_check_task)
     return ray.get(task.remote(suite, model_uri, tracking_uri))
 
 
@@ -222,7 +247,8 @@ def training_run_of(model_uri: str, tracking_uri: str | None) -> str | None:
     return None
 
 
-def evaluate_model(model_uri: str, suite: Suite, tracking_uri: str, experiment: str = "vtblender-eval") -> dict:
+def evaluate_model(model_uri: str, suite: Suite, tracking_uri: str, experiment: str = "vtblender-eval",
+                   placement: Placement = Placement()) -> dict:
     """Run every task of `suite` on the model and log metrics + per-sample table to MLflow: to the model's training
     run (registry or runs:/ URIs), else to a new run in `experiment`. Needs a connected Ray (`ray.init`, the
     caller's). Returns {"run_id", "metrics", "samples", "seconds"}; raises ModelNotFound / ManifestError."""
@@ -235,7 +261,7 @@ def evaluate_model(model_uri: str, suite: Suite, tracking_uri: str, experiment: 
     all_metrics: dict[str, float] = {}
     samples: dict[str, list] = defaultdict(list)
     for task in suite.tasks:
-        rows = predict(suite, task, model_uri, tracking_uri)
+        rows = predict(suite, task, model_uri, tracking_uri, placement)
         metrics = score(suite, task, rows)
         print(f"[eval] {suite.name}/{task.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
               flush=True)
@@ -246,7 +272,7 @@ def evaluate_model(model_uri: str, suite: Suite, tracking_uri: str, experiment: 
             samples["task"].append(task.name)
             samples["judge"].append(r.get("judge"))
     if suite.content_check:
-        gap = content_check(suite, model_uri, tracking_uri)
+        gap = content_check(suite, model_uri, tracking_uri, placement)
         if gap:
             print(f"[eval] {suite.name}/content check: gap {gap['speech/content_gap']:.3f} nats/token with another "
                   f"utterance of the same length, {gap['speech/content_gap_reversed']:.3f} time-reversed", flush=True)
@@ -271,7 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     ap.add_argument("--experiment", default="vtblender-eval", help="for models not from the registry")
     ap.add_argument("--uris", nargs="*", help="override the suite's corpora (e.g. absolute paths under ray job submit)")
+    ap.add_argument("--actors", type=int, default=1, help="predictor actors (model copies) running at once")
+    ap.add_argument("--gpus-per-actor", type=float, default=None,
+                    help="GPUs per predictor actor (default: 1 when the cluster has GPUs, else 0)")
     args = ap.parse_args(argv)
+    if args.actors < 1 or (args.gpus_per_actor is not None and args.gpus_per_actor < 0):
+        ap.error("--actors must be >= 1 and --gpus-per-actor >= 0")
     from jobs.training.console import quiet_console
     from services.model_store import ModelNotFound
 
@@ -291,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
 
         ray.init(log_to_driver=True)  # the cluster of RAY_ADDRESS (set by `ray job submit`), else a local one
         quiet_ray_data()
-        out = evaluate_model(args.model, suite, args.tracking_uri, args.experiment)
+        out = evaluate_model(args.model, suite, args.tracking_uri, args.experiment,
+                             Placement(args.actors, args.gpus_per_actor))
     except (ModelNotFound, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
