@@ -58,13 +58,19 @@ def _http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _ray_node_alive(dashboard: str) -> bool:
+def _ray_nodes(dashboard: str) -> list[dict]:
+    """The cluster's nodes as the state API lists them ([] when it does not answer)."""
     try:
-        with urllib.request.urlopen(f"{dashboard}/api/v0/nodes", timeout=2.0) as r:
-            nodes = json.loads(r.read())["data"]["result"]["result"]
+        with urllib.request.urlopen(f"{dashboard}/api/v0/nodes?detail=1", timeout=2.0) as r:
+            return json.loads(r.read())["data"]["result"]["result"]
     except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return any(n.get("state") == "ALIVE" for n in nodes)
+        return []
+
+
+def _ray_node_alive(dashboard: str, node_name: str | None = None) -> bool:
+    """A node is alive (the head: any node; else the node started with `--node-name=node_name`)."""
+    return any(n.get("state") == "ALIVE" and (node_name is None or n.get("node_name") == node_name)
+               for n in _ray_nodes(dashboard))
 
 
 @dataclasses.dataclass
@@ -114,6 +120,45 @@ class LocalStack:
         self.services.clear()
         if self.state_file.exists():
             self.state_file.unlink()
+
+    def add_node(self, name: str, num_cpus: int = 2, resources: dict[str, float] | None = None) -> Service:
+        """Another Ray node joining the head, on this machine (loopback): a multi-node cluster for tests and
+        rehearsals. `resources`: custom resources it offers (e.g. one training slot, to spread workers over
+        nodes). Stopped with the stack, or with `kill_node` (as a crash) / `remove_node`."""
+        self._load_state()
+        if "ray" not in self.services:
+            raise StackError("add_node needs the Ray head: start the stack with the ray service first")
+        head = self.services["ray"]
+        key = f"ray-node-{name}"
+        cmd = [_bin("ray"), "start", "--block", f"--address={head.extra['gcs_address']}",
+               f"--node-ip-address={HOST}", f"--node-name={name}", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
+        if resources:
+            cmd.append(f"--resources={json.dumps(resources)}")
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        proc, log = self._spawn(key, cmd, {"RAY_AUTH_MODE": "disabled", "PATH": path,
+                                           "RAY_API_SERVER_ADDRESS": head.url, **self._service_env()})
+        self._wait(key, proc, log, lambda: _ray_node_alive(head.url, name), timeout=120)
+        self.services[key] = Service(key, proc.pid, 0, head.url, str(log), {"node_name": name})
+        self._save_state()
+        return self.services[key]
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL a node added by `add_node` and every process it started (its raylet, agents and workers): a
+        machine lost mid-run, as far as Ray can tell."""
+        self._load_state()
+        service = self.services.pop(f"ray-node-{name}")
+        for pid in _session_pids(service.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _pid_alive(service.pid)  # reap
+        self._save_state()
+
+    def remove_node(self, name: str, timeout: float = 30.0) -> None:
+        self._load_state()
+        _terminate(self.services.pop(f"ray-node-{name}").pid, timeout)
+        self._save_state()
 
     def status(self) -> dict[str, dict]:
         self._load_state()
@@ -267,6 +312,19 @@ def _pid_alive(pid: int) -> bool:
         return done == 0
     except ChildProcessError:
         return True
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Every process in session `sid` (a service leads its own session; Ray's workers stay in their raylet's)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid:  # after the command: state, ppid, pgrp, session
+            pids.append(int(stat.parent.name))
+    return pids
 
 
 def _group_alive(pgid: int) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_ops.schema import DATA_TYPES
 from models.config import NAMED_SIZES, LoraSettings, SpeechLMConfig
@@ -151,6 +151,9 @@ class TrainSection(_Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each worker needs besides CPU/GPU (e.g. {"a100": 1} to pick a node type, or one slot
+    per node to spread workers over nodes)."""
     checkpoint_every: int = Field(1000, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(3, ge=0)
@@ -159,6 +162,16 @@ class TrainSection(_Strict):
     """Every this many steps, measure whether the audio path carries content (`models.content_check`: loss on
     the right audio vs. on another utterance of the same length, and time-reversed) and log `speech/content_gap`;
     None: at every checkpoint. Needs asr_ast data; skipped otherwise."""
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        clash = sorted(set(v) & {"CPU", "GPU", "memory", "object_store_memory"})
+        if clash:
+            raise ValueError(f"{clash} are set by cpus_per_worker / use_gpu, not resources_per_worker")
+        if any(x <= 0 for x in v.values()):
+            raise ValueError("every amount in resources_per_worker must be > 0")
+        return v
 
     def module_lrs(self) -> dict[str, float]:
         """Peak lr per module (encoder, adapter, lm)."""

@@ -71,8 +71,9 @@ class LMConfig(_Strict):
     mode: Literal["lora", "frozen", "full"] = "lora"
     """How the LM trains: LoRA adapters only (paper), frozen (ablation B2), or every weight."""
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    end_of_turn: str = "<end_of_turn>"
-    """The chat template's end-of-turn marker; generation stops on it or on EOS."""
+    end_of_turn: str | None = None
+    """An extra token generation stops on, besides EOS and the end-of-turn token read from the chat template
+    (`ConversationProcessor.end_of_turn_ids`); None: those two only."""
 
 
 class SpeechLMConfig(_Strict):

@@ -5,8 +5,11 @@ How a conversation becomes a token sequence:
    placeholder string (never tokenized, only a marker in the rendered text).
 2. The tokenizer's own chat template renders the messages (Gemma's turn markers for the tiny tokenizer).
 3. Assistant spans are found by rendering prefixes: the text of turns[:i] with the generation prompt is a prefix
-   of the text of turns[:i+1]; what lies between is turn i's answer plus its end-of-turn marker. Templates that
-   break this prefix property are rejected with a clear error rather than mislabeled.
+   of the text of turns[:i+1]; what lies between is turn i's answer plus its end-of-turn marker (and, where a
+   template closes a conversation with one more token, as Phi-3's adds EOS, that token when the answer is the
+   last turn). Templates that break this prefix property are rejected with a clear error rather than mislabeled.
+   The end-of-turn marker itself (the first token after an answer) is what generation stops on
+   (`end_of_turn_ids`): each LM family's own, read from its template, not assumed.
 4. The text is cut at span boundaries and placeholders; each piece is tokenized on its own (so training sees
    exactly the prompt tokenization that generation sees); each placeholder becomes `n` reserved positions,
    where `n` is the number of adapter frames the model will produce for that audio.
@@ -92,13 +95,30 @@ class ConversationProcessor:
                 continue
             prompt = self._render(msgs[:i], add_generation_prompt=True)
             with_answer = self._render(msgs[: i + 1], add_generation_prompt=False)
-            if not (with_answer.startswith(prompt) and full.startswith(with_answer)):
+            # a template may end a conversation with more than it puts between turns (Phi-3: EOS): the span ends
+            # where this turn's rendering and the whole conversation's part
+            end = _common_prefix_len(with_answer, full)
+            answer_end = with_answer.rfind(m["content"]) + len(m["content"]) if m["content"] else len(prompt)
+            if not (with_answer.startswith(prompt) and full.startswith(prompt) and end >= answer_end):
                 raise ConversationError(
                     "the tokenizer's chat template does not render conversations prefix-wise, so the answer "
                     "spans cannot be located; use a template where each turn only appends text"
                 )
-            spans.append((len(prompt), len(with_answer)))
+            spans.append((len(prompt), end))
         return full, spans
+
+    def end_of_turn_ids(self) -> list[int]:
+        """The special token the chat template closes an assistant turn with: Gemma's `<end_of_turn>`, Llama 3's
+        `<|eot_id|>`, ChatML's `<|im_end|>`, Phi-3's `<|end|>`, Mistral's `</s>`. [] when the first thing after
+        an answer is not a special token (the template has no marker; EOS alone ends generation)."""
+        probe = "The answer is 42."
+        msgs = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": probe}]
+        done = self._render(msgs, add_generation_prompt=False)
+        after = done[done.rfind(probe) + len(probe):].lstrip(" ")
+        ids = self.tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+        special = set(self.tokenizer.all_special_ids) | {
+            i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
+        return ids[:1] if ids and ids[0] in special else []
 
     # -- tokenization -------------------------------------------------------------------------------------------
     def encode(self, conv: Conversation, for_generation: bool = False) -> EncodedConversation:
@@ -187,6 +207,14 @@ class ConversationProcessor:
     def __call__(self, conversations: Sequence[Conversation], for_generation: bool = False) -> dict[str, torch.Tensor]:
         encoded = [self.encode(c, for_generation=for_generation) for c in conversations]
         return self.collate(encoded, padding_side="left" if for_generation else "right")
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 def text_conversation(*turns: tuple[str, str]) -> Conversation:

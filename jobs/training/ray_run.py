@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from jobs.recipe import Recipe, RecipeError, check_data, parse_recipe
@@ -156,15 +155,14 @@ def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str
     worker_env = {k: env[k] for k in FORWARDED_ENV if k in env} | WORKER_ENV | {"MLFLOW_TRACKING_URI": tracking_uri}
     stages = recipe.stage_list()
     init_from, offset, result = None, 0, None
-    # the hand-over between stages: a local copy of the last stage's checkpoint, removed when the run ends
-    handover = tempfile.TemporaryDirectory(prefix="vtb-stages-")
     for i, stage in enumerate(stages):
         job = WorkerJob(recipe, stage, tokenizer_files, tracking_uri, run_id, init_from=init_from,
                         final=i == len(stages) - 1, step_offset=offset, sample_log_dir=sample_log_dir)
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config={"job": job},
             scaling_config=ScalingConfig(num_workers=recipe.train.num_workers, use_gpu=recipe.train.use_gpu,
-                                         resources_per_worker={"CPU": recipe.train.cpus_per_worker}),
+                                         resources_per_worker={"CPU": recipe.train.cpus_per_worker,
+                                                               **recipe.train.resources_per_worker}),
             run_config=RunConfig(
                 name=recipe.run.name if len(stages) == 1 else f"{recipe.run.name}-{stage.name}",
                 storage_path=storage_path, storage_filesystem=fs,
@@ -177,9 +175,10 @@ def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str
         if result.error:
             raise result.error
         offset += stage.max_steps
-        if i < len(stages) - 1:  # the next stage starts from this one's weights (local copy for the workers)
-            init_from = result.checkpoint.to_directory(str(Path(handover.name) / stage.name))
-    handover.cleanup()
+        if i < len(stages) - 1:
+            # the next stage starts from this one's weights: the checkpoint itself (under storage_path), which
+            # each worker copies to its own node; a copy on the driver would not be there on another node
+            init_from = result.checkpoint
     registered = register_model(recipe, tracking_uri, run_id)
     return {"run_id": run_id, "tracking_uri": tracking_uri, "registered": registered,
             "checkpoint": result.checkpoint.path if result and result.checkpoint else None}

@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,8 @@ class WorkerJob:
     tokenizer_files: dict | None
     tracking_uri: str
     mlflow_run_id: str
-    init_from: str | None = None
+    init_from: Any = None
+    """The previous stage's last `ray.train.Checkpoint` (under storage_path, so any node can read it), or None."""
     final: bool = True
     step_offset: int = 0  # stages log on one step axis
     sample_log_dir: str | None = None
@@ -221,10 +223,11 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
 
     core = build_model(recipe, stage, job.tokenizer_files, device)
-    if job.init_from:
+    if job.init_from is not None:
         from jobs.training.checkpoint import load_initial_weights
 
-        load_initial_weights(core, Path(job.init_from))
+        with job.init_from.as_directory() as init_dir:  # a local copy on this worker's node
+            load_initial_weights(core, Path(init_dir))
     trainer = build_trainer(job, core, device, world)
     ratios = stage.ratios or recipe.data.ratios
     streams = open_streams(recipe, ratios, rank, world)

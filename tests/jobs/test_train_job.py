@@ -1,16 +1,15 @@
 """The training job end to end on the local stack: `ray job submit` of the tiny recipe against shards on the moto
-S3 endpoint, 2 workers, one worker killed mid-run; MLflow holds the run, its metrics, artifacts and a registered
-version whose logits match the trained model's; the resumed stream neither repeats nor skips samples."""
+S3 endpoint, in two stages on two worker nodes, one node lost mid-run; MLflow holds the run, its metrics, artifacts
+and a registered version whose logits match the trained model's; the resumed stream neither repeats nor skips
+samples."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -53,12 +52,18 @@ def _recipe(corpus_uri, storage, name, **train):
     }
 
 
-def _train_worker_pids() -> list[int]:
-    out = subprocess.run(["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "ps -ww" not in line]
+def _worker_nodes(dashboard: str) -> dict[str, str]:
+    """Alive Ray Train workers -> the name of the node each runs on."""
+    from ray.util.state import list_actors, list_nodes
+
+    names = {n.node_id: n.node_name for n in list_nodes(address=dashboard, detail=True)}
+    actors = list_actors(address=dashboard, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return {a.actor_id: names.get(a.node_id) for a in actors}
 
 
-def test_submitted_job_trains_resumes_after_a_killed_worker_and_registers(stack, corpus_conversations, tmp_path):
+def test_two_stage_run_on_two_nodes_survives_a_lost_node_and_registers(stack, corpus_conversations, tmp_path):
+    """A multi-node run as a cluster does it: two worker nodes (one training slot each, so the two workers are on
+    different nodes), checkpoints and the stage hand-over on S3, one node lost mid-stage and replaced."""
     import boto3
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -70,49 +75,65 @@ def test_submitted_job_trains_resumes_after_a_killed_worker_and_registers(stack,
 
     env = stack.env()
     _write_corpus("s3://vtb-it/corpus", corpus_conversations, env)
-    recipe = _recipe("s3://vtb-it/corpus", "s3://vtb-it/runs", "it-main")
+    recipe = _recipe("s3://vtb-it/corpus", "s3://vtb-it/runs", "it-main", resources_per_worker={"vtb_train_slot": 1})
+    # B3's shape: the LM frozen, then LoRA from the first stage's weights
+    recipe["stages"] = [{"name": "frozen-lm", "max_steps": 20, "lm_mode": "frozen"},
+                        {"name": "lora", "max_steps": 20, "lm_mode": "lora"}]
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     samples = tmp_path / "samples"
     job_id = f"it-main-{int(time.time())}"
     job_env = {k: env[k] for k in env if k != "RAY_ADDRESS"}
-    for attempt in range(6):  # right after start-up the head's job agent may not be registered yet
-        submit = subprocess.run(
-            [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", stack.urls["ray"], "--no-wait",
-             "--submission-id", job_id,
-             "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": job_env}), "--",
-             "python", "-m", "jobs.train", "--config", str(path), "--sample-log-dir", str(samples)],
-            # a clean environment: this test process may hold a local Ray instance of its own (other tests)
-            capture_output=True, text=True, timeout=120, env={"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], **env})
-        if "No available agent" not in submit.stdout + submit.stderr:
-            break
-        time.sleep(5)
-    assert submit.returncode == 0, submit.stderr[-2000:]
-    client = JobSubmissionClient(stack.urls["ray"])
+    added = ["a", "b"]
+    for name in added:
+        stack.add_node(name, num_cpus=2, resources={"vtb_train_slot": 1})
+    try:
+        for attempt in range(6):  # right after start-up the head's job agent may not be registered yet
+            submit = subprocess.run(
+                [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", stack.urls["ray"],
+                 "--no-wait", "--submission-id", job_id,
+                 "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": job_env}), "--",
+                 "python", "-m", "jobs.train", "--config", str(path), "--sample-log-dir", str(samples)],
+                # a clean environment: this test process may hold a local Ray instance of its own (other tests)
+                capture_output=True, text=True, timeout=120,
+                env={"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], **env})
+            if "No available agent" not in submit.stdout + submit.stderr:
+                break
+            time.sleep(5)
+        assert submit.returncode == 0, submit.stderr[-2000:]
+        client = JobSubmissionClient(stack.urls["ray"])
 
-    # kill one training worker once the first checkpoint is committed on S3
-    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
-                      aws_secret_access_key="testing", region_name="us-east-1")
-    killed = None
-    deadline = time.time() + 300
-    while time.time() < deadline and killed is None:
-        status = client.get_job_status(job_id)
-        assert status not in (JobStatus.FAILED, JobStatus.STOPPED), client.get_job_logs(job_id)[-3000:]
-        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="vtb-it", Prefix="runs/it-main/").get("Contents", [])]
-        # Ray Train writes its snapshot once a reported checkpoint is committed (files alone may be mid-upload)
-        if any(k.endswith("checkpoint_manager_snapshot.json") for k in keys):
-            pids = _train_worker_pids()
-            if pids:
-                killed = pids[-1]
-                os.kill(killed, signal.SIGKILL)
-        time.sleep(0.5)
-    assert killed, "no checkpoint appeared / no worker to kill"
-    while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-        assert time.time() < deadline + 300, "job did not finish"
-        time.sleep(2)
-    logs = client.get_job_logs(job_id)
+        # lose the node of one worker once the second stage's first checkpoint is committed on S3, then replace it
+        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+        lost = None
+        deadline = time.time() + 420
+        while time.time() < deadline and lost is None:
+            status = client.get_job_status(job_id)
+            assert status not in (JobStatus.FAILED, JobStatus.STOPPED), client.get_job_logs(job_id)[-3000:]
+            keys = [o["Key"] for o in s3.list_objects_v2(Bucket="vtb-it", Prefix="runs/it-main-lora/")
+                    .get("Contents", [])]
+            # Ray Train writes its snapshot once a reported checkpoint is committed (files alone may be mid-upload)
+            if any(k.endswith("checkpoint_manager_snapshot.json") for k in keys):
+                nodes = _worker_nodes(stack.urls["ray"])
+                if len(nodes) == 2:
+                    assert sorted(nodes.values()) == ["a", "b"], nodes  # one worker per node, none on the head
+                    lost = sorted(nodes.values())[-1]
+                    stack.kill_node(lost)
+                    added.remove(lost)
+                    stack.add_node("c", num_cpus=2, resources={"vtb_train_slot": 1})
+                    added.append("c")
+            time.sleep(0.5)
+        assert lost, "no checkpoint of the second stage appeared / no workers to find"
+        while client.get_job_status(job_id) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            assert time.time() < deadline + 300, "job did not finish"
+            time.sleep(2)
+        logs = client.get_job_logs(job_id)
+    finally:
+        for name in added:
+            stack.remove_node(name, timeout=10)
     assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-4000:]
-    assert "resumed stage main at step" in logs  # the restarted workers continued from the checkpoint
+    assert "resumed stage lora at step" in logs  # the restarted workers continued from the checkpoint
     assert "registered model: models:/it-main-model@candidate" in logs
 
     # MLflow: one run with the recipe as params, decreasing loss, per-type losses, artifacts, a registered version
@@ -123,14 +144,15 @@ def test_submitted_job_trains_resumes_after_a_killed_worker_and_registers(stack,
     assert len(runs) == 1, "the restart must log into the same MLflow run"
     run = runs[0]
     assert run.data.params["train.max_steps"] == "40" and run.data.params["data.sources.asr_ast.ratio"] == "0.5"
-    loss = mc.get_metric_history(run.info.run_id, "loss")
-    by_step = {m.step: m.value for m in loss}
-    assert max(by_step) == 40
-    assert by_step[40] < by_step[min(by_step)], by_step
+    # both stages log into the run on one step axis, each under its name
+    first = {m.step: m.value for m in mc.get_metric_history(run.info.run_id, "frozen-lm/loss")}
+    second = {m.step: m.value for m in mc.get_metric_history(run.info.run_id, "lora/loss")}
+    assert max(first) == 20 and min(second) > 20 and max(second) == 40
+    assert second[40] < first[min(first)], (first, second)
     for t in ("text", "asr_ast", "sqa", "mixed_modal"):
-        assert f"loss/{t}" in run.data.metrics
+        assert f"lora/loss/{t}" in run.data.metrics
     for m in ("throughput/samples_per_s", "throughput/audio_s_per_s", "throughput/tokens_per_s",
-              "data/padded_share", "data/wait_share", "lr"):
+              "data/padded_share", "data/wait_share", "lora/lr", "frozen-lm/lr"):
         assert m in run.data.metrics
     artifacts = {a.path for a in mc.list_artifacts(run.info.run_id)}
     assert {"model", "probe_logits.npy"} <= artifacts
@@ -150,28 +172,29 @@ def test_submitted_job_trains_resumes_after_a_killed_worker_and_registers(stack,
         logits = model(**model.processor([probe_conversation()])).logits.numpy()
     np.testing.assert_allclose(logits, ref, atol=1e-5)
 
-    # Samples: for each rank the last attempt of every step (steps after the checkpoint ran twice) must equal an
-    # uninterrupted replay of the same streams: nothing seen twice within its epoch, nothing skipped.
+    # Samples: in each stage, for each rank, the last attempt of every step (steps after the checkpoint ran twice)
+    # must equal an uninterrupted replay of the same streams: nothing seen twice within its epoch, nothing skipped.
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS")})
     parsed = parse_recipe(recipe)
     draw = mix_sampler(parsed.data.ratios, parsed.run.seed)
-    reruns = 0
-    for rank in range(2):
-        entries = [json.loads(x) for x in (samples / f"main-rank{rank}.jsonl").read_text().splitlines()]
-        last: dict = {}
-        for e in entries:
-            reruns += (e["step"], e["micro"]) in last
-            last[(e["step"], e["micro"])] = e
-        assert sorted(k[0] for k in last) == list(range(40))
-        streams = {t: TypeStream(s.uris, t, s.batch_size, seed=parsed.run.seed, rank=rank, world_size=2,
-                                 bucket_batches=parsed.data.bucket_batches) for t, s in parsed.data.sources.items()}
-        for step in range(40):
-            t = draw(step, 0)
-            assert last[(step, 0)]["type"] == t
-            assert last[(step, 0)]["ids"] == [r["id"] for r in streams[t].next_batch()], (rank, step)
-    assert reruns > 0, "the kill happened after a checkpoint, so some steps must have run twice"
-    counts = Counter(draw(s, 0) for s in range(40))
-    assert counts == Counter(last[(s, 0)]["type"] for s in range(40))
+    reruns = {}
+    for stage in parsed.stage_list():
+        reruns[stage.name] = 0
+        for rank in range(2):
+            entries = [json.loads(x) for x in (samples / f"{stage.name}-rank{rank}.jsonl").read_text().splitlines()]
+            last: dict = {}
+            for e in entries:
+                reruns[stage.name] += (e["step"], e["micro"]) in last
+                last[(e["step"], e["micro"])] = e
+            assert sorted(k[0] for k in last) == list(range(stage.max_steps)), (stage.name, rank)
+            streams = {t: TypeStream(s.uris, t, s.batch_size, seed=parsed.run.seed, rank=rank, world_size=2,
+                                     bucket_batches=parsed.data.bucket_batches) for t, s in parsed.data.sources.items()}
+            for step in range(stage.max_steps):
+                t = draw(step, 0)
+                assert last[(step, 0)]["type"] == t
+                assert last[(step, 0)]["ids"] == [r["id"] for r in streams[t].next_batch()], (stage.name, rank, step)
+    # the node was lost after a checkpoint of the second stage: some of its steps ran twice, none of the first's
+    assert reruns["lora"] > 0 and reruns["frozen-lm"] == 0, reruns
 
 
 @pytest.mark.parametrize("lm_mode", ["frozen", "lora"])
