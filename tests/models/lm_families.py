@@ -9,20 +9,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-GEMMA = (
-    "{{ bos_token }}"
-    "{% if messages and messages[0]['role'] == 'system' %}"
-    "{% set system = messages[0]['content'] | trim + '\n\n' %}{% set messages = messages[1:] %}"
-    "{% else %}{% set system = '' %}{% endif %}"
-    "{% for message in messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{% set content = (system + message['content']) if loop.first else message['content'] %}"
-    "{{ '<start_of_turn>' + role + '\n' + content | trim + '<end_of_turn>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
-)
+from models.tokenizer import GEMMA_STYLE_CHAT_TEMPLATE
+
+GEMMA = GEMMA_STYLE_CHAT_TEMPLATE  # the project's own tiny tokenizer's: Gemma's turn markers
 
 # Llama 3.1/3.2 instruct: a system header always, with the knowledge-cutoff and date lines
 LLAMA3 = (
