@@ -154,6 +154,9 @@ class TrainSection(_Strict):
     resources_per_worker: dict[str, float] = Field(default_factory=dict)
     """Custom Ray resources each worker needs besides CPU/GPU (e.g. {"a100": 1} to pick a node type, or one slot
     per node to spread workers over nodes)."""
+    peak_tflops: float | None = Field(None, gt=0)
+    """Peak dense bf16 TFLOPS of one device, for `perf/mfu`; None: looked up from the GPU's name
+    (`jobs.training.flops.PEAK_BF16_TFLOPS`), none on CPU."""
     checkpoint_every: int = Field(1000, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(3, ge=0)

@@ -27,13 +27,14 @@ class MicroBatch:
     stream_state: dict  # the data type's TypeStream.state_dict() after these rows
     wait_s: float = 0.0  # seconds training waited for it (the rest of its reading and tensorizing overlapped)
 
-    def stats(self, loss: float) -> BatchStats:
+    def stats(self, loss: float, flops=None) -> BatchStats:
+        """`flops`: the model's `ForwardFlops`, to count this batch's model FLOPs (None: not counted)."""
         from data_ops.mix_sampler import padded_share
 
         durations = [r["duration"] for r in self.rows if r["num_samples"]]
         return BatchStats(self.data_type, loss, samples=len(self.rows), tokens=int(self.batch["attention_mask"].sum()),
                           audio_s=float(sum(durations)), padded_share=padded_share(durations) if durations else None,
-                          data_s=self.wait_s)
+                          data_s=self.wait_s, flops=flops.train_step(self.batch) if flops is not None else 0.0)
 
 
 class BatchPrefetcher:

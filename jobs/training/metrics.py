@@ -23,6 +23,7 @@ class BatchStats:
     audio_s: float = 0.0
     padded_share: float | None = None  # of speech frames (None for a batch without audio)
     data_s: float = 0.0
+    flops: float = 0.0  # model FLOPs of its forward + backward (`jobs.training.flops`)
 
 
 @dataclass
@@ -34,6 +35,7 @@ class MetricsWindow:
     samples: int = 0
     audio_s: float = 0.0
     tokens: int = 0
+    flops: float = 0.0
     steps: int = 0
     step_losses: list[float] = field(default_factory=list)
     padded: list[float] = field(default_factory=list)
@@ -43,6 +45,7 @@ class MetricsWindow:
         self.by_type.setdefault(b.data_type, []).append(b.loss)
         self.samples += b.samples
         self.tokens += b.tokens
+        self.flops += b.flops
         self.audio_s += b.audio_s
         self.data_s += b.data_s
         if b.padded_share is not None:
@@ -66,6 +69,7 @@ class MetricsWindow:
             "throughput/audio_s_per_s": self.audio_s * world / elapsed,
             "throughput/tokens_per_s": self.tokens * world / elapsed,
             "throughput/steps_per_s": self.steps / elapsed,
+            "perf/model_tflops_per_s": self.flops * world / elapsed / 1e12,
             "data/wait_share": self.data_s / elapsed,
         }
         if self.padded:

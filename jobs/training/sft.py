@@ -152,20 +152,44 @@ def mean_over_ranks(value: float, world: int) -> float:
     return float(t.item()) / world
 
 
-def log_window(window, job: WorkerJob, trainer, prefetch, rank: int, world: int, logger, progress) -> None:
-    """Collective (the loss is averaged over ranks); rank 0 logs the window to MLflow and one console line."""
+def max_over_ranks(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def log_window(window, job: WorkerJob, trainer, prefetch, rank: int, world: int, logger, progress,
+               peak_flops: float | None = None, device=None) -> None:
+    """Collective (the loss is averaged over ranks, GPU memory maxed); rank 0 logs the window to MLflow and one
+    console line."""
+    import torch
+
     loss = mean_over_ranks(window.mean_loss, world)
+    gpu_gib = None
+    if device is not None and torch.device(device).type == "cuda":
+        gpu_gib = max_over_ranks(torch.cuda.max_memory_allocated(device) / 2**30, world)
     if rank != 0:
         return
     prefix = "" if len(job.recipe.stage_list()) == 1 else f"{job.stage.name}/"
     metrics = window.metrics(world=world, prefix=prefix, loss=loss)
+    if peak_flops:
+        metrics["perf/mfu"] = metrics["perf/model_tflops_per_s"] * 1e12 / (peak_flops * world)
+    if gpu_gib is not None:
+        metrics["gpu/max_memory_allocated_gib"] = gpu_gib  # the largest of any rank
     metrics[f"{prefix}lr"] = trainer.scheduler.get_last_lr()[0]
     metrics["data/error_rows"] = float(prefetch.error_rows())
     logger.log_metrics(metrics, step=trainer.step + job.step_offset)
     by_type = ", ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(window.by_type.items()))
     log(f"{job.stage.name} step {trainer.step}/{job.stage.max_steps} loss {loss:.4f} ({by_type}) "
         f"{metrics['throughput/samples_per_s']:.1f} samples/s {metrics['throughput/audio_s_per_s']:.1f} audio-s/s "
-        f"data-wait {100 * metrics['data/wait_share']:.0f}% {progress(trainer.step)}")
+        f"data-wait {100 * metrics['data/wait_share']:.0f}% "
+        + (f"MFU {100 * metrics['perf/mfu']:.1f}% " if "perf/mfu" in metrics else "")
+        + (f"GPU mem {gpu_gib:.1f} GiB " if gpu_gib is not None else "") + progress(trainer.step))
 
 
 def log_final_model(core, logger, stream_states: dict) -> None:
@@ -247,13 +271,16 @@ def train_loop_per_worker(config: dict) -> None:
         sample_log = open(Path(job.sample_log_dir) / f"{stage.name}-rank{rank}.jsonl", "a")
     logger = MlflowRunLogger(job.tracking_uri, job.mlflow_run_id, system_metrics=True) if rank == 0 else None
     window, progress = MetricsWindow(), Progress(trainer.step, stage.max_steps)
+    from jobs.training.flops import count_forward_flops, peak_flops_per_s
+
+    flops, peak = count_forward_flops(core), peak_flops_per_s(device, tr.peak_tflops)
     trainer.model.train()
     try:
         while trainer.step < stage.max_steps:
             micro_batches = [prefetch.next() for _ in range(tr.grad_accum)]
             batches = ({k: v.to(device) for k, v in mb.batch.items()} for mb in micro_batches)
             step_loss = trainer.train_step(batches, on_micro=lambda i, loss: window.add_batch(
-                micro_batches[i].stats(loss)))
+                micro_batches[i].stats(loss, flops)))
             window.add_step(step_loss)
             if sample_log:
                 for mb in micro_batches:
@@ -262,7 +289,7 @@ def train_loop_per_worker(config: dict) -> None:
                 sample_log.flush()
             step, last = trainer.step, trainer.step == stage.max_steps
             if step % tr.log_every == 0 or last:
-                log_window(window, job, trainer, prefetch, rank, world, logger, progress)
+                log_window(window, job, trainer, prefetch, rank, world, logger, progress, peak, device)
                 window = MetricsWindow()
             if probe and (step % check_every == 0 or last):
                 logger.log_metrics(check_content(core, step), step=step + job.step_offset)
