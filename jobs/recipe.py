@@ -243,6 +243,17 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(obj, str(path))
 
 
+def check_model(recipe: Recipe) -> None:
+    """The checkpoints the recipe names fit its model config (encoder kind, mel bins, sampling rate; an LM
+    tokenizer with a chat template), read from their configs only. Raises RecipeError naming every problem."""
+    from models.speechlm import checkpoint_problems
+
+    problems = checkpoint_problems(recipe.model.speechlm_config())
+    if problems:
+        raise RecipeError("the recipe's model cannot be built from its checkpoints:\n" +
+                          "\n".join(f"  {p}" for p in problems))
+
+
 def check_data(recipe: Recipe) -> dict[str, dict]:
     """Open every corpus manifest; every listed shard must exist and every sampled type must have data.
     Returns per type: cuts, hours, shards. Raises RecipeError naming every problem."""

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from jobs.recipe import RecipeError, check_data, load_recipe, parse_recipe
+from jobs.recipe import RecipeError, check_data, check_model, load_recipe, parse_recipe
 from jobs.training.console import quiet_console
 from jobs.training.tracking import TrackingError
 
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         if overrides:
             recipe = parse_recipe({**recipe.model_dump(mode="json"), "run": {**recipe.run.model_dump(), **overrides}})
         if args.check:
+            check_model(recipe)
             print(json.dumps(check_data(recipe), indent=1))
             return 0
         import ray

@@ -22,7 +22,7 @@ import json
 import os
 from pathlib import Path
 
-from jobs.recipe import Recipe, RecipeError, check_data, parse_recipe
+from jobs.recipe import Recipe, RecipeError, check_data, check_model, parse_recipe
 from jobs.training.console import WORKER_ENV
 from jobs.training.tracking import RUN_TAG, client_for, find_or_create_run, log_params, resolve_tracking_uri
 
@@ -145,6 +145,7 @@ def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str
 
     env = dict(os.environ if env is None else env)
     recipe = absolute_paths(recipe)
+    check_model(recipe)
     data_summary = check_data(recipe)
     tracking_uri = resolve_tracking_uri(recipe.run.tracking_uri, env)
     log(f"[train] recipe OK; data: {json.dumps(data_summary)}")
