@@ -260,3 +260,129 @@ def write_messages_jsonl(conversations: Iterable[tuple[str, Conversation]], path
             f.write(json.dumps({"id": cut_id, "messages": messages}, ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+# -- Hugging Face datasets --------------------------------------------------------------------------------------
+# Column names of common speech datasets as the Hub holds them, so that `layout="commonvoice"` is all a user types.
+HF_LAYOUTS = {
+    "commonvoice": {"text": "sentence", "lang": "locale", "id": "path"},
+    "fleurs": {"text": "transcription", "lang": None, "id": "id"},
+    "librispeech": {"text": "text", "lang": None, "id": "id"},
+    "covost2": {"text": "sentence", "translation": "translation", "lang": None, "id": "id"},
+}
+
+
+def _hf_table_files(root: Path) -> list[Path]:
+    """The data files of a dataset folder: parquet (the Hub's format) or arrow (`Dataset.save_to_disk`)."""
+    if root.is_file():
+        return [root]
+    files = sorted(root.rglob("*.parquet")) or sorted(p for p in root.rglob("*.arrow") if not p.name.startswith("cache-"))
+    if not files:
+        raise SchemaError(f"{root}: no .parquet or .arrow files (a Hugging Face dataset folder or one of its files)")
+    return files
+
+
+def _hf_batches(path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".parquet":
+        yield from pq.ParquetFile(path).iter_batches(batch_size=64)
+        return
+    with pa.memory_map(str(path)) as source:
+        try:
+            reader = pa.ipc.open_stream(source)  # what `save_to_disk` writes
+        except pa.ArrowInvalid:
+            source.seek(0)
+            reader = pa.ipc.open_file(source)
+            for i in range(reader.num_record_batches):
+                yield reader.get_batch(i)
+            return
+        yield from reader
+
+
+def _hf_audio(value, base: Path) -> np.ndarray:
+    """An `Audio` column's value: {"bytes": ..., "path": ...} (bytes win; a path is relative to the dataset)."""
+    from models.audio import AudioDecodeError, decode_audio
+
+    if isinstance(value, dict) and value.get("bytes"):
+        try:
+            audio = decode_audio(value["bytes"], SAMPLING_RATE)
+        except AudioDecodeError as e:
+            raise SchemaError(f"audio cannot be decoded: {e}") from None
+        return audio
+    path = value.get("path") if isinstance(value, dict) else value
+    if not path:
+        raise SchemaError("the audio column holds neither bytes nor a path")
+    p = Path(path)
+    return _load(p if p.is_absolute() else base / p)
+
+
+def read_hf_speech_dataset(path: str | Path, *, layout: str | None = None, audio_column: str = "audio",
+                           text_column: str | None = None, translation_column: str | None = None,
+                           lang_column: str | None = None, id_column: str | None = None, lang: str | None = None,
+                           target_lang: str | None = None, report: ImportReport | None = None) -> Iterator[MonoCut]:
+    """ASR (and AST) cuts from a Hugging Face dataset on disk: parquet files (as on the Hub) or arrow files
+    (`save_to_disk`), audio as bytes or paths in an `Audio` column. `layout` names a known dataset's columns
+    (`HF_LAYOUTS`); explicit column arguments override it. Rows that cannot be used are skipped and named
+    (file:row) with a report, else the first raises."""
+    root = Path(path)
+    if layout and layout not in HF_LAYOUTS:
+        raise SchemaError(f"unknown layout {layout!r}; known: {sorted(HF_LAYOUTS)}")
+    cols = dict(HF_LAYOUTS[layout]) if layout else {"text": "text", "lang": None, "id": None}
+    text_column = text_column or cols["text"]
+    translation_column = translation_column or cols.get("translation")
+    lang_column = lang_column or cols.get("lang")
+    id_column = id_column or cols.get("id")
+
+    def items() -> Iterator[list[MonoCut] | SchemaError]:
+        for f in _hf_table_files(root):
+            row_no = 0
+            base = f.parent if root.is_dir() else root.parent
+            for batch in _hf_batches(f):
+                names = set(batch.schema.names)
+                missing = {audio_column, text_column} - names
+                if missing:
+                    raise SchemaError(f"{f}: no column(s) {sorted(missing)}; it has {sorted(names)} (name them "
+                                      "with audio_column / text_column, or pick a layout)")
+                for row in batch.to_pylist():
+                    where = f"{f}:{row_no}"
+                    row_no += 1
+                    try:
+                        row_lang = (row.get(lang_column) if lang_column else None) or lang
+                        if not row_lang:
+                            raise SchemaError("no language: pass lang= or lang_column=")
+                        audio = _hf_audio(row[audio_column], base)
+                        utt = str(row.get(id_column) or "") if id_column else ""
+                        utt_id = f"{f.stem}-{row_no - 1}" + (f"-{Path(utt).stem}" if utt else "")
+                        translation = row.get(translation_column) if translation_column else None
+                        yield speech_cuts(utt_id, audio, row.get(text_column) or "", row_lang, translation,
+                                          target_lang)
+                    except SchemaError as e:
+                        yield SchemaError(f"{where}: {e}")
+
+    return _guard(items(), report)
+
+
+def read_hf_text_dataset(path: str | Path, *, messages_column: str = "messages", lang: str = "en",
+                         report: ImportReport | None = None) -> Iterator[MonoCut]:
+    """Text SFT cuts from a Hugging Face dataset on disk whose `messages_column` holds OpenAI-style messages."""
+    root = Path(path)
+
+    def items() -> Iterator[list[MonoCut] | SchemaError]:
+        for f in _hf_table_files(root):
+            row_no = 0
+            for batch in _hf_batches(f):
+                if messages_column not in batch.schema.names:
+                    raise SchemaError(f"{f}: no column {messages_column!r}; it has {sorted(batch.schema.names)}")
+                for row in batch.to_pylist():
+                    where = f"{f}:{row_no}"
+                    row_no += 1
+                    try:
+                        conv = text_sft_conversation(row[messages_column], where)
+                        yield [conversation_to_cut(conv, cut_id=f"{f.stem}-{row_no - 1}", data_type="text",
+                                                   task="text", langs=[lang])]
+                    except SchemaError as e:
+                        yield e
+
+    return _guard(items(), report)

@@ -3,7 +3,8 @@
     python -m jobs.data demo        --out s3://bucket/demo --size small
     python -m jobs.data import-asr  --out DIR --table utts.tsv [--lang en --target-lang de]
     python -m jobs.data import-asr  --out DIR --cuts cuts.jsonl.gz | --recordings R --supervisions S
-    python -m jobs.data import-text --out DIR --jsonl sft.jsonl
+    python -m jobs.data import-asr  --out DIR --hf-dataset ./common_voice_de --layout commonvoice [--lang de]
+    python -m jobs.data import-text --out DIR --jsonl sft.jsonl | --hf-dataset ./sft_dataset [--messages-column m]
     python -m jobs.data import-nemo --out DIR --manifest m.jsonl --data-type mixed_modal --task mixed_modal --langs en
     python -m jobs.data sqa         --out DIR --asr-corpus DIR --work DIR --base-url URL --model NAME
     python -m jobs.data mixed-modal --out DIR --jsonl single_turn_sft.jsonl
@@ -22,7 +23,8 @@ import os
 import sys
 
 from data_ops.demo_corpus import SIZES
-from data_ops.importers import ImportReport, read_audio_table, read_lhotse_manifests, read_messages_jsonl
+from data_ops.importers import (HF_LAYOUTS, ImportReport, read_audio_table, read_hf_speech_dataset,
+                                read_hf_text_dataset, read_lhotse_manifests, read_messages_jsonl)
 from data_ops.schema import DATA_TYPES, SchemaError
 from data_ops.shards import ManifestError, ShardWriter, read_manifest
 from data_ops.storage import StorageError
@@ -57,6 +59,11 @@ def cmd_import_asr(a) -> None:
     report = ImportReport()
     if a.table:
         cuts = read_audio_table(a.table, lang=a.lang, target_lang=a.target_lang, report=report)
+    elif a.hf_dataset:
+        cuts = read_hf_speech_dataset(a.hf_dataset, layout=a.layout, audio_column=a.audio_column,
+                                      text_column=a.text_column, translation_column=a.translation_column,
+                                      lang_column=a.lang_column, id_column=a.id_column, lang=a.lang,
+                                      target_lang=a.target_lang, report=report)
     else:
         cuts = read_lhotse_manifests(a.cuts, recordings=a.recordings, supervisions=a.supervisions, lang=a.lang,
                                      target_lang=a.target_lang, report=report)
@@ -68,7 +75,8 @@ def cmd_import_asr(a) -> None:
 def cmd_import_text(a) -> None:
     report = ImportReport()
     with ShardWriter(a.out, shard_size=a.shard_size, endpoint_url=a.endpoint_url) as w:
-        w.write("text", read_messages_jsonl(a.jsonl, lang=a.lang, report=report))
+        w.write("text", read_messages_jsonl(a.jsonl, lang=a.lang, report=report) if a.jsonl else
+                read_hf_text_dataset(a.hf_dataset, messages_column=a.messages_column, lang=a.lang, report=report))
     _report(report)
 
 
@@ -152,13 +160,23 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--table", help="CSV/TSV: audio_path,text[,translation,lang,target_lang]")
     src.add_argument("--cuts", help="a Lhotse cuts manifest")
     src.add_argument("--recordings", help="a Lhotse recordings manifest (with --supervisions)")
+    src.add_argument("--hf-dataset", help="a Hugging Face dataset folder or file (parquet, or arrow from save_to_disk)")
     c.add_argument("--supervisions")
     c.add_argument("--lang")
     c.add_argument("--target-lang")
+    c.add_argument("--layout", choices=sorted(HF_LAYOUTS), help="--hf-dataset: a known dataset's column names")
+    c.add_argument("--audio-column", default="audio")
+    c.add_argument("--text-column")
+    c.add_argument("--translation-column")
+    c.add_argument("--lang-column")
+    c.add_argument("--id-column")
 
-    c = command("import-text", cmd_import_text, help="OpenAI-style messages JSONL -> text shards")
+    c = command("import-text", cmd_import_text, help="OpenAI-style messages (JSONL or a HF dataset) -> text shards")
     writer(c)
-    c.add_argument("--jsonl", required=True)
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--jsonl")
+    src.add_argument("--hf-dataset", help="a Hugging Face dataset folder or file with a messages column")
+    c.add_argument("--messages-column", default="messages")
     c.add_argument("--lang", default="en")
 
     c = command("import-nemo", cmd_import_nemo, help="NeMo multimodal_conversation manifest -> shards")
