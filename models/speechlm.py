@@ -469,6 +469,19 @@ def checkpoint_problems(cfg: SpeechLMConfig) -> list[str]:
             if pre.get("feature_size") not in (None, cfg.n_mels):
                 problems.append(f"encoder checkpoint {e.pretrained}'s feature extractor makes {pre['feature_size']} "
                                 f"mel bins, the config says n_mels={cfg.n_mels}")
+    if cfg.lm.mode == "lora" and not isinstance(cfg.lm.lora.target_modules, str):
+        try:  # the LM's layers, built on the meta device from its config (no weights read)
+            if cfg.lm.pretrained:
+                lm_config = AutoConfig.from_pretrained(cfg.lm.pretrained)
+            else:
+                kw = dict(cfg.lm.config)
+                lm_config = AutoConfig.for_model(kw.pop("model_type"), **kw)
+            with torch.device("meta"):
+                check_lora_targets(AutoModelForCausalLM.from_config(lm_config), cfg.lm.lora.target_modules)
+        except ValueError as err:
+            problems.append(str(err))
+        except OSError as err:
+            problems.append(f"LM {cfg.lm.pretrained}: cannot read its config ({err})")
     source = cfg.lm.tokenizer or cfg.lm.pretrained
     if source:
         try:

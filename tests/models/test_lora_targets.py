@@ -40,3 +40,15 @@ def test_a_target_that_matches_nothing_is_an_error_naming_the_layers():
     msg = str(e.value)
     assert "['q_proj', 'k_proj', 'v_proj', 'gate_proj', 'up_proj'] match no linear layer of this phi3 LM" in msg
     assert "'qkv_proj'" in msg and "'gate_up_proj'" in msg
+
+
+def test_the_checkpoint_check_names_a_wrong_target_before_anything_is_built():
+    from models.speechlm import checkpoint_problems
+
+    cfg = tiny()
+    cfg.lm.config = dict(PHI3)
+    cfg.lm.lora.target_modules = ["q_proj", "o_proj"]
+    (problem,) = checkpoint_problems(cfg)
+    assert "['q_proj'] match no linear layer of this phi3 LM" in problem
+    cfg.lm.lora.target_modules = ["qkv_proj", "o_proj"]
+    assert checkpoint_problems(cfg) == []
