@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import json
 import logging
+import tarfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -386,3 +387,86 @@ def read_hf_text_dataset(path: str | Path, *, messages_column: str = "messages",
                         yield e
 
     return _guard(items(), report)
+
+
+# -- NeMo tarred audio datasets ---------------------------------------------------------------------------------
+def expand_nemo_shards(pattern: str) -> list[str]:
+    """NeMo's shard patterns: `audio_{0..7}.tar` or `audio__OP_0..7_CL_.tar` -> the eight file names."""
+    import re
+
+    pattern = pattern.replace("_OP_", "{").replace("_CL_", "}")
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return [pattern]
+    a, b = int(m.group(1)), int(m.group(2))
+    return [p for i in range(a, b + 1) for p in expand_nemo_shards(pattern[:m.start()] + str(i) + pattern[m.end():])]
+
+
+def read_nemo_tarred(manifest: str | Path, tars: str, *, text_key: str = "text", lang: str | None = None,
+                     target_lang: str | None = None, report: ImportReport | None = None) -> Iterator[MonoCut]:
+    """ASR (and AST) cuts from a NeMo tarred audio dataset: a manifest (JSONL: `audio_filepath` naming a file inside
+    the tars, the transcript under `text_key`, optional `source_lang`/`lang`, `target_lang` and, for translation,
+    `answer` or `translation`) and its tar files (`tars`: NeMo's brace pattern, e.g. `audio_{0..7}.tar`; relative
+    to the manifest's folder). Tars are streamed once each; entries whose audio no tar holds are skipped and named."""
+    manifest = Path(manifest)
+    entries: dict[str, list[tuple[str, dict]]] = {}
+    bad: list[SchemaError] = []
+    for where, obj in iter_jsonl(manifest):
+        if isinstance(obj, SchemaError):
+            bad.append(obj)
+        elif not obj.get("audio_filepath"):
+            bad.append(SchemaError(f"{where}: no audio_filepath"))
+        else:
+            entries.setdefault(Path(obj["audio_filepath"]).name, []).append((where, obj))
+    files = [Path(p) if Path(p).is_absolute() else manifest.parent / p for p in expand_nemo_shards(tars)]
+
+    def items() -> Iterator[list[MonoCut] | SchemaError]:
+        yield from bad
+        seen: set[str] = set()
+        for tar_path in files:
+            if not tar_path.is_file():
+                yield SchemaError(f"{tar_path}: tar file does not exist")
+                continue
+            with tarfile.open(tar_path, "r|*") as tar:  # streamed: members in order, each read once
+                for member in tar:
+                    name = Path(member.name).name
+                    if not member.isfile() or name not in entries:
+                        continue
+                    data = tar.extractfile(member).read()
+                    seen.add(name)
+                    for where, obj in entries[name]:
+                        try:
+                            audio = _decoded(data, f"{tar_path.name}:{member.name}")
+                            src = obj.get("source_lang") or obj.get("lang") or lang
+                            if not src:
+                                raise SchemaError("no language: add source_lang/lang to the manifest or pass lang=")
+                            translation = obj.get("translation")
+                            tgt = obj.get("target_lang") or target_lang
+                            if translation is None and tgt and tgt != src and obj.get("answer"):
+                                translation = obj["answer"]  # Canary's AST entries: the answer is the translation
+                            utt = f"{manifest.stem}-{where.rsplit(':', 1)[1]}-{Path(name).stem}"
+                            yield speech_cuts(utt, audio, str(obj.get(text_key) or ""), src, translation, tgt)
+                        except SchemaError as e:
+                            yield SchemaError(f"{where}: {e}")
+        for name in sorted(set(entries) - seen):
+            for where, _ in entries[name]:
+                yield SchemaError(f"{where}: {name} is in no tar file of {tars}")
+
+    return _guard(items(), report)
+
+
+def _decoded(data: bytes, where: str) -> np.ndarray:
+    from models.audio import AudioDecodeError, decode_audio
+
+    try:
+        return decode_audio(data, SAMPLING_RATE)
+    except AudioDecodeError as e:
+        raise SchemaError(f"audio {where} cannot be decoded: {e}") from None
+
+
+def read_lhotse_shar(in_dir: str | Path, *, lang: str | None = None, target_lang: str | None = None,
+                     report: ImportReport | None = None) -> Iterator[MonoCut]:
+    """ASR (and AST) cuts from a Lhotse Shar directory with supervisions (as NeMo's Lhotse dataloading writes and
+    reads them): each supervision one utterance, as `read_lhotse_manifests`."""
+    return read_lhotse_manifests(CutSet.from_shar(in_dir=str(in_dir)), lang=lang, target_lang=target_lang,
+                                 report=report)

@@ -4,6 +4,8 @@
     python -m jobs.data import-asr  --out DIR --table utts.tsv [--lang en --target-lang de]
     python -m jobs.data import-asr  --out DIR --cuts cuts.jsonl.gz | --recordings R --supervisions S
     python -m jobs.data import-asr  --out DIR --hf-dataset ./common_voice_de --layout commonvoice [--lang de]
+    python -m jobs.data import-asr  --out DIR --nemo-tarred tarred_audio_manifest.json --tars 'audio_{0..7}.tar'
+    python -m jobs.data import-asr  --out DIR --shar SHAR_DIR --lang en
     python -m jobs.data import-text --out DIR --jsonl sft.jsonl | --hf-dataset ./sft_dataset [--messages-column m]
     python -m jobs.data import-nemo --out DIR --manifest m.jsonl --data-type mixed_modal --task mixed_modal --langs en
     python -m jobs.data sqa         --out DIR --asr-corpus DIR --work DIR --base-url URL --model NAME
@@ -24,7 +26,8 @@ import sys
 
 from data_ops.demo_corpus import SIZES
 from data_ops.importers import (HF_LAYOUTS, ImportReport, read_audio_table, read_hf_speech_dataset,
-                                read_hf_text_dataset, read_lhotse_manifests, read_messages_jsonl)
+                                read_hf_text_dataset, read_lhotse_manifests, read_lhotse_shar, read_messages_jsonl,
+                                read_nemo_tarred)
 from data_ops.schema import DATA_TYPES, SchemaError
 from data_ops.shards import ManifestError, ShardWriter, read_manifest
 from data_ops.storage import StorageError
@@ -59,6 +62,13 @@ def cmd_import_asr(a) -> None:
     report = ImportReport()
     if a.table:
         cuts = read_audio_table(a.table, lang=a.lang, target_lang=a.target_lang, report=report)
+    elif a.nemo_tarred:
+        if not a.tars:
+            raise SystemExit("error: --nemo-tarred needs --tars (e.g. 'audio_{0..7}.tar')")
+        cuts = read_nemo_tarred(a.nemo_tarred, a.tars, text_key=a.text_key, lang=a.lang, target_lang=a.target_lang,
+                                report=report)
+    elif a.shar:
+        cuts = read_lhotse_shar(a.shar, lang=a.lang, target_lang=a.target_lang, report=report)
     elif a.hf_dataset:
         cuts = read_hf_speech_dataset(a.hf_dataset, layout=a.layout, audio_column=a.audio_column,
                                       text_column=a.text_column, translation_column=a.translation_column,
@@ -161,6 +171,10 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--cuts", help="a Lhotse cuts manifest")
     src.add_argument("--recordings", help="a Lhotse recordings manifest (with --supervisions)")
     src.add_argument("--hf-dataset", help="a Hugging Face dataset folder or file (parquet, or arrow from save_to_disk)")
+    src.add_argument("--nemo-tarred", help="a NeMo tarred dataset's manifest (with --tars)")
+    src.add_argument("--shar", help="a Lhotse Shar directory with supervisions (as NeMo's Lhotse dataloading uses)")
+    c.add_argument("--tars", help="--nemo-tarred: the tar files, NeMo's pattern (audio_{0..7}.tar)")
+    c.add_argument("--text-key", default="text", help="--nemo-tarred: the manifest's transcript field")
     c.add_argument("--supervisions")
     c.add_argument("--lang")
     c.add_argument("--target-lang")
