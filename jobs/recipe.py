@@ -290,3 +290,81 @@ def check_data(recipe: Recipe) -> dict[str, dict]:
     if problems:
         raise RecipeError("the recipe's data cannot be used:\n" + "\n".join(problems))
     return summary
+
+
+def config_only(cfg: SpeechLMConfig) -> SpeechLMConfig:
+    """`cfg` with its checkpoints replaced by their configs (read, not their weights): what a meta-device build for
+    counts and names needs."""
+    from transformers import AutoConfig
+
+    out = cfg.model_copy(deep=True)
+    if cfg.lm.pretrained:
+        lm = AutoConfig.from_pretrained(cfg.lm.pretrained).to_dict()
+        out.lm.pretrained, out.lm.config = None, lm
+    if cfg.encoder.pretrained:
+        enc = AutoConfig.from_pretrained(cfg.encoder.pretrained)
+        enc = getattr(enc, "encoder_config", enc).to_dict()
+        for k in ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path"):
+            enc.pop(k, None)
+        out.encoder.pretrained, out.encoder.config = None, enc
+    return out
+
+
+def model_summary(cfg: SpeechLMConfig) -> dict:
+    """What `jobs.train --check` shows of the model before training: parameters per part (built on the meta
+    device from the configs alone), the LoRA targets found, the stop tokens, and a sample mixed-modal
+    conversation as the LM's chat template renders it, the audio positions marked (None without a tokenizer)."""
+    import numpy as np
+    import torch
+
+    from models.conversation import AudioPart, Conversation, TextPart, Turn
+    from models.speechlm import build_speechlm
+
+    with torch.device("meta"):
+        meta = build_speechlm(config_only(cfg), device="meta")
+    out = {"parameters": meta.parameter_counts(),
+           "trainable": sum(p.numel() for p in meta.parameters() if p.requires_grad),
+           "lora_targets": sorted({n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n, _ in meta.lm.named_parameters()
+                                   if ".lora_A." in n}),
+           "lora_layers": sum(1 for n, _ in meta.lm.named_parameters() if ".lora_A." in n and n.endswith("weight")),
+           "rendered": None, "stops": []}
+    source = cfg.lm.tokenizer or cfg.lm.pretrained
+    if not source:
+        return out
+    from transformers import AutoTokenizer
+
+    from models.processor import ConversationProcessor
+
+    tok = AutoTokenizer.from_pretrained(source)
+    processor = ConversationProcessor(tok, meta.audio_token_count, cfg.audio_placeholder, cfg.sampling_rate)
+    silence = [np.zeros(int(s * cfg.sampling_rate), np.float32) for s in (2.0, 1.0)]
+    sample = Conversation([
+        Turn("user", [TextPart("Listen:"), AudioPart(silence[0]), TextPart("What is said?")]),
+        Turn.text("assistant", "The answer."),
+        Turn("user", [AudioPart(silence[1])]),
+    ])
+    text, _ = processor.render(sample, for_generation=True)
+    for audio in silence:
+        mark = f"<audio {len(audio) / cfg.sampling_rate:.1f} s = {meta.audio_token_count(len(audio))} positions>"
+        text = text.replace(cfg.audio_placeholder, mark, 1)
+    out["rendered"] = text
+    out["stops"] = list(dict.fromkeys(tok.convert_ids_to_tokens(i) for i in [tok.eos_token_id,
+                                                                            *processor.end_of_turn_ids()]
+                                      if i is not None))
+    return out
+
+
+def describe_model(cfg: SpeechLMConfig) -> str:
+    s = model_summary(cfg)
+    c = s["parameters"]
+    lines = [f"parameters: encoder {c['encoder'] / 1e6:,.1f}M, adapter {c['adapter'] / 1e6:,.1f}M, "
+             f"LoRA {c['lora'] / 1e6:,.1f}M, LM {c['lm'] / 1e6:,.1f}M; total {sum(c.values()) / 1e6:,.1f}M, "
+             f"trainable {s['trainable'] / 1e6:,.1f}M"]
+    if s["lora_targets"]:
+        lines.append(f"LoRA r={cfg.lm.lora.r} on {s['lora_layers']} linear layers: {', '.join(s['lora_targets'])}")
+    if s["rendered"] is None:
+        lines.append("chat template: the offline tokenizer is built from the corpora when training starts")
+    else:
+        lines += [f"generation stops on: {', '.join(s['stops'])}", "a sample conversation as the LM sees it:",
+                  s["rendered"]]
+    return "\n".join(lines)

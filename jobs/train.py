@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from jobs.recipe import RecipeError, check_data, check_model, load_recipe, parse_recipe
+from jobs.recipe import RecipeError, check_data, check_model, describe_model, load_recipe, parse_recipe
 from jobs.training.console import quiet_console
 from jobs.training.tracking import TrackingError
 
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             recipe = parse_recipe({**recipe.model_dump(mode="json"), "run": {**recipe.run.model_dump(), **overrides}})
         if args.check:
             check_model(recipe)
+            print(describe_model(recipe.model.speechlm_config()))
             print(json.dumps(check_data(recipe), indent=1))
             return 0
         import ray
