@@ -197,9 +197,28 @@ def test_two_stage_run_on_two_nodes_survives_a_lost_node_and_registers(stack, co
     assert reruns["lora"] > 0 and reruns["frozen-lm"] == 0, reruns
 
 
-@pytest.mark.parametrize("lm_mode", ["frozen", "lora"])
-def test_lm_weights_change_only_where_the_recipe_trains(stack, corpus_conversations, tmp_path, lm_mode):
-    """Frozen LM: LM weights bit-identical after training. LoRA: only LoRA weights change inside the LM."""
+def _submit_and_wait(stack, env, path, timeout=400) -> str:
+    """`ray job submit` of jobs.train with the recipe at `path`, waiting for it; returns the job's logs."""
+    job_env = {k: env[k] for k in env if k != "RAY_ADDRESS"}
+    for attempt in range(6):  # right after start-up the head's job agent may not be registered yet
+        proc = subprocess.run(
+            [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", stack.urls["ray"],
+             "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": job_env}), "--",
+             "python", "-m", "jobs.train", "--config", str(path)],
+            capture_output=True, text=True, timeout=timeout,
+            env={"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], **env})
+        if "No available agent" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(5)
+    assert proc.returncode == 0 and "registered model:" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("lm, lm_mode", [("tiny", "frozen"), ("llama", "lora"), ("qwen2+whisper", "lora")])
+def test_lm_weights_change_only_where_the_recipe_trains(stack, corpus_conversations, tmp_path, lm, lm_mode):
+    """Any chat LM through the training job: the project's tiny Gemma, and tiny Llama 3 and Qwen2.5 checkpoints
+    (their families' tokenizers and templates; the latter under a Whisper encoder), each by `ray job submit`.
+    Frozen LM: LM weights bit-identical after training. LoRA: only LoRA weights change inside the LM."""
     import torch
     from mlflow.tracking import MlflowClient
 
@@ -207,31 +226,38 @@ def test_lm_weights_change_only_where_the_recipe_trains(stack, corpus_conversati
     from jobs.training.ray_run import tokenizer_files_for
     from jobs.training.sft import build_model
     from jobs.training.tokenizer import load_tokenizer as load_tokenizer_files
+    from models.config import tiny
     from services.model_store import load_speechlm
+    from tests.models.lm_families import save_family_checkpoint
 
     env = stack.env()
     corpus = str(tmp_path / "corpus")
     _write_corpus(corpus, corpus_conversations, {})
+    name = f"it-{lm.replace('+', '-')}-{lm_mode}"
     # grad_accum=2: each optimizer step takes two micro-batches (each of its own drawn data type)
-    raw = _recipe(corpus, str(tmp_path / "runs"), f"it-{lm_mode}", max_steps=4, num_workers=1, checkpoint_every=4,
-                  grad_accum=2)
+    raw = _recipe(corpus, str(tmp_path / "runs"), name, max_steps=4, num_workers=1, checkpoint_every=4, grad_accum=2)
     raw["model"]["lm_mode"] = lm_mode
+    if lm == "llama":
+        raw["model"]["lm_pretrained"] = str(save_family_checkpoint("llama", tmp_path))
+    elif lm == "qwen2+whisper":
+        cfg = tiny(encoder_kind="whisper")
+        cfg.lm.pretrained, cfg.lm.config = str(save_family_checkpoint("qwen2", tmp_path)), {}
+        raw["model"] = {"config": cfg.model_dump(mode="json"), "lm_mode": lm_mode}
     recipe = parse_recipe(raw)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
-    # the job's driver, connected to the stack's cluster (what `ray job submit` runs, without the upload)
-    proc = subprocess.run([sys.executable, "-m", "jobs.train", "--config", str(path)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=400, env={"PATH": os.environ["PATH"], "HOME": os.environ["HOME"],
-                                                       **env, "RAY_ADDRESS": stack.services["ray"].extra["gcs_address"]})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _submit_and_wait(stack, env, path)
     mc = MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
     (run,) = mc.search_runs([mc.get_experiment_by_name("it").experiment_id],
-                            filter_string=f"tags.`vtb.run_name` = 'it-{lm_mode}'")
-    out = {"run_id": run.info.run_id}
-    trained = load_speechlm(f"runs:/{out['run_id']}/model", tracking_uri=env["MLFLOW_TRACKING_URI"])
+                            filter_string=f"tags.`vtb.run_name` = '{name}'")
+    trained = load_speechlm(f"runs:/{run.info.run_id}/model", tracking_uri=env["MLFLOW_TRACKING_URI"])
     files = tokenizer_files_for(recipe)
     initial = build_model(recipe, recipe.stage_list()[0], files)
-    assert len(load_tokenizer_files(files)) == len(trained.tokenizer)
+    if files is not None:
+        assert len(load_tokenizer_files(files)) == len(trained.tokenizer)
+    else:  # the LM's own tokenizer, template included, travels with the model
+        assert trained.tokenizer.chat_template == initial.tokenizer.chat_template
+        assert trained.stop_token_ids() == initial.stop_token_ids()
     t_lm = dict(trained.lm.named_parameters())
     changed_lm = [n for n, p in initial.lm.named_parameters() if not torch.equal(p, t_lm[n])]
     if lm_mode == "frozen":

@@ -46,6 +46,14 @@ def server(stack, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     tok = build_tiny_tokenizer(["hello world", "the answer is five", "Two plus three is five."])
     dirs = save_fine_tunes(root, ["a", "b"], tokenizer=tok)  # two fine-tunes of one base LM
+    # and a SpeechLM on another family's LM (a tiny Llama 3 checkpoint: its tokenizer, template and end of turn)
+    from models.config import tiny
+    from models.speechlm import build_speechlm
+    from tests.models.lm_families import save_family_checkpoint
+
+    llama_cfg = tiny()
+    llama_cfg.lm.pretrained = str(save_family_checkpoint("llama", root))
+    dirs["llama"] = build_speechlm(llama_cfg).save_pretrained(root / "llama-speechlm")
     env = stack.env()
     try:
         tracking = env["MLFLOW_TRACKING_URI"]
@@ -65,7 +73,7 @@ def server(stack, tmp_path_factory):
                 "name": "vtb", "route_prefix": "/", "import_path": "services.chat_app:build_app",
                 "runtime_env": {"env_vars": {"MLFLOW_TRACKING_URI": tracking, "VTB_TEST_KEY": KEY}},
                 "args": {"model": "models:/tiny-serve@candidate", "served_model_name": "tiny",
-                         "models": {"b": str(dirs["b"])}, "api_key_env": "VTB_TEST_KEY", "max_batch_size": 8,
+                         "models": {"b": str(dirs["b"]), "llama": str(dirs["llama"])}, "api_key_env": "VTB_TEST_KEY", "max_batch_size": 8,
                          "batch_wait_timeout_s": 0.05,
                          "limits": {"max_audio_seconds_per_part": 5.0, "max_audio_seconds_per_request": 8.0,
                                     "max_audio_parts": 3, "max_turns": 8, "max_new_tokens": 64,
@@ -86,7 +94,8 @@ def server(stack, tmp_path_factory):
             status = subprocess.run([serve_bin, "status", "-a", env["RAY_DASHBOARD_ADDRESS"]], capture_output=True, text=True,
                                     env=clean_env)
             raise AssertionError(f"Serve app did not come up:\n{status.stdout[-3000:]}") from None
-        models = {"tiny": SpeechLM.from_pretrained(dirs["a"]), "b": SpeechLM.from_pretrained(dirs["b"])}
+        models = {"tiny": SpeechLM.from_pretrained(dirs["a"]), "b": SpeechLM.from_pretrained(dirs["b"]),
+                  "llama": SpeechLM.from_pretrained(dirs["llama"])}
         yield {"base": base, "models": models, "env": clean_env, "serve": serve_bin}
     finally:
         subprocess.run([serve_bin, "shutdown", "-y", "-a", env["RAY_DASHBOARD_ADDRESS"]], capture_output=True, timeout=120,
@@ -159,12 +168,19 @@ def test_model_field_selects_another_fine_tune_and_models_route(server, client):
     messages, conv = CASES["text_audio_text"]
     r = client.chat.completions.create(model="b", messages=messages, max_tokens=12, temperature=0)
     assert r.choices[0].message.content == server["models"]["b"].generate([conv], max_new_tokens=12)[0]
-    assert sorted(m.id for m in client.models.list().data) == ["b", "tiny"]
+    assert sorted(m.id for m in client.models.list().data) == ["b", "llama", "tiny"]
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
     assert r.choices[0].message.content == server["models"]["tiny"].generate([conv], max_new_tokens=12)[0]
     stats = requests.get(server["base"] + "/v1/stats", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
     # the two fine-tunes hold one base LM with two LoRA adapters on it
     assert (stats["loaded_models"], stats["shared_lm_bases"], stats["lora_adapters_on_shared_bases"]) == (2, 1, 2)
+
+
+def test_a_llama_based_model_answers_through_its_own_template(server, client):
+    messages, conv = CASES["text_audio_text"]
+    r = client.chat.completions.create(model="llama", messages=messages, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == server["models"]["llama"].generate([conv], max_new_tokens=12)[0]
+    assert r.usage.prompt_tokens == len(server["models"]["llama"].processor.encode(conv, for_generation=True).input_ids)
 
 
 def test_concurrent_streaming_and_plain_requests_share_batches(server, client):
