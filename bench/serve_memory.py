@@ -25,7 +25,7 @@ def child(dirs: list[str], share: bool) -> dict:
     """Load dirs[0], then the rest, each answering once; RSS after each stage."""
     import torch
 
-    from services.chat_app import replica_rss_bytes as rss_bytes
+    from services.model_store import process_rss_bytes as rss_bytes
     from services.model_store import ModelStore
 
     torch.set_num_threads(1)

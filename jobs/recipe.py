@@ -246,7 +246,7 @@ def load_recipe(path: str | Path) -> Recipe:
 def check_model(recipe: Recipe) -> None:
     """The checkpoints the recipe names fit its model config (encoder kind, mel bins, sampling rate; an LM
     tokenizer with a chat template), read from their configs only. Raises RecipeError naming every problem."""
-    from models.speechlm import checkpoint_problems
+    from models.checkpoint_check import checkpoint_problems
 
     problems = checkpoint_problems(recipe.model.speechlm_config())
     if problems:

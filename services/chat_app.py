@@ -40,6 +40,7 @@ from ray import serve
 
 from models.conversation import ConversationError
 from services.chat_generation import Row, generate_rows, prompt_tokens, sse
+from services.model_store import process_rss_bytes
 from services.openai_protocol import APIError, ChatRequest, Limits, parse_chat_request, read_body
 
 
@@ -221,7 +222,7 @@ class ChatDeployment:
     async def batch_stats(self, request: Request):
         self._check_key(request)
         s = self.stats
-        return {**s, **self.store.stats(), "replica_rss_mib": round(replica_rss_bytes() / 2**20, 1), "mean_batch_size": round(s["batched_requests"] / max(1, s["generate_calls"]), 3),
+        return {**s, **self.store.stats(), "replica_rss_mib": round(process_rss_bytes() / 2**20, 1), "mean_batch_size": round(s["batched_requests"] / max(1, s["generate_calls"]), 3),
                 "decode_ms_per_step": round(1000 * s["decode_s"] / max(1, s["decode_steps"]), 3)}
 
     @app.post("/v1/chat/completions")
@@ -259,15 +260,6 @@ class ChatDeployment:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
                              "finish_reason": out["finish_reason"]}],
                 "usage": usage}
-
-
-def replica_rss_bytes() -> int:
-    """This replica's resident memory (Linux; 0 elsewhere): a leak shows in /v1/stats before it kills the node."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return 0
 
 
 def build_app(args: dict) -> serve.Application:

@@ -68,7 +68,8 @@ def test_an_endpoint_that_stays_away_stops_the_read_naming_the_object(corpus, pr
     with pytest.raises(StorageUnavailable, match=r"s3://vtb-test/faults/asr_ast/.*failed 3 times"):
         for row in iter_shard_rows(storage, corpus["shard"], "asr_ast"):
             rows.append(row)
-    assert rows and not any(is_error_row(r) for r in rows)  # what was read is good; nothing was turned into errors
+    # what was read (the fault may come before the first row) is good: nothing was turned into an error row
+    assert not any(is_error_row(r) for r in rows)
     assert [r["index"] for r in rows] == list(range(len(rows)))
 
 

@@ -18,7 +18,8 @@ from transformers import ParakeetEncoder, ParakeetEncoderConfig
 from jobs.convert_nemo import main as convert_main
 from models.config import tiny
 from models.conversation import AudioPart, Conversation, TextPart, Turn
-from models.speechlm import build_speechlm, checkpoint_problems
+from models.checkpoint_check import checkpoint_problems
+from models.speechlm import build_speechlm
 from models.tokenizer import build_tiny_tokenizer
 
 # transformers' names -> NeMo's (ConformerLayer, ConvSubsampling and RelPositionMultiHeadAttention attributes)

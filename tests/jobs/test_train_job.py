@@ -149,8 +149,10 @@ def test_two_stage_run_on_two_nodes_survives_a_lost_node_and_registers(stack, co
     second = {m.step: m.value for m in mc.get_metric_history(run.info.run_id, "lora/loss")}
     assert max(first) == 20 and min(second) > 20 and max(second) == 40
     assert second[40] < first[min(first)], (first, second)
-    for t in ("text", "asr_ast", "sqa", "mixed_modal"):
-        assert f"lora/loss/{t}" in run.data.metrics
+    draw = mix_sampler(parse_recipe(recipe).data.ratios, 3)
+    for stage in ("frozen-lm", "lora"):  # each stage logs the loss of every type it drew (the same draws: seed 3)
+        logged = {k.rsplit("/", 1)[-1] for k in run.data.metrics if k.startswith(f"{stage}/loss/")}
+        assert logged == {draw(step, 0) for step in range(20)}, (stage, logged)
     for m in ("throughput/samples_per_s", "throughput/audio_s_per_s", "throughput/tokens_per_s",
               "data/padded_share", "data/wait_share", "lora/lr", "frozen-lm/lr"):
         assert m in run.data.metrics
@@ -214,10 +216,11 @@ def _submit_and_wait(stack, env, path, timeout=400) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize("lm, lm_mode", [("tiny", "frozen"), ("llama", "lora"), ("qwen2+whisper", "lora")])
+@pytest.mark.parametrize("lm, lm_mode", [("llama", "frozen"), ("qwen2+whisper", "lora")])
 def test_lm_weights_change_only_where_the_recipe_trains(stack, corpus_conversations, tmp_path, lm, lm_mode):
-    """Any chat LM through the training job: the project's tiny Gemma, and tiny Llama 3 and Qwen2.5 checkpoints
-    (their families' tokenizers and templates; the latter under a Whisper encoder), each by `ray job submit`.
+    """Any chat LM through the training job: tiny Llama 3 and Qwen2.5 checkpoints (their families' tokenizers and
+    templates; the latter under a Whisper encoder), each by `ray job submit` (the project's own tiny Gemma trains
+    in the two-node test above and in the demo).
     Frozen LM: LM weights bit-identical after training. LoRA: only LoRA weights change inside the LM."""
     import torch
     from mlflow.tracking import MlflowClient
@@ -242,7 +245,7 @@ def test_lm_weights_change_only_where_the_recipe_trains(stack, corpus_conversati
     elif lm == "qwen2+whisper":
         cfg = tiny(encoder_kind="whisper")
         cfg.lm.pretrained, cfg.lm.config = str(save_family_checkpoint("qwen2", tmp_path)), {}
-        raw["model"] = {"config": cfg.model_dump(mode="json"), "lm_mode": lm_mode}
+        raw["model"] = {"size": None, "config": cfg.model_dump(mode="json"), "lm_mode": lm_mode}
     recipe = parse_recipe(raw)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))

@@ -15,7 +15,8 @@ from transformers import (ParakeetEncoder, ParakeetEncoderConfig, ParakeetFeatur
 from jobs.recipe import RecipeError, check_model, parse_recipe
 from models.config import tiny
 from models.conversation import AudioPart, Conversation, TextPart, Turn
-from models.speechlm import build_speechlm, checkpoint_problems
+from models.checkpoint_check import checkpoint_problems
+from models.speechlm import build_speechlm
 from models.tokenizer import build_tiny_tokenizer
 
 

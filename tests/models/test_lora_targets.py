@@ -43,7 +43,7 @@ def test_a_target_that_matches_nothing_is_an_error_naming_the_layers():
 
 
 def test_the_checkpoint_check_names_a_wrong_target_before_anything_is_built():
-    from models.speechlm import checkpoint_problems
+    from models.checkpoint_check import checkpoint_problems
 
     cfg = tiny()
     cfg.lm.config = dict(PHI3)

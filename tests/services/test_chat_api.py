@@ -324,7 +324,7 @@ def test_chat_page_in_headless_chromium_records_sends_and_streams_two_turns(serv
             page.goto(server["base"] + "/")
             page.fill("#api-key", KEY)
             page.dispatch_event("#api-key", "change")  # the model list needs the key
-            page.wait_for_function("document.querySelectorAll('#model option').length === 2")
+            page.wait_for_function("document.querySelectorAll('#model option').length === 3")
             page.fill("#text", "Listen:")
             page.click("#record")
             page.wait_for_timeout(1500)
