@@ -95,6 +95,7 @@ class LocalStack:
         self.services_wanted = tuple(services)
         self.ray_num_cpus = ray_num_cpus
         self.services: dict[str, Service] = {}
+        self._node_procs: dict[str, subprocess.Popen] = {}  # nodes this object started (add_node)
         self.state_file = self.root / "state.json"
 
     # -- public ---------------------------------------------------------------------------------------------------
@@ -121,10 +122,12 @@ class LocalStack:
         if self.state_file.exists():
             self.state_file.unlink()
 
-    def add_node(self, name: str, num_cpus: int = 2, resources: dict[str, float] | None = None) -> Service:
+    def add_node(self, name: str, num_cpus: int = 2, resources: dict[str, float] | None = None,
+                 wait: bool = True) -> Service:
         """Another Ray node joining the head, on this machine (loopback): a multi-node cluster for tests and
         rehearsals. `resources`: custom resources it offers (e.g. one training slot, to spread workers over
-        nodes). Stopped with the stack, or with `kill_node` (as a crash) / `remove_node`."""
+        nodes). Stopped with the stack, or with `kill_node` (as a crash) / `remove_node`. `wait=False` returns
+        once it is started (several nodes start at once); `wait_for_node` then waits for its registration."""
         self._load_state()
         if "ray" not in self.services:
             raise StackError("add_node needs the Ray head: start the stack with the ray service first")
@@ -137,10 +140,23 @@ class LocalStack:
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
         proc, log = self._spawn(key, cmd, {"RAY_AUTH_MODE": "disabled", "PATH": path,
                                            "RAY_API_SERVER_ADDRESS": head.url, **self._service_env()})
-        self._wait(key, proc, log, lambda: _ray_node_alive(head.url, name), timeout=120)
         self.services[key] = Service(key, proc.pid, 0, head.url, str(log), {"node_name": name})
         self._save_state()
+        self._node_procs[name] = proc
+        if wait:
+            self.wait_for_node(name)
         return self.services[key]
+
+    def wait_for_node(self, name: str, timeout: float = 120) -> None:
+        """Until the node added as `name` is registered with the head (StackError if it exits or times out)."""
+        key, url = f"ray-node-{name}", self.services["ray"].url
+        try:
+            self._wait(key, self._node_procs[name], Path(self.services[key].log),
+                       lambda: _ray_node_alive(url, name), timeout=timeout)
+        except StackError:
+            self.services.pop(key, None)
+            self._save_state()
+            raise
 
     def kill_node(self, name: str) -> None:
         """SIGKILL a node added by `add_node` and every process it started (its raylet, agents and workers): a

@@ -85,8 +85,10 @@ def test_two_stage_run_on_two_nodes_survives_a_lost_node_and_registers(stack, co
     job_id = f"it-main-{int(time.time())}"
     job_env = {k: env[k] for k in env if k != "RAY_ADDRESS"}
     added = ["a", "b"]
+    for name in added:  # both start at once
+        stack.add_node(name, num_cpus=2, resources={"vtb_train_slot": 1}, wait=False)
     for name in added:
-        stack.add_node(name, num_cpus=2, resources={"vtb_train_slot": 1})
+        stack.wait_for_node(name)
     try:
         for attempt in range(6):  # right after start-up the head's job agent may not be registered yet
             submit = subprocess.run(
