@@ -304,19 +304,27 @@ def _hf_batches(path: Path):
 
 def _hf_audio(value, base: Path) -> np.ndarray:
     """An `Audio` column's value: {"bytes": ..., "path": ...} (bytes win; a path is relative to the dataset)."""
-    from models.audio import AudioDecodeError, decode_audio
-
     if isinstance(value, dict) and value.get("bytes"):
-        try:
-            audio = decode_audio(value["bytes"], SAMPLING_RATE)
-        except AudioDecodeError as e:
-            raise SchemaError(f"audio cannot be decoded: {e}") from None
-        return audio
+        return _decoded(value["bytes"], "bytes")
     path = value.get("path") if isinstance(value, dict) else value
     if not path:
         raise SchemaError("the audio column holds neither bytes nor a path")
     p = Path(path)
     return _load(p if p.is_absolute() else base / p)
+
+
+def _hf_rows(root: Path, needed: set[str], hint: str = "") -> Iterator[tuple[Path, str, int, dict]]:
+    """(file, "file:row", row number, row) for every row of a dataset folder or file; SchemaError naming the file
+    when it lacks a needed column."""
+    for f in _hf_table_files(root):
+        row_no = 0
+        for batch in _hf_batches(f):
+            missing = needed - set(batch.schema.names)
+            if missing:
+                raise SchemaError(f"{f}: no column(s) {sorted(missing)}; it has {sorted(batch.schema.names)}{hint}")
+            for row in batch.to_pylist():
+                yield f, f"{f}:{row_no}", row_no, row
+                row_no += 1
 
 
 def read_hf_speech_dataset(path: str | Path, *, layout: str | None = None, audio_column: str = "audio",
@@ -337,30 +345,19 @@ def read_hf_speech_dataset(path: str | Path, *, layout: str | None = None, audio
     id_column = id_column or cols.get("id")
 
     def items() -> Iterator[list[MonoCut] | SchemaError]:
-        for f in _hf_table_files(root):
-            row_no = 0
-            base = f.parent if root.is_dir() else root.parent
-            for batch in _hf_batches(f):
-                names = set(batch.schema.names)
-                missing = {audio_column, text_column} - names
-                if missing:
-                    raise SchemaError(f"{f}: no column(s) {sorted(missing)}; it has {sorted(names)} (name them "
-                                      "with audio_column / text_column, or pick a layout)")
-                for row in batch.to_pylist():
-                    where = f"{f}:{row_no}"
-                    row_no += 1
-                    try:
-                        row_lang = (row.get(lang_column) if lang_column else None) or lang
-                        if not row_lang:
-                            raise SchemaError("no language: pass lang= or lang_column=")
-                        audio = _hf_audio(row[audio_column], base)
-                        utt = str(row.get(id_column) or "") if id_column else ""
-                        utt_id = f"{f.stem}-{row_no - 1}" + (f"-{Path(utt).stem}" if utt else "")
-                        translation = row.get(translation_column) if translation_column else None
-                        yield speech_cuts(utt_id, audio, row.get(text_column) or "", row_lang, translation,
-                                          target_lang)
-                    except SchemaError as e:
-                        yield SchemaError(f"{where}: {e}")
+        hint = " (name them with audio_column / text_column, or pick a layout)"
+        for f, where, row_no, row in _hf_rows(root, {audio_column, text_column}, hint):
+            try:
+                row_lang = (row.get(lang_column) if lang_column else None) or lang
+                if not row_lang:
+                    raise SchemaError("no language: pass lang= or lang_column=")
+                audio = _hf_audio(row[audio_column], f.parent if root.is_dir() else root.parent)
+                utt = str(row.get(id_column) or "") if id_column else ""
+                utt_id = f"{f.stem}-{row_no}" + (f"-{Path(utt).stem}" if utt else "")
+                translation = row.get(translation_column) if translation_column else None
+                yield speech_cuts(utt_id, audio, row.get(text_column) or "", row_lang, translation, target_lang)
+            except SchemaError as e:
+                yield SchemaError(f"{where}: {e}")
 
     return _guard(items(), report)
 
@@ -371,20 +368,13 @@ def read_hf_text_dataset(path: str | Path, *, messages_column: str = "messages",
     root = Path(path)
 
     def items() -> Iterator[list[MonoCut] | SchemaError]:
-        for f in _hf_table_files(root):
-            row_no = 0
-            for batch in _hf_batches(f):
-                if messages_column not in batch.schema.names:
-                    raise SchemaError(f"{f}: no column {messages_column!r}; it has {sorted(batch.schema.names)}")
-                for row in batch.to_pylist():
-                    where = f"{f}:{row_no}"
-                    row_no += 1
-                    try:
-                        conv = text_sft_conversation(row[messages_column], where)
-                        yield [conversation_to_cut(conv, cut_id=f"{f.stem}-{row_no - 1}", data_type="text",
-                                                   task="text", langs=[lang])]
-                    except SchemaError as e:
-                        yield e
+        for f, where, row_no, row in _hf_rows(root, {messages_column}):
+            try:
+                conv = text_sft_conversation(row[messages_column], where)
+                yield [conversation_to_cut(conv, cut_id=f"{f.stem}-{row_no}", data_type="text", task="text",
+                                           langs=[lang])]
+            except SchemaError as e:
+                yield e
 
     return _guard(items(), report)
 

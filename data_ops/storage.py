@@ -105,15 +105,15 @@ class LocalStorage:
 
 
 class _ResumableS3Read(io.RawIOBase):
-    """One S3 object as a raw stream that survives transient faults: on an error mid-body it opens a ranged GET at
-    the next byte (If-Match the first response's ETag, so a replaced object fails instead of mixing two) after the
-    policy's backoff."""
+    """One S3 object as a raw stream that survives transient faults: a read that fails mid-body is retried with the
+    storage's backoff (`S3Storage.retrying`) from a ranged GET at the next byte (If-Match the first response's ETag,
+    so a replaced object fails instead of mixing two)."""
 
     def __init__(self, storage: "S3Storage", key: str):
         self.storage, self.key, self.pos = storage, key, 0
         self.etag = self.size = None
         self.body = None
-        self._open()
+        storage.retrying(self._open, f"open {self._name()}")
 
     def _name(self) -> str:
         return f"s3://{self.storage.bucket}/{self.key}"
@@ -124,16 +124,12 @@ class _ResumableS3Read(io.RawIOBase):
         kwargs = {"Bucket": self.storage.bucket, "Key": self.key}
         if self.pos:
             kwargs.update(Range=f"bytes={self.pos}-", IfMatch=self.etag)
-
-        def get():
-            try:
-                return self.storage.client.get_object(**kwargs)
-            except ClientError as e:
-                if _is_transient(e):
-                    raise
-                raise StorageError(f"{self._name()}: {e.response['Error'].get('Code', e)}") from e
-
-        resp = self.storage.retrying(get, f"open {self._name()}" + (f" at byte {self.pos}" if self.pos else ""))
+        try:
+            resp = self.storage.client.get_object(**kwargs)
+        except ClientError as e:
+            if _is_transient(e):
+                raise
+            raise StorageError(f"{self._name()}: {e.response['Error'].get('Code', e)}") from e
         if self.etag is None:
             self.etag, self.size = resp["ETag"], resp["ContentLength"]
         self.body = resp["Body"]
@@ -144,30 +140,20 @@ class _ResumableS3Read(io.RawIOBase):
     def readinto(self, buf) -> int:
         if self.size is not None and self.pos >= self.size:
             return 0
-        waits = self.storage.retry.waits()
-        while True:
-            try:
-                if self.body is None:
-                    self._open()
-                data = self.body.read(len(buf))
-                if not data:  # botocore checks the length at the end: an early EOF raises instead
-                    return 0
-                buf[:len(data)] = data
-                self.pos += len(data)
-                return len(data)
-            except StorageError:
-                raise
-            except Exception as e:  # noqa: BLE001 - sorted by _is_transient below
-                if not _is_transient(e):
-                    raise
-                self._drop_body()
-                wait = next(waits, None)
-                if wait is None:
-                    raise StorageUnavailable(f"{self._name()}: reading at byte {self.pos} of {self.size} failed "
-                                             f"{self.storage.retry.attempts} times; last: {type(e).__name__}: {e}") from e
-                logger.warning("%s: read failed at byte %d (%s: %s); resuming in %.1f s", self._name(), self.pos,
-                               type(e).__name__, e, wait)
-                time.sleep(wait)
+        return self.storage.retrying(lambda: self._read_once(buf), f"reading {self._name()} at byte {self.pos}")
+
+    def _read_once(self, buf) -> int:
+        try:
+            if self.body is None:  # the previous connection failed: reopen at self.pos
+                self._open()
+            data = self.body.read(len(buf))
+        except Exception:
+            self._drop_body()
+            raise
+        # botocore checks the length at the end of the body: an early EOF raises, it is never an empty read
+        buf[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
 
     def _drop_body(self) -> None:
         if self.body is not None:

@@ -297,16 +297,16 @@ def config_only(cfg: SpeechLMConfig) -> SpeechLMConfig:
     counts and names needs."""
     from transformers import AutoConfig
 
+    from models.speechlm import strip_hf_config
+
     out = cfg.model_copy(deep=True)
     if cfg.lm.pretrained:
         lm = AutoConfig.from_pretrained(cfg.lm.pretrained).to_dict()
         out.lm.pretrained, out.lm.config = None, lm
     if cfg.encoder.pretrained:
         enc = AutoConfig.from_pretrained(cfg.encoder.pretrained)
-        enc = getattr(enc, "encoder_config", enc).to_dict()
-        for k in ("model_type", "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path"):
-            enc.pop(k, None)
-        out.encoder.pretrained, out.encoder.config = None, enc
+        out.encoder.pretrained = None
+        out.encoder.config = strip_hf_config(getattr(enc, "encoder_config", enc).to_dict())
     return out
 
 

@@ -68,6 +68,7 @@ class ConversationProcessor:
         self.sampling_rate = sampling_rate
         self.max_tokens = max_tokens
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._end_of_turn_ids: list[int] | None = None  # read from the template once (every generate() asks)
 
     # -- rendering ----------------------------------------------------------------------------------------------
     def _messages(self, conv: Conversation) -> list[dict[str, str]]:
@@ -111,6 +112,11 @@ class ConversationProcessor:
         """The special token the chat template closes an assistant turn with: Gemma's `<end_of_turn>`, Llama 3's
         `<|eot_id|>`, ChatML's `<|im_end|>`, Phi-3's `<|end|>`, Mistral's `</s>`. [] when the first thing after
         an answer is not a special token (the template has no marker; EOS alone ends generation)."""
+        if self._end_of_turn_ids is None:
+            self._end_of_turn_ids = self._read_end_of_turn_ids()
+        return list(self._end_of_turn_ids)
+
+    def _read_end_of_turn_ids(self) -> list[int]:
         probe = "The answer is 42."
         msgs = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": probe}]
         done = self._render(msgs, add_generation_prompt=False)

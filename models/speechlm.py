@@ -376,7 +376,7 @@ class SpeechLM(nn.Module):
             raise FileNotFoundError(f"{src} is not a saved SpeechLM: {CONFIG_FILE} is missing")
         cfg = SpeechLMConfig.model_validate_json((src / CONFIG_FILE).read_text())
         enc_cfg = json.loads((src / ENCODER_CONFIG_FILE).read_text())
-        cfg.encoder.pretrained, cfg.encoder.config = None, _strip_hf_config(enc_cfg)
+        cfg.encoder.pretrained, cfg.encoder.config = None, strip_hf_config(enc_cfg)
         lm_source = str(src / LM_DIR) if (src / LM_DIR).is_dir() else cfg.lm.pretrained
         tok_dir = src / TOKENIZER_DIR
         tokenizer = AutoTokenizer.from_pretrained(tok_dir) if tok_dir.is_dir() else None
@@ -410,7 +410,7 @@ def _to(sd: dict[str, torch.Tensor], device, dtype) -> dict[str, torch.Tensor]:
     return {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device) for k, v in sd.items()}
 
 
-def _strip_hf_config(d: dict) -> dict:
+def strip_hf_config(d: dict) -> dict:
     # Keys transformers writes but does not take back as constructor arguments.
     for k in ("architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path", "model_type"):
         d.pop(k, None)

@@ -222,7 +222,8 @@ class ChatDeployment:
     async def batch_stats(self, request: Request):
         self._check_key(request)
         s = self.stats
-        return {**s, **self.store.stats(), "replica_rss_mib": round(process_rss_bytes() / 2**20, 1), "mean_batch_size": round(s["batched_requests"] / max(1, s["generate_calls"]), 3),
+        return {**s, **self.store.stats(), "replica_rss_mib": round(process_rss_bytes() / 2**20, 1),
+                "mean_batch_size": round(s["batched_requests"] / max(1, s["generate_calls"]), 3),
                 "decode_ms_per_step": round(1000 * s["decode_s"] / max(1, s["decode_steps"]), 3)}
 
     @app.post("/v1/chat/completions")
