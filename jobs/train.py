@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", help="override run.name (resubmitting with the same name resumes)")
     ap.add_argument("--tracking-uri", help="MLflow server (overrides run.tracking_uri and $MLFLOW_TRACKING_URI)")
     ap.add_argument("--check", action="store_true", help="validate the recipe and its data, then stop")
-    ap.add_argument("--sample-log-dir", help="write every step's sample ids per rank here (audit of mixing/resume)")
+    ap.add_argument("--sample-log-dir",
+                    help="write every micro-batch's sample ids and loss per rank here (audit of mixing/resume)")
     args = ap.parse_args(argv)
     quiet_console(os.environ)
     t0 = time.time()

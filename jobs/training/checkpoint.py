@@ -1,8 +1,14 @@
 """What a training checkpoint holds and how it is written and read.
 
-A checkpoint folder: the trainable weights (safetensors; frozen weights come from the base checkpoints), the
-optimizer state, and `TrainState` as JSON (step, stage, scheduler, every rank's stream positions and torch RNG), so
-a restart loses no step and repeats no sample beyond the checkpoint.
+A checkpoint folder: the trainable weights (frozen weights come from the base checkpoints), the optimizer state,
+and `TrainState` as JSON (step, stage, scheduler, every rank's stream positions and torch RNG), so a restart loses
+no step and repeats no sample beyond the checkpoint.
+
+Two layouts of the weights and optimizer state:
+- whole (DDP, one rank): `trainable.safetensors` + `optimizer.pt`, gathered and written by rank 0;
+- sharded (FSDP): torch distributed checkpoint in `sharded/`, every rank writing its own shards
+  (`__<rank>_0.distcp`, rank 0 also `.metadata`) into its own folder; Ray Train merges the ranks' folders into one
+  checkpoint (each rank reports its folder), and on resume each rank reads the slices it holds, for any world size.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-WEIGHTS, OPTIMIZER, STATE = "trainable.safetensors", "optimizer.pt", "train_state.json"
+WEIGHTS, OPTIMIZER, STATE, SHARDED = "trainable.safetensors", "optimizer.pt", "train_state.json", "sharded"
 
 
 @dataclass
@@ -32,49 +38,100 @@ class TrainState:
         return cls(**json.loads(text))
 
 
-def save_checkpoint(path: Path, model, optimizer, state: TrainState, is_rank0: bool) -> None:
-    """Collective: every rank calls it (full state dicts gather on rank 0); rank 0 writes the files."""
-    from safetensors.torch import save_file
+def save_checkpoint(path: Path, model, optimizer, state: TrainState, is_rank0: bool, sharded: bool = False) -> None:
+    """Collective: every rank calls it. Whole: the state dicts gather on rank 0, which writes the files. Sharded:
+    every rank writes its shards under `path` (its own folder; rank 0 adds the metadata and the train state)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    weights = get_model_state_dict(model, options=opts)
-    optim = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not is_rank0:
-        return
-    path.mkdir(parents=True, exist_ok=True)
-    # clone: tied weights (embeddings = LM head when the LM trains fully) share storage, which safetensors refuses
-    save_file({k: v.detach().clone().contiguous() for k, v in weights.items()}, str(path / WEIGHTS))
-    torch.save(optim, path / OPTIMIZER)
-    (path / STATE).write_text(state.to_json())
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+
+        opts = StateDictOptions(ignore_frozen_params=True)
+        dcp.save({"model": get_model_state_dict(model, options=opts),
+                  "optimizer": get_optimizer_state_dict(model, optimizer)},
+                 storage_writer=dcp.FileSystemWriter(str(path / SHARDED)))
+    else:
+        from safetensors.torch import save_file
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        weights = get_model_state_dict(model, options=opts)
+        optim = get_optimizer_state_dict(model, optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if is_rank0:
+            path.mkdir(parents=True, exist_ok=True)
+            # clone: tied weights (embeddings = LM head when the LM trains fully) share storage, which safetensors
+            # refuses
+            save_file({k: v.detach().clone().contiguous() for k, v in weights.items()}, str(path / WEIGHTS))
+            torch.save(optim, path / OPTIMIZER)
+    if is_rank0:
+        (path / STATE).write_text(state.to_json())
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    return (path / SHARDED / ".metadata").exists()
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore weights, optimizer and scheduler in place; return the train state."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    """Restore weights, optimizer and scheduler in place (either layout); return the train state. Collective for a
+    sharded checkpoint."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
 
-    set_model_state_dict(model, load_file(str(path / WEIGHTS)), options=StateDictOptions(full_state_dict=True,
-                                                                                          strict=False))
-    optim = torch.load(path / OPTIMIZER, weights_only=True)
-    set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+    if is_sharded_checkpoint(path):
+        import torch.distributed.checkpoint as dcp
+
+        opts = StateDictOptions(ignore_frozen_params=True)
+        # DCP loads in place into state dicts shaped like this rank's shards
+        state_dict = {"model": get_model_state_dict(model, options=opts),
+                      "optimizer": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(state_dict, storage_reader=dcp.FileSystemReader(str(path / SHARDED)))
+        set_model_state_dict(model, state_dict["model"], options=StateDictOptions(strict=False))
+        set_optimizer_state_dict(model, optimizer, state_dict["optimizer"])
+    else:
+        from safetensors.torch import load_file
+
+        set_model_state_dict(model, load_file(str(path / WEIGHTS)),
+                             options=StateDictOptions(full_state_dict=True, strict=False))
+        optim = torch.load(path / OPTIMIZER, weights_only=True)
+        set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
     state = TrainState.from_json((path / STATE).read_text())
     scheduler.load_state_dict(state.scheduler)
     return state
 
 
+def _canonical(name: str) -> str:
+    """The same weight with or without PEFT's LoRA wrapping."""
+    return name.replace("base_model.model.", "").replace(".base_layer", "")
+
+
+def _saved_weights(path: Path, wanted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Canonical name -> tensor of the checkpoint's trainable weights that `wanted` (canonical name -> tensor of
+    the right shape) asks for, from either layout. A sharded checkpoint is read whole on every rank (`no_dist`),
+    only the wanted weights."""
+    if not is_sharded_checkpoint(path):
+        from safetensors.torch import load_file
+
+        return {_canonical(k): v for k, v in load_file(str(path / WEIGHTS)).items()}
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(path / SHARDED))
+    saved = {k.removeprefix("model."): k for k in reader.read_metadata().state_dict_metadata
+             if k.startswith("model.")}
+    by_canonical = {_canonical(k): k for k in saved}
+    out = {c: torch.empty_like(t) for c, t in wanted.items() if c in by_canonical}
+    dcp.load({"model": {by_canonical[c]: t for c, t in out.items()}}, storage_reader=reader, no_dist=True)
+    return out
+
+
 def load_initial_weights(model, path: Path) -> int:
-    """Start from another run's trainable weights (e.g. B3: the frozen-LM stage, then LoRA); returns how many
-    tensors were loaded."""
-    from safetensors.torch import load_file
-
-    def canonical(name: str) -> str:  # the same weight with or without PEFT's LoRA wrapping
-        return name.replace("base_model.model.", "").replace(".base_layer", "")
-
-    init = {canonical(k): v for k, v in load_file(str(path / WEIGHTS)).items()}
+    """Start from another run's trainable weights (e.g. B3: the frozen-LM stage, then LoRA), from a checkpoint of
+    either layout, into an unsharded model; returns how many tensors were loaded."""
+    params = {_canonical(n): p for n, p in model.named_parameters()}
+    init = _saved_weights(path, {c: p.detach() for c, p in params.items()})
     loaded = 0
-    for name, param in model.named_parameters():
-        tensor = init.get(canonical(name))
+    for name, param in params.items():
+        tensor = init.get(name)
         if tensor is not None and param.shape == tensor.shape:
             param.data.copy_(tensor)
             loaded += 1

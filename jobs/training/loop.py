@@ -18,8 +18,8 @@ from jobs.training.optim import clip_gradients
 class Trainer:
     """`model(**batch)` must return a loss tensor or an output with `.loss`.
 
-    `model` is what the forward runs through (e.g. a DDP / FSDP wrapper); gradients are synchronised across ranks
-    only on the last micro-batch of a step when the wrapper supports `no_sync`.
+    `model` is what the forward runs through (a DDP wrapper, or a model sharded by FSDP); gradients are synchronised
+    across ranks only on the last micro-batch of a step (DDP's `no_sync`, FSDP's `set_requires_gradient_sync`).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer, scheduler, *, grad_accum: int = 1,
@@ -44,8 +44,10 @@ class Trainer:
         total = 0.0
         for micro, batch in enumerate(micro_batches):
             last = micro == self.grad_accum - 1
-            sync = self.grad_accum == 1 or last or not hasattr(self.model, "no_sync")
-            with contextlib.nullcontext() if sync else self.model.no_sync():
+            sync = self.grad_accum == 1 or last
+            if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter only on the last one
+                self.model.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or not hasattr(self.model, "no_sync") else self.model.no_sync():
                 loss = self.forward(batch)
                 if loss.requires_grad:
                     (loss / self.grad_accum).backward()

@@ -75,25 +75,20 @@ def open_streams(recipe: Recipe, ratios: dict[str, float], rank: int, world: int
 
 
 def build_trainer(job: WorkerJob, core, device, world: int):
-    """Optimizer (per-module groups), transformers' schedule, the DDP / FSDP wrapper, and the `Trainer`."""
-    import ray.train.torch
+    """The DDP / FSDP wrapper (`jobs.training.parallel`), then the optimizer (per-module groups) over the weights as
+    they now are (FSDP replaces them with shards), transformers' schedule, and the `Trainer`."""
     import torch
 
     from jobs.training.loop import Trainer
     from jobs.training.optim import build_optimizer, build_scheduler, module_param_groups
+    from jobs.training.parallel import wrap_model
 
     tr = job.recipe.train
+    model = wrap_model(core, tr.strategy, world)
     optimizer = build_optimizer(module_param_groups(core, tr.module_lrs()), lr=tr.lr, betas=tr.betas,
                                 weight_decay=tr.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=tr.warmup_steps, total_steps=job.stage.max_steps,
                                 schedule=tr.schedule, min_lr_ratio=tr.min_lr_ratio)
-    model = core
-    if tr.strategy == "fsdp":
-        model = ray.train.torch.prepare_model(core, parallel_strategy="fsdp",
-                                              parallel_strategy_kwargs={"use_orig_params": True})
-    elif world > 1:
-        # text-only batches leave the encoder and adapter without gradients: DDP must allow unused parameters
-        model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": True})
     bf16 = tr.precision == "bf16" or (tr.precision == "auto" and device.type == "cuda")
     return Trainer(model, optimizer, scheduler, grad_accum=tr.grad_accum, max_grad_norm=tr.max_grad_norm,
                    clip=tr.clip, autocast_dtype=torch.bfloat16 if bf16 else None, device_type=device.type)
@@ -120,8 +115,10 @@ def resume(trainer, streams: dict, rank: int) -> None:
         log(f"resumed stage {state.stage} at step {state.step} from {checkpoint.path}")
 
 
-def report_checkpoint(trainer, stage: str, stream_states: dict, loss: float, rank: int, world: int) -> None:
-    """Collective: gather every rank's stream states and RNG, write the checkpoint on rank 0, report it."""
+def report_checkpoint(trainer, stage: str, stream_states: dict, loss: float, rank: int, world: int,
+                      sharded: bool = False) -> None:
+    """Collective: gather every rank's stream states and RNG, write the checkpoint (whole: on rank 0; sharded: every
+    rank its shards, Ray Train merging the ranks' folders), report it."""
     import ray.train
     import torch
     import torch.distributed as dist
@@ -136,9 +133,9 @@ def report_checkpoint(trainer, stage: str, stream_states: dict, loss: float, ran
     state = TrainState(step=trainer.step, stage=stage, scheduler=trainer.scheduler.state_dict(),
                        streams=[g[0] for g in gathered], rng=[g[1] for g in gathered])
     with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(Path(d), trainer.model, trainer.optimizer, state, rank == 0)
+        save_checkpoint(Path(d), trainer.model, trainer.optimizer, state, rank == 0, sharded=sharded)
         ray.train.report({"step": trainer.step, "stage": stage, "loss": loss},
-                         checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+                         checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 or sharded else None)
 
 
 def mean_over_ranks(value: float, world: int) -> float:
@@ -192,11 +189,22 @@ def log_window(window, job: WorkerJob, trainer, prefetch, rank: int, world: int,
         + (f"GPU mem {gpu_gib:.1f} GiB " if gpu_gib is not None else "") + progress(trainer.step))
 
 
-def log_final_model(core, logger, stream_states: dict) -> None:
-    """The model as the run's `model` artifact (save_pretrained), the probe conversation's logits (to check a
-    loaded copy against) and the final stream states."""
+def log_final_model(job: WorkerJob, core, rank: int, logger, stream_states: dict) -> None:
+    """Collective. The model as the run's `model` artifact (save_pretrained), the probe conversation's logits (to
+    check a loaded copy against) and the final stream states, from rank 0. A sharded model is first gathered in
+    full on rank 0 into an unsharded copy, which saves as a plain model."""
     import torch
 
+    from jobs.training.parallel import full_state_dict, is_sharded
+
+    if is_sharded(core):
+        weights = full_state_dict(core)
+        if rank != 0:
+            return
+        core = build_model(job.recipe, job.stage, job.tokenizer_files)
+        core.load_state_dict(weights)
+    elif rank != 0:
+        return
     core.eval()
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "model"
@@ -209,6 +217,24 @@ def log_final_model(core, logger, stream_states: dict) -> None:
         np.save(Path(d) / "probe_logits.npy", logits)
         logger.log_artifact(str(Path(d) / "probe_logits.npy"))
     logger.log_dict(stream_states, "final_stream_states.json")
+
+
+class SampleLog:
+    """One JSON line per micro-batch on this rank: step, micro, data type, sample ids and loss (`--sample-log-dir`:
+    an audit of the mix, and of a resume, which must replay the same samples with the same losses)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a")
+
+    def write(self, micro_batches, losses: list[float]) -> None:
+        for mb, loss in zip(micro_batches, losses):
+            self.file.write(json.dumps({"step": mb.step, "micro": mb.micro, "type": mb.data_type,
+                                        "ids": [r["id"] for r in mb.rows], "loss": loss}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class Progress:
@@ -234,8 +260,10 @@ def train_loop_per_worker(config: dict) -> None:
     from data_ops.mix_sampler import mix_sampler
     from data_ops.shar_datasource import row_to_conversation
     from jobs.training.batches import BatchPrefetcher
+    from jobs.training.checkpoint import load_initial_weights
     from jobs.training.console import quiet_console, quiet_ray_data
     from jobs.training.content import ContentMonitor, content_probe
+    from jobs.training.flops import count_forward_flops, peak_flops_per_s
     from jobs.training.metrics import MetricsWindow, MlflowRunLogger
 
     quiet_console(os.environ)
@@ -248,11 +276,11 @@ def train_loop_per_worker(config: dict) -> None:
 
     core = build_model(recipe, stage, job.tokenizer_files, device)
     if job.init_from is not None:
-        from jobs.training.checkpoint import load_initial_weights
-
         with job.init_from.as_directory() as init_dir:  # a local copy on this worker's node
             load_initial_weights(core, Path(init_dir))
+    flops, peak = count_forward_flops(core), peak_flops_per_s(device, tr.peak_tflops)  # on the whole model
     trainer = build_trainer(job, core, device, world)
+    sharded = tr.strategy == "fsdp"
     ratios = stage.ratios or recipe.data.ratios
     streams = open_streams(recipe, ratios, rank, world)
     resume(trainer, streams, rank)
@@ -261,42 +289,41 @@ def train_loop_per_worker(config: dict) -> None:
                                start_step=trainer.step, grad_accum=tr.grad_accum)
 
     asr_src = recipe.data.sources.get("asr_ast")
+    # the content check runs the model: under FSDP every rank takes part (each forward gathers the shards)
     probe = (content_probe(asr_src.uris[:1], recipe.data.endpoint_url)
-             if rank == 0 and asr_src and ratios.get("asr_ast", 0) > 0 and tr.strategy != "fsdp" else [])
+             if (rank == 0 or sharded) and asr_src and ratios.get("asr_ast", 0) > 0 else [])
     check_every = tr.content_check_every or tr.checkpoint_every
-    check_content = ContentMonitor(probe, tr.warmup_steps, log=log)
-    sample_log = None
-    if job.sample_log_dir:
-        Path(job.sample_log_dir).mkdir(parents=True, exist_ok=True)
-        sample_log = open(Path(job.sample_log_dir) / f"{stage.name}-rank{rank}.jsonl", "a")
+    check_content = ContentMonitor(probe, tr.warmup_steps, log=log if rank == 0 else lambda _: None)
+    sample_log = SampleLog(Path(job.sample_log_dir) / f"{stage.name}-rank{rank}.jsonl") if job.sample_log_dir else None
     logger = MlflowRunLogger(job.tracking_uri, job.mlflow_run_id, system_metrics=True) if rank == 0 else None
     window, progress = MetricsWindow(), Progress(trainer.step, stage.max_steps)
-    from jobs.training.flops import count_forward_flops, peak_flops_per_s
-
-    flops, peak = count_forward_flops(core), peak_flops_per_s(device, tr.peak_tflops)
     trainer.model.train()
     try:
         while trainer.step < stage.max_steps:
             micro_batches = [prefetch.next() for _ in range(tr.grad_accum)]
             batches = ({k: v.to(device) for k, v in mb.batch.items()} for mb in micro_batches)
-            step_loss = trainer.train_step(batches, on_micro=lambda i, loss: window.add_batch(
-                micro_batches[i].stats(loss, flops)))
+            micro_losses = []
+
+            def on_micro(i: int, loss: float) -> None:
+                micro_losses.append(loss)
+                window.add_batch(micro_batches[i].stats(loss, flops))
+
+            step_loss = trainer.train_step(batches, on_micro=on_micro)
             window.add_step(step_loss)
             if sample_log:
-                for mb in micro_batches:
-                    sample_log.write(json.dumps({"step": mb.step, "micro": mb.micro, "type": mb.data_type,
-                                                 "ids": [r["id"] for r in mb.rows]}) + "\n")
-                sample_log.flush()
+                sample_log.write(micro_batches, micro_losses)
             step, last = trainer.step, trainer.step == stage.max_steps
             if step % tr.log_every == 0 or last:
                 log_window(window, job, trainer, prefetch, rank, world, logger, progress, peak, device)
                 window = MetricsWindow()
             if probe and (step % check_every == 0 or last):
-                logger.log_metrics(check_content(core, step), step=step + job.step_offset)
+                content = check_content(core, step)
+                if logger:
+                    logger.log_metrics(content, step=step + job.step_offset)
             if step % tr.checkpoint_every == 0 or last:
-                report_checkpoint(trainer, stage.name, dict(prefetch.consumed), step_loss, rank, world)
-        if rank == 0 and job.final:
-            log_final_model(core, logger, prefetch.consumed)
+                report_checkpoint(trainer, stage.name, dict(prefetch.consumed), step_loss, rank, world, sharded)
+        if job.final:
+            log_final_model(job, core, rank, logger, prefetch.consumed)
     finally:
         prefetch.close()
         if sample_log:

@@ -1,0 +1,65 @@
+"""How the SpeechLM is spread over the ranks of a run: DDP (the default) or FSDP (PyTorch's `fully_shard`).
+
+FSDP shards every weight, gradient and optimizer state over the ranks, so an LM that does not fit on one GPU with
+its optimizer state trains. The units that gather their weights together are the transformer layers, as
+transformers names them for its own sharding (`_no_split_modules`: Gemma's decoder layer, Whisper's and Parakeet's
+encoder layers), and the adapter's Conformer layers; what is left (embeddings, the encoder's subsampling, the
+adapter's projections, the LM head) is one root unit. Frozen weights are sharded like the rest and never get
+gradients, so LoRA and a frozen LM need nothing special.
+
+Under FSDP the optimizer must be built after `wrap_model` (sharding replaces each parameter with a sharded one),
+clipping sees the global norm (`torch.nn.utils.clip_grad_norm_` reduces DTensor gradients over the ranks),
+checkpoints are sharded (`jobs.training.checkpoint`, torch distributed checkpoint) and the final model is gathered
+in full (`full_state_dict`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+Strategy = Literal["ddp", "fsdp"]
+
+
+def fsdp_units(core: nn.Module) -> list[nn.Module]:
+    """The modules `fully_shard` wraps one by one (innermost first is not needed: each is a layer)."""
+    from models.speechlm import ConformerLayer
+
+    layer_classes = {name for m in core.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
+    return [m for m in core.modules() if type(m).__name__ in layer_classes or isinstance(m, ConformerLayer)]
+
+
+def wrap_model(core: nn.Module, strategy: Strategy, world: int) -> nn.Module:
+    """What the forward and backward run through: `core` itself (one rank), a DDP wrapper, or `core` sharded in
+    place (FSDP: the same module object, its parameters now DTensors)."""
+    import ray.train.torch
+
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for unit in fsdp_units(core):
+            fully_shard(unit)
+        fully_shard(core)
+        return core
+    if world == 1:
+        return core
+    # text-only batches leave the encoder and adapter without gradients: DDP must allow unused parameters
+    return ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Collective under FSDP (every rank calls it): the whole model's weights, on CPU, on rank 0 (an empty dict on
+    the others). Without sharding: the model's own state dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not is_sharded(model):
+        return model.state_dict()
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
