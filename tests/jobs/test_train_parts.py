@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from jobs.recipe import parse_recipe
-from jobs.training.checkpoint import STATE, TrainState, load_checkpoint, load_initial_weights, save_checkpoint
+from jobs.training.checkpoint import (STATE, TrainState, is_sharded_checkpoint, load_checkpoint, load_initial_weights,
+                                      save_checkpoint)
 from jobs.training.optim import build_scheduler, clip_gradients, module_param_groups
 from jobs.training.sft import build_model
 from jobs.training.tokenizer import tokenizer_files as write_tokenizer_files
@@ -65,7 +66,9 @@ def test_a_burst_in_one_module_shrinks_the_others_only_under_global_clipping(cli
     assert float(b.grad.norm()) == pytest.approx(0.5 if clip == "per_module" else 0.5 / (200**2 + 0.25) ** 0.5)
 
 
-def test_checkpoint_round_trip_restores_weights_optimizer_and_state(tmp_path, tokenizer):
+@pytest.mark.parametrize("sharded", [False, True], ids=["whole", "sharded"])
+def test_checkpoint_round_trip_restores_weights_optimizer_and_state(tmp_path, tokenizer, sharded):
+    """Both layouts (the sharded one is FSDP's, torch distributed checkpoint; here written by one process)."""
     files = write_tokenizer_files(tokenizer)
     recipe = _recipe("full")  # tied embeddings train: the case safetensors refuses without a copy
     a = build_model(recipe, recipe.stage_list()[0], files)
@@ -78,7 +81,9 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_state(tmp_path, to
         opt.step()
         sched.step()
     save_checkpoint(tmp_path, a, opt, TrainState(step=2, stage="main", scheduler=sched.state_dict(),
-                                                 streams=[{"text": {"epoch": 1}}], rng=[[1, 2]]), is_rank0=True)
+                                                 streams=[{"text": {"epoch": 1}}], rng=[[1, 2]]), is_rank0=True,
+                    sharded=sharded)
+    assert is_sharded_checkpoint(tmp_path) == sharded
     b = build_model(recipe, recipe.stage_list()[0], files)
     opt_b = torch.optim.AdamW([p for p in b.parameters() if p.requires_grad], lr=1e-2)
     sched_b = build_scheduler(opt_b, warmup_steps=2, total_steps=5, schedule="cosine")
@@ -92,8 +97,10 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_state(tmp_path, to
     assert json.loads((tmp_path / STATE).read_text())["step"] == 2
 
 
-def test_next_stage_starts_from_previous_stage_weights(tmp_path, tokenizer):
-    """B3 / the tiny recipe: stage 1's (full or frozen-LM) weights start stage 2's LoRA model, PEFT names or not."""
+@pytest.mark.parametrize("sharded", [False, True], ids=["whole", "sharded"])
+def test_next_stage_starts_from_previous_stage_weights(tmp_path, tokenizer, sharded):
+    """B3 / the tiny recipe: stage 1's (full or frozen-LM) weights start stage 2's LoRA model, PEFT names or not,
+    from either checkpoint layout."""
     files = write_tokenizer_files(tokenizer)
     full = build_model(_recipe("full"), _recipe("full").stage_list()[0], files)
     with torch.no_grad():
@@ -101,7 +108,7 @@ def test_next_stage_starts_from_previous_stage_weights(tmp_path, tokenizer):
             p.add_(0.5)
     opt = torch.optim.AdamW([p for p in full.parameters() if p.requires_grad])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    save_checkpoint(tmp_path, full, opt, TrainState(1, "s1", sched.state_dict(), [{}], [[0]]), True)
+    save_checkpoint(tmp_path, full, opt, TrainState(1, "s1", sched.state_dict(), [{}], [[0]]), True, sharded=sharded)
     lora = build_model(_recipe("lora"), _recipe("lora").stage_list()[0], files)
     assert load_initial_weights(lora, tmp_path) > 0
     base = dict(full.lm.named_parameters())
