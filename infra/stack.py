@@ -96,6 +96,7 @@ class LocalStack:
         self.ray_num_cpus = ray_num_cpus
         self.services: dict[str, Service] = {}
         self._node_procs: dict[str, subprocess.Popen] = {}  # nodes this object started (add_node)
+        self._node_specs: dict[str, tuple[list[str], dict[str, str]]] = {}  # their command and environment
         self.state_file = self.root / "state.json"
 
     # -- public ---------------------------------------------------------------------------------------------------
@@ -138,25 +139,38 @@ class LocalStack:
         if resources:
             cmd.append(f"--resources={json.dumps(resources)}")
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-        proc, log = self._spawn(key, cmd, {"RAY_AUTH_MODE": "disabled", "PATH": path,
-                                           "RAY_API_SERVER_ADDRESS": head.url, **self._service_env()})
-        self.services[key] = Service(key, proc.pid, 0, head.url, str(log), {"node_name": name})
-        self._save_state()
-        self._node_procs[name] = proc
+        self._node_specs[name] = (cmd, {"RAY_AUTH_MODE": "disabled", "PATH": path, "RAY_API_SERVER_ADDRESS": head.url,
+                                        **self._service_env()})
+        self._spawn_node(name)
         if wait:
             self.wait_for_node(name)
         return self.services[key]
 
+    def _spawn_node(self, name: str) -> None:
+        key = f"ray-node-{name}"
+        cmd, env = self._node_specs[name]
+        proc, log = self._spawn(key, cmd, env)
+        self.services[key] = Service(key, proc.pid, 0, self.services["ray"].url, str(log), {"node_name": name})
+        self._save_state()
+        self._node_procs[name] = proc
+
     def wait_for_node(self, name: str, timeout: float = 120) -> None:
-        """Until the node added as `name` is registered with the head (StackError if it exits or times out)."""
+        """Until the node added as `name` is registered with the head (StackError if it exits or times out).
+
+        A node that gives up because the head did not answer in time (Ray's "timed out during startup", which a
+        busy small machine can cause) is started once more before this fails."""
         key, url = f"ray-node-{name}", self.services["ray"].url
-        try:
-            self._wait(key, self._node_procs[name], Path(self.services[key].log),
-                       lambda: _ray_node_alive(url, name), timeout=timeout)
-        except StackError:
-            self.services.pop(key, None)
-            self._save_state()
-            raise
+        for attempt in range(2):
+            try:
+                self._wait(key, self._node_procs[name], Path(self.services[key].log),
+                           lambda: _ray_node_alive(url, name), timeout=timeout)
+                return
+            except StackError as e:
+                self.services.pop(key, None)
+                self._save_state()
+                if attempt == 1 or "timed out during startup" not in str(e):
+                    raise
+            self._spawn_node(name)
 
     def kill_node(self, name: str) -> None:
         """SIGKILL a node added by `add_node` and every process it started (its raylet, agents and workers): a

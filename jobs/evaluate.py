@@ -4,9 +4,10 @@
         --suite jobs/suites/demo.yaml
 
 1. read the suite (tasks: which shards, which rows, which metric; an optional LLM judge);
-2. per task, Ray Data batch inference: the suite's shards streamed by the Shar datasource, rows filtered by task
-   and language, each conversation cut before its last assistant turn and answered greedily by actors holding
-   the model (the reference is that last assistant turn);
+2. Ray Data batch inference: per task, the suite's shards streamed by the Shar datasource, rows filtered by task;
+   all tasks' rows then go through one pool of actors holding the model (loaded once per actor, not per task),
+   each conversation cut before its last assistant turn and answered greedily (the reference is that last
+   assistant turn); the content check runs meanwhile as a Ray task;
 3. score (data_ops.scoring): ASR WER per language, AST BLEU per direction, exact match for text tasks and spoken
    instructions, the Appendix B judge for speech QA and spoken instructions when a judge is configured (else
    those samples are reported as unscored); and the content check (`models.content_check`): does the right audio
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from data_ops.shards import ManifestError
 
@@ -65,6 +66,14 @@ class Suite(_Strict):
     content_check: int = Field(32, ge=0)
     """Measure whether the model's audio path carries content (`models.content_check`) on this many ASR/AST
     conversations of the suite's corpora: `eval/<suite>/speech/content_gap`. 0 skips it."""
+
+    @field_validator("tasks")
+    @classmethod
+    def _names_unique(cls, tasks: list[EvalTask]) -> list[EvalTask]:
+        names = [t.name for t in tasks]
+        if len(set(names)) < len(names):  # metrics and samples are keyed by task name
+            raise ValueError(f"task names must be unique; repeated: {sorted({n for n in names if names.count(n) > 1})}")
+        return tasks
 
 
 def load_suite(path: str) -> Suite:
@@ -117,7 +126,8 @@ class Predictor:
         # the reference answers' loss (teacher-forced, every assistant turn): moves before exact match does
         losses = answer_token_losses(self.model, [Conversation(c.turns[:i + 1]) for c, i in zip(full, lasts)],
                                      batch_size=len(rows))
-        return {"id": [r["id"] for r in rows], "langs": [r["langs"] for r in rows], "prediction": predictions,
+        return {"id": [r["id"] for r in rows], "eval_task": [r["eval_task"] for r in rows],
+                "langs": [r["langs"] for r in rows], "prediction": predictions,
                 "reference": refs, "question": questions, "context": contexts,
                 "loss_sum": [s for s, _ in losses], "loss_tokens": [n for _, n in losses]}
 
@@ -138,24 +148,32 @@ class Placement:
         return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
 
 
-def predict(suite: Suite, task: EvalTask, model_uri: str, tracking_uri: str | None,
-            placement: Placement = Placement()) -> list[dict]:
+def predict(suite: Suite, model_uri: str, tracking_uri: str | None,
+            placement: Placement = Placement()) -> dict[str, list[dict]]:
+    """Task name -> its rows with predictions, sorted by id. Every task's rows, tagged with the task's name, go
+    through one actor pool: a model is loaded once per actor for the whole suite."""
+    import pyarrow as pa
     import ray.data
 
     from data_ops.shar_datasource import is_error_row, shar_dataset
 
-    uris = task.uris or suite.uris
-    ds = shar_dataset(uris, task.data_type, endpoint_url=suite.endpoint_url)
-    want = task.task
-    ds = ds.filter(lambda r: not is_error_row(r) and (want is None or r["task"] == want))
-    if task.limit:
-        ds = ds.limit(task.limit)
+    tagged = []
+    for task in suite.tasks:
+        ds = shar_dataset(task.uris or suite.uris, task.data_type, endpoint_url=suite.endpoint_url)
+        ds = ds.filter(lambda r, want=task.task: not is_error_row(r) and (want is None or r["task"] == want))
+        if task.limit:
+            ds = ds.limit(task.limit)
+        tagged.append(ds.add_column("eval_task", lambda b, name=task.name: pa.array([name] * b.num_rows),
+                                    batch_format="pyarrow"))
+    ds = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
     out = ds.map_batches(Predictor, fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri,
                                                            "max_new_tokens": suite.max_new_tokens},
                          batch_size=suite.batch_size, compute=ray.data.ActorPoolStrategy(size=placement.actors),
                          num_cpus=1, num_gpus=placement.gpus())
-    rows = list(out.iter_rows())
-    return sorted(rows, key=lambda r: r["id"])
+    by_task: dict[str, list[dict]] = {task.name: [] for task in suite.tasks}
+    for row in out.iter_rows():
+        by_task[row["eval_task"]].append(row)
+    return {name: sorted(rows, key=lambda r: r["id"]) for name, rows in by_task.items()}
 
 
 def score(suite: Suite, task: EvalTask, rows: list[dict]) -> dict[str, float]:
@@ -222,13 +240,13 @@ def _content_check_task(suite: Suite, model_uri: str, tracking_uri: str | None) 
     return content_gap(model, convs).metrics()
 
 
-def content_check(suite: Suite, model_uri: str, tracking_uri: str | None,
-                  placement: Placement = Placement()) -> dict[str, float]:
-    """The content check as a Ray task (it loads the model where the cluster has room, not in the driver)."""
+def content_check(suite: Suite, model_uri: str, tracking_uri: str | None, placement: Placement = Placement()):
+    """The content check as a Ray task (it loads the model where the cluster has room, not in the driver); returns
+    its ObjectRef (`ray.get` gives the metrics) so that it runs while the tasks are predicted."""
     import ray
 
     task = ray.remote(num_cpus=1, num_gpus=placement.gpus())(_content_check_task)
-    return ray.get(task.remote(suite, model_uri, tracking_uri))
+    return task.remote(suite, model_uri, tracking_uri)
 
 
 def training_run_of(model_uri: str, tracking_uri: str | None) -> str | None:
@@ -260,8 +278,10 @@ def evaluate_model(model_uri: str, suite: Suite, tracking_uri: str, experiment: 
     t0 = time.time()
     all_metrics: dict[str, float] = {}
     samples: dict[str, list] = defaultdict(list)
+    gap_ref = content_check(suite, model_uri, tracking_uri, placement) if suite.content_check else None
+    predicted = predict(suite, model_uri, tracking_uri, placement)
     for task in suite.tasks:
-        rows = predict(suite, task, model_uri, tracking_uri, placement)
+        rows = predicted[task.name]
         metrics = score(suite, task, rows)
         print(f"[eval] {suite.name}/{task.name}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
               flush=True)
@@ -271,8 +291,10 @@ def evaluate_model(model_uri: str, suite: Suite, tracking_uri: str, experiment: 
                 samples[key].append(r[key])
             samples["task"].append(task.name)
             samples["judge"].append(r.get("judge"))
-    if suite.content_check:
-        gap = content_check(suite, model_uri, tracking_uri, placement)
+    if gap_ref is not None:
+        import ray
+
+        gap = ray.get(gap_ref)
         if gap:
             print(f"[eval] {suite.name}/content check: gap {gap['speech/content_gap']:.3f} nats/token with another "
                   f"utterance of the same length, {gap['speech/content_gap_reversed']:.3f} time-reversed", flush=True)

@@ -11,6 +11,17 @@ from models.speechlm import build_speechlm
 from models.tokenizer import build_tiny_tokenizer
 
 
+def pytest_addoption(parser):
+    parser.addoption("--content-seeds", default="0",
+                     help="seeds of the content-learning test, comma-separated (the suite runs one; 0,1,2 were measured)")
+
+
+def pytest_generate_tests(metafunc):
+    if "content_seed" in metafunc.fixturenames:
+        seeds = [int(s) for s in metafunc.config.getoption("--content-seeds").split(",")]
+        metafunc.parametrize("content_seed", seeds)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -66,8 +66,10 @@ def test_config_built_encoder_keeps_utterances_apart():
     assert float((sub[0] - sub[1]).norm() / sub.norm(dim=(1, 2)).mean()) > 0.1
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_overfits_equal_length_clips_on_content(seed):
+def test_overfits_equal_length_clips_on_content(content_seed):
+    """One seed in the suite (about 40 s on 2 cores); the margins held on seeds 0-2 (module docstring):
+    `pytest --content-seeds 0,1,2 tests/models/test_content_learning.py` runs them all."""
+    seed = content_seed
     texts, audios = equal_length_clips(16, seed)
     assert len({len(a) for a in audios}) == 1
     tokenizer = build_tiny_tokenizer(["Transcribe: " + t for t in texts])
