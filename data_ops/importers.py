@@ -16,11 +16,15 @@ Importers skip bad items when given an `ImportReport` (counted, logged with file
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import logging
+import posixpath
+import shutil
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -28,6 +32,7 @@ import numpy as np
 from lhotse import CutSet, MonoCut
 
 from data_ops.schema import SAMPLING_RATE, SchemaError, conversation_to_cut, iter_jsonl, load_audio_16k
+from data_ops.storage import LocalStorage, Storage, is_remote, open_storage
 from models.conversation import AudioPart, Conversation, TextPart, Turn
 
 logger = logging.getLogger("vtblender.data")
@@ -273,14 +278,35 @@ HF_LAYOUTS = {
 }
 
 
-def _hf_table_files(root: Path) -> list[Path]:
-    """The data files of a dataset folder: parquet (the Hub's format) or arrow (`Dataset.save_to_disk`)."""
-    if root.is_file():
-        return [root]
-    files = sorted(root.rglob("*.parquet")) or sorted(p for p in root.rglob("*.arrow") if not p.name.startswith("cache-"))
+def _hf_table_files(uri: str, endpoint_url: str | None) -> tuple[Storage, list[str]]:
+    """(storage at the dataset's folder, its data files relative to it): parquet (the Hub's format) or arrow
+    (`Dataset.save_to_disk`), in a folder or one file, on disk or object storage (`s3://...`)."""
+    if uri.endswith((".parquet", ".arrow")) or (not is_remote(uri) and Path(uri).is_file()):
+        folder, _, name = uri.rstrip("/").rpartition("/")
+        storage = open_storage(folder or ".", endpoint_url)
+        if not storage.exists(name):
+            raise SchemaError(f"{uri} does not exist")
+        return storage, [name]
+    storage = open_storage(uri, endpoint_url)
+    names = storage.list("")
+    files = [n for n in names if n.endswith(".parquet")] or [
+        n for n in names if n.endswith(".arrow") and not n.rpartition("/")[2].startswith("cache-")]
     if not files:
-        raise SchemaError(f"{root}: no .parquet or .arrow files (a Hugging Face dataset folder or one of its files)")
-    return files
+        raise SchemaError(f"{uri}: no .parquet or .arrow files (a Hugging Face dataset folder or one of its files)")
+    return storage, files
+
+
+@contextlib.contextmanager
+def _local_file(storage: Storage, rel: str) -> Iterator[Path]:
+    """The file itself on disk; an object is copied to a temporary file first (parquet and arrow readers seek)."""
+    if isinstance(storage, LocalStorage):
+        yield storage.root / rel
+        return
+    with tempfile.NamedTemporaryFile(suffix=Path(rel).suffix) as tmp:
+        with storage.open_read(rel) as src:
+            shutil.copyfileobj(src, tmp, 1 << 20)
+        tmp.flush()
+        yield Path(tmp.name)
 
 
 def _hf_batches(path: Path):
@@ -302,40 +328,55 @@ def _hf_batches(path: Path):
         yield from reader
 
 
-def _hf_audio(value, base: Path) -> np.ndarray:
-    """An `Audio` column's value: {"bytes": ..., "path": ...} (bytes win; a path is relative to the dataset)."""
+def _hf_audio(value, storage: Storage, folder: str) -> np.ndarray:
+    """An `Audio` column's value: {"bytes": ..., "path": ...} (bytes win; a relative path is relative to the data
+    file's folder, in the same storage)."""
     if isinstance(value, dict) and value.get("bytes"):
         return _decoded(value["bytes"], "bytes")
     path = value.get("path") if isinstance(value, dict) else value
     if not path:
         raise SchemaError("the audio column holds neither bytes nor a path")
-    p = Path(path)
-    return _load(p if p.is_absolute() else base / p)
+    if Path(path).is_absolute():
+        return _load(Path(path))
+    rel = posixpath.normpath(posixpath.join(folder, path))
+    if isinstance(storage, LocalStorage):
+        return _load(storage.root / rel)
+    if not storage.exists(rel):
+        raise SchemaError(f"audio file {storage.uri}/{rel} does not exist")
+    with storage.open_read(rel) as f:  # a store that stays away raises StorageUnavailable: not a bad row
+        data = f.read()
+    return _decoded(data, f"{storage.uri}/{rel}")
 
 
-def _hf_rows(root: Path, needed: set[str], hint: str = "") -> Iterator[tuple[Path, str, int, dict]]:
-    """(file, "file:row", row number, row) for every row of a dataset folder or file; SchemaError naming the file
-    when it lacks a needed column."""
-    for f in _hf_table_files(root):
+def _hf_rows(uri: str, needed: set[str], hint: str = "", endpoint_url: str | None = None
+             ) -> Iterator[tuple[Storage, str, str, int, dict]]:
+    """(storage, data file, "file:row", row number, row) for every row of a dataset folder or file; SchemaError
+    naming the file when it lacks a needed column."""
+    storage, files = _hf_table_files(str(uri), endpoint_url)
+    for rel in files:
+        where_file = f"{storage.uri}/{rel}"
         row_no = 0
-        for batch in _hf_batches(f):
-            missing = needed - set(batch.schema.names)
-            if missing:
-                raise SchemaError(f"{f}: no column(s) {sorted(missing)}; it has {sorted(batch.schema.names)}{hint}")
-            for row in batch.to_pylist():
-                yield f, f"{f}:{row_no}", row_no, row
-                row_no += 1
+        with _local_file(storage, rel) as local:
+            for batch in _hf_batches(local):
+                missing = needed - set(batch.schema.names)
+                if missing:
+                    raise SchemaError(f"{where_file}: no column(s) {sorted(missing)}; it has "
+                                      f"{sorted(batch.schema.names)}{hint}")
+                for row in batch.to_pylist():
+                    yield storage, rel, f"{where_file}:{row_no}", row_no, row
+                    row_no += 1
 
 
 def read_hf_speech_dataset(path: str | Path, *, layout: str | None = None, audio_column: str = "audio",
                            text_column: str | None = None, translation_column: str | None = None,
                            lang_column: str | None = None, id_column: str | None = None, lang: str | None = None,
-                           target_lang: str | None = None, report: ImportReport | None = None) -> Iterator[MonoCut]:
+                           target_lang: str | None = None, report: ImportReport | None = None,
+                           endpoint_url: str | None = None) -> Iterator[MonoCut]:
     """ASR (and AST) cuts from a Hugging Face dataset on disk: parquet files (as on the Hub) or arrow files
-    (`save_to_disk`), audio as bytes or paths in an `Audio` column. `layout` names a known dataset's columns
+    (`save_to_disk`), in a folder or file on disk or object storage (`s3://...`, `endpoint_url` for S3-compatible
+    stores), audio as bytes or paths in an `Audio` column. `layout` names a known dataset's columns
     (`HF_LAYOUTS`); explicit column arguments override it. Rows that cannot be used are skipped and named
     (file:row) with a report, else the first raises."""
-    root = Path(path)
     if layout and layout not in HF_LAYOUTS:
         raise SchemaError(f"unknown layout {layout!r}; known: {sorted(HF_LAYOUTS)}")
     cols = dict(HF_LAYOUTS[layout]) if layout else {"text": "text", "lang": None, "id": None}
@@ -346,14 +387,14 @@ def read_hf_speech_dataset(path: str | Path, *, layout: str | None = None, audio
 
     def items() -> Iterator[list[MonoCut] | SchemaError]:
         hint = " (name them with audio_column / text_column, or pick a layout)"
-        for f, where, row_no, row in _hf_rows(root, {audio_column, text_column}, hint):
+        for storage, rel, where, row_no, row in _hf_rows(path, {audio_column, text_column}, hint, endpoint_url):
             try:
                 row_lang = (row.get(lang_column) if lang_column else None) or lang
                 if not row_lang:
                     raise SchemaError("no language: pass lang= or lang_column=")
-                audio = _hf_audio(row[audio_column], f.parent if root.is_dir() else root.parent)
+                audio = _hf_audio(row[audio_column], storage, posixpath.dirname(rel))
                 utt = str(row.get(id_column) or "") if id_column else ""
-                utt_id = f"{f.stem}-{row_no}" + (f"-{Path(utt).stem}" if utt else "")
+                utt_id = f"{Path(rel).stem}-{row_no}" + (f"-{Path(utt).stem}" if utt else "")
                 translation = row.get(translation_column) if translation_column else None
                 yield speech_cuts(utt_id, audio, row.get(text_column) or "", row_lang, translation, target_lang)
             except SchemaError as e:
@@ -363,15 +404,15 @@ def read_hf_speech_dataset(path: str | Path, *, layout: str | None = None, audio
 
 
 def read_hf_text_dataset(path: str | Path, *, messages_column: str = "messages", lang: str = "en",
-                         report: ImportReport | None = None) -> Iterator[MonoCut]:
-    """Text SFT cuts from a Hugging Face dataset on disk whose `messages_column` holds OpenAI-style messages."""
-    root = Path(path)
+                         report: ImportReport | None = None, endpoint_url: str | None = None) -> Iterator[MonoCut]:
+    """Text SFT cuts from a Hugging Face dataset (on disk or object storage) whose `messages_column` holds
+    OpenAI-style messages."""
 
     def items() -> Iterator[list[MonoCut] | SchemaError]:
-        for f, where, row_no, row in _hf_rows(root, {messages_column}):
+        for _, rel, where, row_no, row in _hf_rows(path, {messages_column}, endpoint_url=endpoint_url):
             try:
                 conv = text_sft_conversation(row[messages_column], where)
-                yield [conversation_to_cut(conv, cut_id=f"{f.stem}-{row_no}", data_type="text", task="text",
+                yield [conversation_to_cut(conv, cut_id=f"{Path(rel).stem}-{row_no}", data_type="text", task="text",
                                            langs=[lang])]
             except SchemaError as e:
                 yield e

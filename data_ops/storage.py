@@ -236,8 +236,9 @@ class S3Storage:
         self.client.upload_file(str(local), self.bucket, self._key(rel))
 
     def list(self, prefix: str) -> list[str]:
-        """Relative names of the objects under folder `prefix`, sorted."""
-        names, base = [], self._key(prefix.rstrip("/") + "/")
+        """Relative names of the objects under folder `prefix` ("" for all of this storage's), sorted."""
+        rel = prefix.strip("/")
+        names, base = [], self._key(rel) + "/" if rel else (f"{self.prefix}/" if self.prefix else "")
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
             for obj in page.get("Contents", []):
                 names.append(obj["Key"][len(self.prefix) + 1:] if self.prefix else obj["Key"])
@@ -248,6 +249,11 @@ class S3Storage:
 
 
 Storage = LocalStorage | S3Storage
+
+
+def is_remote(uri: str | Path) -> bool:
+    """Object storage (read through `S3Storage`), not a local path."""
+    return str(uri).startswith("s3://")
 
 
 def open_storage(uri: str | Path, endpoint_url: str | None = None) -> Storage:

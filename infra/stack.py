@@ -134,8 +134,11 @@ class LocalStack:
             raise StackError("add_node needs the Ray head: start the stack with the ray service first")
         head = self.services["ray"]
         key = f"ray-node-{name}"
+        # its own temp dir: nodes on one machine sharing the head's would race for the same socket names when
+        # they start at once (the loser's raylet dies on "bind: Address already in use")
         cmd = [_bin("ray"), "start", "--block", f"--address={head.extra['gcs_address']}",
-               f"--node-ip-address={HOST}", f"--node-name={name}", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
+               f"--node-ip-address={HOST}", f"--node-name={name}", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+               f"--temp-dir={head.extra['temp_dir']}-node-{name}"]
         if resources:
             cmd.append(f"--resources={json.dumps(resources)}")
         path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])

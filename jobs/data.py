@@ -4,6 +4,7 @@
     python -m jobs.data import-asr  --out DIR --table utts.tsv [--lang en --target-lang de]
     python -m jobs.data import-asr  --out DIR --cuts cuts.jsonl.gz | --recordings R --supervisions S
     python -m jobs.data import-asr  --out DIR --hf-dataset ./common_voice_de --layout commonvoice [--lang de]
+    python -m jobs.data import-asr  --out DIR --hf-dataset s3://bucket/datasets/fleurs_de --layout fleurs --lang de
     python -m jobs.data import-asr  --out DIR --nemo-tarred tarred_audio_manifest.json --tars 'audio_{0..7}.tar'
     python -m jobs.data import-asr  --out DIR --shar SHAR_DIR --lang en
     python -m jobs.data import-text --out DIR --jsonl sft.jsonl | --hf-dataset ./sft_dataset [--messages-column m]
@@ -73,7 +74,7 @@ def cmd_import_asr(a) -> None:
         cuts = read_hf_speech_dataset(a.hf_dataset, layout=a.layout, audio_column=a.audio_column,
                                       text_column=a.text_column, translation_column=a.translation_column,
                                       lang_column=a.lang_column, id_column=a.id_column, lang=a.lang,
-                                      target_lang=a.target_lang, report=report)
+                                      target_lang=a.target_lang, report=report, endpoint_url=a.endpoint_url)
     else:
         cuts = read_lhotse_manifests(a.cuts, recordings=a.recordings, supervisions=a.supervisions, lang=a.lang,
                                      target_lang=a.target_lang, report=report)
@@ -86,7 +87,8 @@ def cmd_import_text(a) -> None:
     report = ImportReport()
     with ShardWriter(a.out, shard_size=a.shard_size, endpoint_url=a.endpoint_url) as w:
         w.write("text", read_messages_jsonl(a.jsonl, lang=a.lang, report=report) if a.jsonl else
-                read_hf_text_dataset(a.hf_dataset, messages_column=a.messages_column, lang=a.lang, report=report))
+                read_hf_text_dataset(a.hf_dataset, messages_column=a.messages_column, lang=a.lang, report=report,
+                                     endpoint_url=a.endpoint_url))
     _report(report)
 
 
@@ -170,7 +172,8 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--table", help="CSV/TSV: audio_path,text[,translation,lang,target_lang]")
     src.add_argument("--cuts", help="a Lhotse cuts manifest")
     src.add_argument("--recordings", help="a Lhotse recordings manifest (with --supervisions)")
-    src.add_argument("--hf-dataset", help="a Hugging Face dataset folder or file (parquet, or arrow from save_to_disk)")
+    src.add_argument("--hf-dataset",
+                     help="a Hugging Face dataset folder or file (parquet, or arrow from save_to_disk), local or s3://")
     src.add_argument("--nemo-tarred", help="a NeMo tarred dataset's manifest (with --tars)")
     src.add_argument("--shar", help="a Lhotse Shar directory with supervisions (as NeMo's Lhotse dataloading uses)")
     c.add_argument("--tars", help="--nemo-tarred: the tar files, NeMo's pattern (audio_{0..7}.tar)")
@@ -189,7 +192,8 @@ def parser() -> argparse.ArgumentParser:
     writer(c)
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--jsonl")
-    src.add_argument("--hf-dataset", help="a Hugging Face dataset folder or file with a messages column")
+    src.add_argument("--hf-dataset", help="a Hugging Face dataset folder or file with a messages column, local or "
+                     "s3://")
     c.add_argument("--messages-column", default="messages")
     c.add_argument("--lang", default="en")
 

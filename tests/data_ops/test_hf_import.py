@@ -4,7 +4,6 @@ skipped and named; what is kept streams back from the shards sample for sample."
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -18,12 +17,7 @@ from data_ops.schema import SchemaError
 from data_ops.shar_datasource import is_error_row, iter_corpus_rows, row_to_conversation
 from data_ops.shards import ShardWriter
 from jobs.data import main as data_main
-
-
-def _wav(audio: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, audio, 16000, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
+from tests.data_ops.user_datasets import wav_bytes as _wav
 
 
 def _audio_type():
@@ -69,6 +63,27 @@ def test_common_voice_parquet_imports_with_bad_rows_named_and_streams_back(commo
     assert "German" in got["Hallo Welt."].turns[0].text_only  # the paper's instruction in the row's language
     np.testing.assert_array_equal(got["Hallo Welt."].audio_parts[0].audio, pcm_audio(0.6, 2))
     np.testing.assert_array_equal(got["Wie geht es?"].audio_parts[0].audio, pcm_audio(0.8, 9))
+
+
+@pytest.mark.integration
+def test_the_same_dataset_on_object_storage_imports_alike(common_voice, s3_endpoint):
+    """The dataset folder uploaded as it is (parquet files and the clip a row names by relative path) to the S3
+    endpoint: the same rows kept, the same rows named, by their s3:// address."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket="hf-import")
+    for f in common_voice.rglob("*"):
+        if f.is_file():
+            s3.upload_file(str(f), "hf-import", f"cv/{f.relative_to(common_voice)}")
+    local, remote = ImportReport(), ImportReport()
+    want = [(c.id, c.duration) for c in read_hf_speech_dataset(common_voice, layout="commonvoice", report=local)]
+    got = [(c.id, c.duration) for c in read_hf_speech_dataset("s3://hf-import/cv", layout="commonvoice",
+                                                               report=remote, endpoint_url=s3_endpoint)]
+    assert got == want and remote.kept == local.kept == 3
+    assert [m.replace("s3://hf-import/cv", str(common_voice)) for m in remote.skipped] == local.skipped
+    with pytest.raises(SchemaError, match="s3://hf-import/nothing: no .parquet or .arrow files"):
+        list(read_hf_speech_dataset("s3://hf-import/nothing", layout="commonvoice", endpoint_url=s3_endpoint))
 
 
 def test_covost_arrow_from_save_to_disk_gives_asr_and_ast(tmp_path, pcm_audio):

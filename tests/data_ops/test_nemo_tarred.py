@@ -9,19 +9,13 @@ import json
 import tarfile
 
 import numpy as np
-import soundfile as sf
 from lhotse import CutSet, MonoCut, Recording, SupervisionSegment
 from lhotse.shar import SharWriter
 
 from data_ops.importers import ImportReport, expand_nemo_shards, read_lhotse_shar, read_nemo_tarred
 from data_ops.shar_datasource import is_error_row, iter_corpus_rows, row_to_conversation
 from jobs.data import main as data_main
-
-
-def _wav(audio) -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, audio, 16000, format="WAV", subtype="PCM_16")
-    return buf.getvalue()
+from tests.data_ops.user_datasets import wav_bytes as _wav
 
 
 def test_brace_patterns_expand_as_nemo_writes_them():

@@ -218,29 +218,42 @@ def _submit_and_wait(stack, env, path, timeout=400) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize("lm, lm_mode", [("llama", "frozen"), ("qwen2+whisper", "lora")])
-def test_lm_weights_change_only_where_the_recipe_trains(stack, corpus_conversations, tmp_path, lm, lm_mode):
-    """Any chat LM through the training job: tiny Llama 3 and Qwen2.5 checkpoints (their families' tokenizers and
-    templates; the latter under a Whisper encoder), each by `ray job submit` (the project's own tiny Gemma trains
-    in the two-node test above and in the demo).
-    Frozen LM: LM weights bit-identical after training. LoRA: only LoRA weights change inside the LM."""
-    import torch
-    from mlflow.tracking import MlflowClient
+def _imported_speech(kind: str, tmp_path, pcm_audio, s3_url: str) -> tuple[str, int]:
+    """An ASR corpus imported the way users bring data: a NeMo tarred dataset on disk, or a Hugging Face dataset
+    (Common Voice layout, parquet) on the S3 endpoint. Returns (corpus, utterances kept)."""
+    import boto3
 
-    from jobs.recipe import parse_recipe
-    from jobs.training.ray_run import tokenizer_files_for
-    from jobs.training.sft import build_model
-    from jobs.training.tokenizer import load_tokenizer as load_tokenizer_files
+    from jobs.data import main as data_main
+    from tests.data_ops.user_datasets import write_common_voice_parquet, write_nemo_tarred
+
+    clips = [(pcm_audio(0.3 + 0.05 * i, seed=500 + i), f"imported words {i}") for i in range(6)]
+    out = str(tmp_path / f"imported-{kind}")
+    if kind == "nemo-tarred":
+        manifest, tars = write_nemo_tarred(tmp_path / "nemo", {f"utt{i}.wav": c for i, c in enumerate(clips)})
+        args = ["--nemo-tarred", str(manifest), "--tars", tars, "--lang", "en"]
+    else:
+        local = write_common_voice_parquet(tmp_path / "cv/train-00000-of-00001.parquet", clips)
+        s3 = boto3.client("s3", endpoint_url=s3_url, region_name="us-east-1")
+        s3.create_bucket(Bucket="hf-datasets")
+        s3.upload_file(str(local), "hf-datasets", "common_voice_de/data/train-00000-of-00001.parquet")
+        args = ["--hf-dataset", "s3://hf-datasets/common_voice_de", "--layout", "commonvoice", "--endpoint-url", s3_url]
+    assert data_main(["import-asr", "--out", out, "--shard-size", "2", *args]) in (0, None)
+    return out, len(clips)
+
+
+# (LM, how it trains, how its ASR data was imported)
+NON_GEMMA_CASES = [("llama", "frozen", "nemo-tarred"), ("qwen2+whisper", "lora", "hf-on-s3")]
+
+
+def _non_gemma_recipe(lm: str, lm_mode: str, speech: str, corpus: str, tmp_path, pcm_audio, s3_url: str):
     from models.config import tiny
-    from services.model_store import load_speechlm
     from tests.models.lm_families import save_family_checkpoint
 
-    env = stack.env()
-    corpus = str(tmp_path / "corpus")
-    _write_corpus(corpus, corpus_conversations, {})
     name = f"it-{lm.replace('+', '-')}-{lm_mode}"
     # grad_accum=2: each optimizer step takes two micro-batches (each of its own drawn data type)
     raw = _recipe(corpus, str(tmp_path / "runs"), name, max_steps=4, num_workers=1, checkpoint_every=4, grad_accum=2)
+    imported, utterances = _imported_speech(speech, tmp_path, pcm_audio, s3_url)
+    raw["data"]["sources"]["asr_ast"]["uris"] = [imported]
     raw["model"]["lm_mode"] = lm_mode
     if lm == "llama":
         raw["model"]["lm_pretrained"] = str(save_family_checkpoint("llama", tmp_path))
@@ -248,27 +261,60 @@ def test_lm_weights_change_only_where_the_recipe_trains(stack, corpus_conversati
         cfg = tiny(encoder_kind="whisper")
         cfg.lm.pretrained, cfg.lm.config = str(save_family_checkpoint("qwen2", tmp_path)), {}
         raw["model"] = {"size": None, "config": cfg.model_dump(mode="json"), "lm_mode": lm_mode}
-    recipe = parse_recipe(raw)
-    path = tmp_path / "recipe.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
-    _submit_and_wait(stack, env, path)
+    return name, raw, path, utterances
+
+
+def test_non_gemma_lms_train_on_imported_data_and_change_only_what_the_recipe_trains(
+        stack, s3_endpoint, corpus_conversations, pcm_audio, tmp_path):
+    """Any chat LM through the training job: tiny Llama 3 and Qwen2.5 checkpoints (their families' tokenizers and
+    templates; the latter under a Whisper encoder), both by `ray job submit` at once (the project's own tiny Gemma
+    trains in the two-node test above and in the demo), on ASR data imported as users hold it (a NeMo tarred
+    dataset; a Hugging Face dataset on object storage).
+    Frozen LM: LM weights bit-identical after training. LoRA: only LoRA weights change inside the LM."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from jobs.recipe import parse_recipe
+    from jobs.training.ray_run import tokenizer_files_for
+    from jobs.training.sft import build_model
+    from jobs.training.tokenizer import load_tokenizer as load_tokenizer_files
+    from services.model_store import load_speechlm
+
+    env = stack.env()
+    corpus = str(tmp_path / "corpus")
+    _write_corpus(corpus, corpus_conversations, {})
+    cases = {lm: _non_gemma_recipe(lm, lm_mode, speech, corpus, tmp_path / lm, pcm_audio, s3_endpoint)
+             for lm, lm_mode, speech in NON_GEMMA_CASES}
+    with ThreadPoolExecutor(len(cases)) as pool:  # two users' jobs on one cluster
+        list(pool.map(lambda case: _submit_and_wait(stack, env, case[2]), cases.values()))
+
     mc = MlflowClient(env["MLFLOW_TRACKING_URI"], registry_uri=env["MLFLOW_TRACKING_URI"])
-    (run,) = mc.search_runs([mc.get_experiment_by_name("it").experiment_id],
-                            filter_string=f"tags.`vtb.run_name` = '{name}'")
-    trained = load_speechlm(f"runs:/{run.info.run_id}/model", tracking_uri=env["MLFLOW_TRACKING_URI"])
-    files = tokenizer_files_for(recipe)
-    initial = build_model(recipe, recipe.stage_list()[0], files)
-    if files is not None:
-        assert len(load_tokenizer_files(files)) == len(trained.tokenizer)
-    else:  # the LM's own tokenizer, template included, travels with the model
-        assert trained.tokenizer.chat_template == initial.tokenizer.chat_template
-        assert trained.stop_token_ids() == initial.stop_token_ids()
-    t_lm = dict(trained.lm.named_parameters())
-    changed_lm = [n for n, p in initial.lm.named_parameters() if not torch.equal(p, t_lm[n])]
-    if lm_mode == "frozen":
-        assert changed_lm == []
-    else:
-        assert changed_lm and all("lora_" in n for n in changed_lm)
-        assert any("lora_B" in n for n in changed_lm)
-    t_enc = dict(trained.encoder.named_parameters())
-    assert any(not torch.equal(p, t_enc[n]) for n, p in initial.encoder.named_parameters()), "encoder trains"
+    for lm, lm_mode, _ in NON_GEMMA_CASES:
+        name, raw, _, utterances = cases[lm]
+        (run,) = mc.search_runs([mc.get_experiment_by_name("it").experiment_id],
+                                filter_string=f"tags.`vtb.run_name` = '{name}'")
+        # the imported corpus, all of it, is what the speech batches came from
+        assert run.data.params["data_summary.asr_ast.cuts"] == str(utterances), lm
+        assert mc.get_metric_history(run.info.run_id, "loss/asr_ast"), f"{lm}: no batch of imported speech trained"
+        trained = load_speechlm(f"runs:/{run.info.run_id}/model", tracking_uri=env["MLFLOW_TRACKING_URI"])
+        recipe = parse_recipe(raw)
+        files = tokenizer_files_for(recipe)
+        initial = build_model(recipe, recipe.stage_list()[0], files)
+        if files is not None:
+            assert len(load_tokenizer_files(files)) == len(trained.tokenizer)
+        else:  # the LM's own tokenizer, template included, travels with the model
+            assert trained.tokenizer.chat_template == initial.tokenizer.chat_template
+            assert trained.stop_token_ids() == initial.stop_token_ids()
+        t_lm = dict(trained.lm.named_parameters())
+        changed_lm = [n for n, p in initial.lm.named_parameters() if not torch.equal(p, t_lm[n])]
+        if lm_mode == "frozen":
+            assert changed_lm == [], lm
+        else:
+            assert changed_lm and all("lora_" in n for n in changed_lm), lm
+            assert any("lora_B" in n for n in changed_lm), lm
+        t_enc = dict(trained.encoder.named_parameters())
+        assert any(not torch.equal(p, t_enc[n]) for n, p in initial.encoder.named_parameters()), f"{lm}: encoder"
