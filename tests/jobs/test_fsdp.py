@@ -1,5 +1,6 @@
-"""FSDP (`fully_shard`) through Ray Train on CPU (gloo), against DDP on the same data and seed, and a worker killed
-under FSDP: the run resumes from its sharded checkpoint and replays exactly what the lost attempt did."""
+"""FSDP (`fully_shard`) through Ray Train on CPU (gloo), against DDP on the same data and seed; the data streamed from
+the S3 endpoint, which goes away for a few seconds mid-epoch during the DDP run; and a worker killed under FSDP:
+the run resumes from its sharded checkpoint and replays exactly what the lost attempt did."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.data_ops.fault_proxy import FaultProxy
 from tests.jobs.test_train_job import _recipe, _write_corpus
 
 pytestmark = pytest.mark.integration
@@ -20,6 +22,7 @@ STEPS, CHECKPOINT_EVERY = 30, 10
 # gloo ranks; the tolerance allows for another summation order (a reduce-scatter of shards vs an all-reduce of
 # buckets) on other backends, and is far below a step's change of the loss.
 FSDP_DDP_TOLERANCE = 1e-4
+OUTAGE_S = 3.0  # the S3 endpoint resets every connection and refuses new ones this long (reads retry ~40 s)
 
 
 def _entries(samples, rank: int) -> list[dict]:
@@ -39,53 +42,95 @@ def _train_workers(dashboard: str) -> list[int]:
     return [a.pid for a in actors]
 
 
-def test_fsdp_equals_ddp_and_a_killed_worker_resumes_exactly(stack, ray_local, corpus_conversations, tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    from jobs.recipe import parse_recipe
+def _train_while(recipe, env, samples, act) -> dict:
+    """`run_training` in a thread; `act(steps)` is called every 50 ms with the highest step each rank has logged
+    (None before it logs any) until it returns True or the run ends. Returns the run's result."""
     from jobs.training.ray_run import run_training
 
-    env = stack.env()
-    corpus = str(tmp_path / "corpus")
-    _write_corpus(corpus, corpus_conversations, {})
-    runs, samples = {}, {}
-    for strategy in ("ddp", "fsdp"):
-        raw = _recipe(corpus, str(tmp_path / "runs"), f"it-{strategy}", strategy=strategy, max_steps=STEPS,
-                      checkpoint_every=CHECKPOINT_EVERY, log_every=5, max_failures=1)
-        samples[strategy] = tmp_path / f"samples-{strategy}"
-        recipe = parse_recipe(raw)
-        if strategy == "ddp":
-            runs[strategy] = run_training(recipe, env=env, sample_log_dir=str(samples[strategy]))
-            continue
-        # FSDP: kill one worker once Ray Train has committed a checkpoint (its snapshot file is written then) and
-        # both ranks have stepped past it. The controller collects reports every 2 s: at ~0.3 s a step, the run is
-        # still well short of its end then.
-        snapshot = tmp_path / "runs/it-fsdp/checkpoint_manager_snapshot.json"
-        out: dict = {}
-        thread = threading.Thread(target=lambda: out.update(
-            run_training(recipe, env=env, sample_log_dir=str(samples[strategy]))))
-        thread.start()
-        pids, killed, deadline = [], None, time.time() + 300
-        while killed is None and thread.is_alive() and time.time() < deadline:
-            logs = [samples[strategy] / f"main-rank{r}.jsonl" for r in range(2)]
-            if not pids and all(p.exists() for p in logs):
-                pids = _train_workers(stack.urls["ray"])
-            if pids and snapshot.exists() and all(
-                    any(e["step"] > CHECKPOINT_EVERY for e in _entries(samples[strategy], r)) for r in range(2)):
-                killed = pids[0]
-                os.kill(killed, signal.SIGKILL)
-            time.sleep(0.05)
-        thread.join(timeout=400)
-        assert killed is not None, "the run ended before a worker could be killed"
-        runs[strategy] = out
-    assert runs["fsdp"].get("registered"), runs
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(run_training(recipe, env=env, sample_log_dir=str(samples))))
+    thread.start()
+    done = False
+    while not done and thread.is_alive():
+        logs = [samples / f"main-rank{r}.jsonl" for r in range(2)]
+        steps = [max((e["step"] for e in _entries(samples, r)), default=None) if p.exists() else None
+                 for r, p in enumerate(logs)]
+        done = act(steps)
+        time.sleep(0.05)
+    thread.join(timeout=400)
+    return out
 
+
+def test_fsdp_equals_ddp_survives_an_s3_outage_and_a_killed_worker_resumes_exactly(stack, ray_local, s3_endpoint,
+                                                                                  corpus_conversations, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from data_ops.mix_sampler import TypeStream, mix_sampler
+    from jobs.recipe import parse_recipe
+
+    env = stack.env()
+    _write_corpus("s3://vtb-fsdp/corpus", corpus_conversations, env)
+    host, port = s3_endpoint.removeprefix("http://").split(":")
+    proxy = FaultProxy(host, int(port))  # the recipe reads the corpus through it
+    runs, samples, recipes = {}, {}, {}
+    try:
+        for strategy in ("ddp", "fsdp"):
+            raw = _recipe("s3://vtb-fsdp/corpus", str(tmp_path / "runs"), f"it-{strategy}", strategy=strategy,
+                          max_steps=STEPS, checkpoint_every=CHECKPOINT_EVERY, log_every=5, max_failures=1)
+            raw["data"]["endpoint_url"] = proxy.url
+            recipes[strategy] = recipe = parse_recipe(raw)
+            samples[strategy] = tmp_path / f"samples-{strategy}"
+            if strategy == "ddp":
+                # DDP: once both ranks are training, the endpoint drops every connection mid-response and refuses
+                # new ones for OUTAGE_S (the next 20 kB sent back trigger it: reads go on every few steps)
+                def outage(steps):
+                    if all(s is not None and s >= 3 for s in steps):
+                        proxy.fault(after_bytes=20_000, down_s=OUTAGE_S)
+                        return True
+                    return False
+
+                runs[strategy] = _train_while(recipe, env, samples[strategy], outage)
+                continue
+            # FSDP: kill one worker once Ray Train has committed a checkpoint (its snapshot file is written then)
+            # and both ranks have stepped past it. The controller collects reports every 2 s: at ~0.3 s a step,
+            # the run is still well short of its end then.
+            snapshot = tmp_path / "runs/it-fsdp/checkpoint_manager_snapshot.json"
+            killed, pids = [], []
+
+            def kill(steps):
+                if not pids and all(s is not None for s in steps):
+                    pids.extend(_train_workers(stack.urls["ray"]))
+                if pids and snapshot.exists() and all(s is not None and s > CHECKPOINT_EVERY for s in steps):
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                    return True
+                return False
+
+            runs[strategy] = _train_while(recipe, env, samples[strategy], kill)
+            assert killed, "the run ended before a worker could be killed"
+    finally:
+        proxy.close()
+    assert proxy.faults == 1 and proxy.refused >= 1, "the outage did not meet the DDP run's reads"
+    assert runs["ddp"].get("registered") and runs["fsdp"].get("registered"), runs
+
+    draw = mix_sampler(recipes["ddp"].data.ratios, recipes["ddp"].run.seed)
     for rank in range(2):
-        ddp = {(e["step"], e["micro"]): e for e in _entries(samples["ddp"], rank)}
+        ddp: dict = {}
+        for e in _entries(samples["ddp"], rank):  # the last attempt of each step, had the outage cost a restart
+            ddp[(e["step"], e["micro"])] = e
+        # nothing lost or repeated through the outage: the samples are an uninterrupted replay of the streams
+        streams = {t: TypeStream(s.uris, t, s.batch_size, seed=recipes["ddp"].run.seed, rank=rank, world_size=2,
+                                 bucket_batches=recipes["ddp"].data.bucket_batches, endpoint_url=s3_endpoint)
+                   for t, s in recipes["ddp"].data.sources.items()}
+        for step in range(STEPS):
+            t = draw(step, 0)
+            assert ddp[(step, 0)]["type"] == t
+            assert ddp[(step, 0)]["ids"] == [r["id"] for r in streams[t].next_batch()], (rank, step)
+
         attempts: dict = {}
         for e in _entries(samples["fsdp"], rank):
             attempts.setdefault((e["step"], e["micro"]), []).append(e)
-        assert sorted(k[0] for k in attempts) == list(range(STEPS)) == sorted(k[0] for k in ddp)
+        assert sorted(k[0] for k in attempts) == list(range(STEPS))
         replayed = {k: v for k, v in attempts.items() if len(v) > 1}
         # the resumed attempt re-ran the steps after a committed checkpoint, exactly: same samples, same loss
         assert replayed, "no step ran twice: the run did not resume from a checkpoint"
