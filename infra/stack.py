@@ -188,9 +188,14 @@ class LocalStack:
         _pid_alive(service.pid)  # reap
         self._save_state()
 
-    def remove_node(self, name: str, timeout: float = 30.0) -> None:
+    def remove_node(self, *names: str, timeout: float = 30.0) -> None:
+        """Stop nodes added by `add_node`, all at once (SIGTERM; SIGKILL for what is left after `timeout`)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         self._load_state()
-        _terminate(self.services.pop(f"ray-node-{name}").pid, timeout)
+        pids = [self.services.pop(f"ray-node-{name}").pid for name in names]
+        with ThreadPoolExecutor(max(1, len(pids))) as pool:
+            list(pool.map(lambda pid: _terminate(pid, timeout), pids))
         self._save_state()
 
     def status(self) -> dict[str, dict]:

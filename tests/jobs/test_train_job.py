@@ -132,8 +132,7 @@ def test_two_stage_run_on_two_nodes_survives_a_lost_node_and_registers(stack, co
             time.sleep(2)
         logs = client.get_job_logs(job_id)
     finally:
-        for name in added:
-            stack.remove_node(name, timeout=10)
+        stack.remove_node(*added, timeout=10)
     assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-4000:]
     assert "resumed stage lora at step" in logs  # the restarted workers continued from the checkpoint
     assert "registered model: models:/it-main-model@candidate" in logs
