@@ -134,6 +134,42 @@ def check_cluster_fits(recipe: Recipe) -> None:
                           "cpus_per_worker, or a larger cluster (the local stack: --ray-num-cpus)")
 
 
+def local_paths(recipe: Recipe) -> list[str]:
+    """The recipe's local files and folders that every worker reads: corpora and pretrained checkpoints named by a
+    path (hub ids and s3:// are not local)."""
+    paths = [u for src in recipe.data.sources.values() for u in src.uris if "://" not in u]
+    cfg = recipe.model.speechlm_config()
+    paths += [p for p in (cfg.lm.pretrained, cfg.lm.tokenizer, cfg.encoder.pretrained) if p and Path(p).exists()]
+    return sorted(set(paths))
+
+
+def _missing(paths: list[str]) -> list[str]:
+    return [p for p in paths if not Path(p).exists()]
+
+
+def check_paths_on_every_node(paths: list[str]) -> None:
+    """On a cluster of several nodes, local paths must be on every node that may run a worker (a shared filesystem);
+    else refuse before any worker starts, naming the paths and the nodes that lack them, instead of a worker failing
+    on another node. One probe task per node (no CPU asked, so busy nodes answer too)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    if len(nodes) < 2 or not paths:
+        return
+    probe = ray.remote(num_cpus=0)(_missing)
+    refs = {f"{n.get('NodeName') or n['NodeManagerHostname']} ({n['NodeID'][:8]})":
+            probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(paths)
+            for n in nodes}
+    lacking = {node: missing for node, missing in zip(refs, ray.get(list(refs.values()), timeout=120)) if missing}
+    if lacking:
+        raise RecipeError(
+            f"the Ray cluster has {len(nodes)} nodes and local paths of the recipe are not on all of them: "
+            + "; ".join(f"{node} lacks {', '.join(missing)}" for node, missing in sorted(lacking.items()))
+            + ". Put them on a filesystem every node mounts, or on object storage (corpora: s3://...), or name "
+            "checkpoints by hub id")
+
+
 def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str | None = None, log=print) -> dict:
     """Train `recipe` on the connected Ray cluster. `env`: the driver's environment (the MLflow server when the
     recipe names none, storage credentials forwarded to the workers). Returns run id, tracking URI, registered
@@ -152,6 +188,7 @@ def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str
     run_id = mlflow_run_for(recipe, tracking_uri, data_summary)
     tokenizer_files = tokenizer_files_for(recipe)
     check_cluster_fits(recipe)
+    check_paths_on_every_node(local_paths(recipe))
     storage_path, fs = ray_storage(recipe.run.storage_path, recipe.data.endpoint_url)
     worker_env = {k: env[k] for k in FORWARDED_ENV if k in env} | WORKER_ENV | {"MLFLOW_TRACKING_URI": tracking_uri}
     stages = recipe.stage_list()

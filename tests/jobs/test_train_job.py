@@ -61,15 +61,18 @@ def _worker_nodes(dashboard: str) -> dict[str, str]:
     return {a.actor_id: names.get(a.node_id) for a in actors}
 
 
-def test_two_stage_run_on_two_nodes_survives_a_lost_node_and_registers(stack, corpus_conversations, tmp_path):
+def test_two_stage_run_on_two_nodes_survives_a_lost_node_and_registers(stack, ray_local, corpus_conversations,
+                                                                       tmp_path):
     """A multi-node run as a cluster does it: two worker nodes (one training slot each, so the two workers are on
-    different nodes), checkpoints and the stage hand-over on S3, one node lost mid-stage and replaced."""
+    different nodes), checkpoints and the stage hand-over on S3, one node lost mid-stage and replaced. Local paths
+    are checked on every node before any worker starts."""
     import boto3
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from data_ops.mix_sampler import TypeStream, mix_sampler
-    from jobs.recipe import parse_recipe
+    from jobs.recipe import RecipeError, parse_recipe
+    from jobs.training.ray_run import check_paths_on_every_node
     from jobs.training.sft import probe_conversation
     from services.model_store import load_speechlm
 
@@ -89,6 +92,13 @@ def test_two_stage_run_on_two_nodes_survives_a_lost_node_and_registers(stack, co
         stack.add_node(name, num_cpus=2, resources={"vtb_train_slot": 1}, wait=False)
     for name in added:
         stack.wait_for_node(name)
+    # every node of this one-machine cluster sees tmp_path; nowhere is there a path that does not exist
+    check_paths_on_every_node([str(tmp_path)])
+    with pytest.raises(RecipeError) as refused:
+        check_paths_on_every_node([str(tmp_path), str(tmp_path / "only-on-my-laptop")])
+    assert "the Ray cluster has 3 nodes" in str(refused.value)
+    for node in ("a (", "b ("):
+        assert f"{node}" in str(refused.value) and f"lacks {tmp_path / 'only-on-my-laptop'}" in str(refused.value)
     try:
         for attempt in range(6):  # right after start-up the head's job agent may not be registered yet
             submit = subprocess.run(
