@@ -77,7 +77,7 @@ def stack(tmp_path_factory):
     try:
         yield s
     finally:
-        s.stop(timeout=10)  # a test cluster: lingering workers after 10 s are killed, not waited for
+        s.stop(timeout=3)  # a test cluster: lingering workers after 3 s are killed, not waited for
 
 
 @pytest.fixture(scope="session")
