@@ -22,7 +22,15 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("content_seed", seeds)
 
 
+# Fixtures that start or use the session's services: a test that asks for one is an integration test whether or not
+# its module says so (`make test-fast`, `-m "not integration"`, must start nothing).
+SERVICE_FIXTURES = {"stack", "ray_local", "s3_endpoint"}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; none is present")
