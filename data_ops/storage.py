@@ -259,7 +259,7 @@ def is_remote(uri: str | Path) -> bool:
 def open_storage(uri: str | Path, endpoint_url: str | None = None) -> Storage:
     """`s3://bucket/prefix` -> S3Storage; anything else (a path or `file://...`) -> LocalStorage."""
     uri = str(uri)
-    if uri.startswith("s3://"):
+    if is_remote(uri):
         return S3Storage(uri, endpoint_url)
     if "://" in uri and not uri.startswith("file://"):
         raise StorageError(f"{uri}: only local paths, file:// and s3:// are supported")

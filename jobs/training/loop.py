@@ -44,10 +44,9 @@ class Trainer:
         total = 0.0
         for micro, batch in enumerate(micro_batches):
             last = micro == self.grad_accum - 1
-            sync = self.grad_accum == 1 or last
             if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter only on the last one
-                self.model.set_requires_gradient_sync(sync)
-            with contextlib.nullcontext() if sync or not hasattr(self.model, "no_sync") else self.model.no_sync():
+                self.model.set_requires_gradient_sync(last)
+            with contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync():
                 loss = self.forward(batch)
                 if loss.requires_grad:
                     (loss / self.grad_accum).backward()

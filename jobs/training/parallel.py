@@ -56,10 +56,8 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Collective under FSDP (every rank calls it): the whole model's weights, on CPU, on rank 0 (an empty dict on
-    the others). Without sharding: the model's own state dict."""
+    """Collective (every rank calls it) for a sharded model: the whole model's weights, on CPU, on rank 0 (an empty
+    dict on the others)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if not is_sharded(model):
-        return model.state_dict()
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
