@@ -7,7 +7,8 @@
   every other one an AST conversation (X->En for De/Es/Fr speech, En->X for English speech);
 - speech QA: English utterances with a question and answer derived from the sentence templates (what an LLM
   would be asked for, `data_ops.sqa`, known exactly here);
-- mixed-modal: word problems with a span of their sentences spoken (`data_ops.mixed_modal`, as a Ray Data job).
+- mixed-modal: word problems with a span of their sentences spoken, and single-turn tasks of the other kinds whose
+  one-sentence user turn is spoken whole (`data_ops.mixed_modal`, as a Ray Data job).
 
 Everything is drawn from one seed; `SIZES` go from `tiny` (tests, seconds) to `demo` (a few thousand utterances).
 """
@@ -42,6 +43,7 @@ class CorpusSize:
     sqa: int  # of the English utterances, how many also get a speech-QA cut (at most all of them)
     mixed: int  # mixed-modal conversations
     sentences: int = 0  # text tasks on the spoken sentences (`sentence_task`), added to the text SFT
+    spoken_tasks: int = 0  # mixed-modal conversations from the other single-turn tasks (`spoken_task`), spoken whole
 
 
 SIZES = {
@@ -49,8 +51,9 @@ SIZES = {
     "small": CorpusSize(text=300, speech=240, sqa=60, mixed=80),
     "demo": CorpusSize(text=2000, speech=2400, sqa=600, mixed=600),
     # the ablation miniature (jobs/ablation.py): enough text for its LM to learn the tasks (~80% exact match)
-    # and sentence tasks, so that its LM knows the languages it will hear, as the paper's Gemma does
-    "ablation": CorpusSize(text=8000, speech=1600, sqa=400, mixed=400, sentences=2000),
+    # and sentence tasks, so that its LM knows the languages it will hear, as the paper's Gemma does; mixed-modal
+    # data from every kind of single-turn task (the paper speaks Alpaca's and Magpie's, all kinds of instruction)
+    "ablation": CorpusSize(text=8000, speech=1600, sqa=400, mixed=400, sentences=2000, spoken_tasks=800),
     "ablation-eval": CorpusSize(text=200, speech=160, sqa=40, mixed=100, sentences=50),
     "ablation-quick": CorpusSize(text=1200, speech=120, sqa=20, mixed=20),  # CI's shortened ablation
     # its suite scores ASR and text only: no mixed-modal or spoken-instruction sets (drawn after the rest, so the
@@ -171,6 +174,16 @@ def word_problem(rng) -> list[tuple[str, str]]:
             ("assistant", f"Doubling {a} gives {2 * a}, and adding {b} gives {2 * a + b}.")]
 
 
+def spoken_task(rng) -> list[tuple[str, str]]:
+    """A single-turn task of the kinds other than word problems (arithmetic, counting, word, list tasks): the
+    mixed-modal source whose user turn is one sentence, so the paper's random span of sentences is the whole turn.
+
+    Why: the paper speaks sentences of Alpaca's and Magpie's turns, every kind of instruction; word problems alone
+    would teach the model to hear only the words of word problems (its encoder never hears "times" or "spell")."""
+    makers = [_arithmetic, _counting, _word, _lists]
+    return makers[int(rng.integers(len(makers)))](rng)[:2]
+
+
 def sentence_task(rng) -> list[tuple[str, str]]:
     """A text task on the spoken sentences' language: repeat a sentence, or translate it to or from English.
 
@@ -223,8 +236,8 @@ def build_demo_corpus(out_uri: str, size: str | CorpusSize = "tiny", *, seed: in
     (`ray.init()` done by the caller, or a local one is started) for the TTS jobs.
 
     `split="eval"`: voices held out of training (`HELD_OUT_VOICES`; use another `seed` for other utterances), and
-    a fifth set: the single-turn text tasks fully spoken (`mixed_modal` type, task `spoken_instruction`), which
-    no recipe trains on directly."""
+    a fifth set: the single-turn text tasks fully spoken (`mixed_modal` type, task `spoken_instruction`): the
+    kinds of task the training mixed-modal set speaks, with other numbers and words and the held-out voices."""
     import ray.data
 
     if split not in ("train", "eval"):
@@ -279,12 +292,17 @@ def build_demo_corpus(out_uri: str, size: str | CorpusSize = "tiny", *, seed: in
         writer.write("asr_ast", speech_stream())
         writer.write("sqa", sorted(sqa, key=lambda c: c.id))
 
-        if not sz.mixed:  # a corpus without mixed-modal data (CI's evaluation corpus): no TTS jobs for it
+        if not sz.mixed + sz.spoken_tasks:  # a corpus without mixed-modal data (CI's evaluation corpus): no TTS jobs for it
             return writer.manifest
 
-        # mixed-modal from word problems
+        # mixed-modal from word problems, and from the other single-turn tasks (their own generator, so the word
+        # problems and spoken instructions stay what they were without them)
         problems = [{"id": f"mixed-{i:06d}", "lang": "en",
                      "conversation": json.dumps(_conversation(word_problem(rng)).to_dict())} for i in range(sz.mixed)]
+        task_rng = np.random.default_rng([seed, 2])
+        problems += [{"id": f"mixed-task-{i:06d}", "lang": "en",
+                      "conversation": json.dumps(_conversation(spoken_task(task_rng)).to_dict())}
+                     for i in range(sz.spoken_tasks)]
         mixed_rows = mixed_modal_dataset(problems, seed=seed, concurrency=concurrency, tts_factory=tts_factory)
 
         def mixed_stream():
