@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-LOWER_IS_BETTER = ("wer", "judge_unscored")
+LOWER_IS_BETTER = ("wer", "judge_unscored", "answer_loss")  # every other metric: higher is better
 
 
 def lower_is_better(metric: str) -> bool:

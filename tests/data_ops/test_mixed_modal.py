@@ -108,3 +108,17 @@ def test_ray_data_job_is_deterministic_and_reports_bad_rows(ray_local):
         assert len(conv.audio_parts) == 1 and conv.audio_parts[0].num_samples > 8000
     assert len({json.loads(first[r]["meta"])["voice"] + str(json.loads(first[r]["meta"])["span"])
                 for r in ("p0", "p1", "p2", "p3", "p4")}) > 1, "voices/spans vary per sample"
+
+
+def test_spoken_tasks_are_one_sentence_turns_of_every_other_kind_so_the_whole_turn_is_spoken():
+    """The demo's mixed-modal source beyond word problems: single-turn tasks whose user turn is one sentence, so
+    the paper's random span of sentences can only be the whole turn (pure speech)."""
+    from data_ops.demo_corpus import spoken_task
+
+    rng = np.random.default_rng(0)
+    tasks = [spoken_task(rng) for _ in range(200)]
+    assert all([role for role, _ in t] == ["user", "assistant"] for t in tasks)
+    assert all(len(split_sentences(t[0][1])) == 1 for t in tasks), [t[0][1] for t in tasks]
+    assert all(choose_span(1, rng) == (0, 1, "whole") for _ in range(5))
+    starts = {t[0][1].split()[0] for t in tasks}  # arithmetic, counting, spelling/reversing/letters, list tasks
+    assert {"What", "Count", "Spell", "Reverse", "How", "Sort"} <= starts, starts

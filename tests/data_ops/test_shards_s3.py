@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -78,10 +79,10 @@ def test_demo_corpus_on_s3(s3_endpoint, ray_local):
     from data_ops.demo_corpus import SIZES, build_demo_corpus
 
     uri = "s3://vtb-test/demo"
-    manifest = build_demo_corpus(uri, "tiny", seed=3, shard_size=8, progress=False)
-    size = SIZES["tiny"]
+    size = dataclasses.replace(SIZES["tiny"], spoken_tasks=3)
+    manifest = build_demo_corpus(uri, size, seed=3, shard_size=8, progress=False)
     counts = {n: t.num_cuts for n, t in manifest.types.items()}
-    assert counts["text"] == size.text and counts["mixed_modal"] == size.mixed
+    assert counts["text"] == size.text and counts["mixed_modal"] == size.mixed + size.spoken_tasks
     assert counts["asr_ast"] == size.speech + size.speech // 2  # ASR for each, AST for every other
     assert 0 < counts["sqa"] <= size.sqa
     assert manifest.types["asr_ast"].tasks == {"asr": size.speech, "ast": size.speech // 2}
@@ -93,4 +94,7 @@ def test_demo_corpus_on_s3(s3_endpoint, ray_local):
             langs.update(json.loads(r["langs"]))
             if dt != "text":
                 assert conv.audio_parts and all(p.duration > 0.3 for p in conv.audio_parts)
+            if r["id"].startswith("mixed-task-"):  # a one-sentence task: its whole user turn is spoken
+                user = next(t for t in conv.turns if t.role == "user")
+                assert len(user.parts) == 1 and user.audio_parts, conv
     assert langs == {"en", "de", "es", "fr"}

@@ -79,3 +79,15 @@ def test_claims_are_checked_on_the_numbers_not_assumed():
     flipped = {c["claim"].split(":")[0]: c["holds"] for c in check_claims(
         rows(text=(0.8, 0.2, 0.9, 0.8), wer=(0.9, 0.9, 0.3, 0.5), gap=(0.5, 0.0, 1.0, 0.6)), "s")}
     assert not any(v for v in flipped.values() if v is not None), flipped
+
+
+def test_comparison_table_marks_the_best_of_each_column_by_its_direction():
+    from jobs.compare import comparison_table
+
+    rows = [("a", {"eval/s/asr/wer": 0.3, "eval/s/text/answer_loss": 0.7, "eval/s/text/exact_match": 0.5}),
+            ("b", {"eval/s/asr/wer": 0.5, "eval/s/text/answer_loss": 0.6, "eval/s/text/exact_match": 0.4})]
+    head, _, a, b = comparison_table(rows, ["eval/s/asr/wer", "eval/s/text/answer_loss",
+                                            "eval/s/text/exact_match"]).splitlines()
+    assert head == "| model | asr/wer ↓ | text/answer_loss ↓ | text/exact_match ↑ |"
+    assert a == "| a | **0.300** | 0.700 | **0.500** |", a  # lower WER and loss are better, higher match
+    assert b == "| b | 0.500 | **0.600** | 0.400 |", b
