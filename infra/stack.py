@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -117,9 +118,15 @@ class LocalStack:
 
     def stop(self, timeout: float = 30.0) -> None:
         self._load_state()
+        # Ray's temp dirs (sockets, session logs, the jobs' working dirs): one per start, named by port, so they
+        # would pile up in /tmp (hundreds of MB a day of tests); the stack's own service logs stay in `root/logs`
+        ray_tmp = [Path(s.extra["temp_dir"]) for s in self.services.values() if "temp_dir" in s.extra]
         for name in reversed(list(self.services)):
             _terminate(self.services[name].pid, timeout)
         self.services.clear()
+        for head_tmp in ray_tmp:
+            for d in [head_tmp, *head_tmp.parent.glob(f"{head_tmp.name}-node-*")]:
+                shutil.rmtree(d, ignore_errors=True)
         if self.state_file.exists():
             self.state_file.unlink()
 

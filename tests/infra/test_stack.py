@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import boto3
 import pytest
@@ -52,7 +53,7 @@ def test_stack_starts_answers_and_stops_then_the_cli_restarts_it_leaving_nothing
         assert (stack.root / "state.json").exists()
         assert all((stack.root / "logs" / f"{n}.log").exists() for n in urls)
     assert _descendants_alive(pgids) == []
-    assert _processes_mentioning(ray_tmp) == []
+    assert _processes_mentioning(ray_tmp) == [] and not Path(ray_tmp).exists()  # nor its temp dir
     assert _processes_mentioning(str(stack.root)) == []
     assert not (stack.root / "state.json").exists()
 
