@@ -271,9 +271,11 @@ def evaluate_model(model_uri: str, suite: Suite, tracking_uri: str, experiment: 
     run (registry or runs:/ URIs), else to a new run in `experiment`. Needs a connected Ray (`ray.init`, the
     caller's). Returns {"run_id", "metrics", "samples", "seconds"}; raises ModelNotFound / ManifestError."""
     from jobs.training.tracking import client_for, experiment_id, log_metrics
-    from services.model_store import resolve_model_dir
+    from services.model_store import is_local_model, resolve_model_dir
 
-    resolve_model_dir(model_uri, tracking_uri)  # fail before any worker if the model is not there
+    model_dir = resolve_model_dir(model_uri, tracking_uri)  # fail before any worker if the model is not there
+    if is_local_model(model_uri):  # the actors run in another working directory: a relative folder is lost there
+        model_uri = str(model_dir.resolve())
     run_id = training_run_of(model_uri, tracking_uri)
     t0 = time.time()
     all_metrics: dict[str, float] = {}

@@ -26,9 +26,14 @@ class ModelNotFound(LookupError):
     pass
 
 
+def is_local_model(uri: str) -> bool:
+    """`uri` names a folder (not the registry, a run or object storage)."""
+    return "://" not in uri and not uri.startswith(("models:", "runs:"))
+
+
 def resolve_model_dir(uri: str, tracking_uri: str | None = None, dst: str | None = None) -> Path:
     """A local folder holding the saved SpeechLM named by `uri`."""
-    if "://" not in uri and not uri.startswith(("models:", "runs:")):
+    if is_local_model(uri):
         path = Path(uri).expanduser()
         if not (path / "speechlm_config.json").is_file():
             raise ModelNotFound(f"{path} is not a saved SpeechLM (no speechlm_config.json)")
