@@ -26,14 +26,12 @@ Each finished step is recorded in `--root/state-seed<seed>.json`; running the co
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import shlex
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import yaml
@@ -215,13 +213,12 @@ def check_claims(rows: dict[str, dict[str, float]], suite: str) -> list[dict]:
 
 class SeedState:
     """What one seed's run has done so far (`state-seed<N>.json` under the work folder): steps finished, their
-    outputs and timings, so a rerun skips them. Steps may run in threads (the evaluations): updates hold a lock."""
+    outputs and timings, so a rerun skips them."""
 
     def __init__(self, path: Path):
         self.path = path
         self.state = json.loads(path.read_text()) if path.is_file() else {}
         self.timings = self.state.get("timings", {})
-        self._lock = threading.Lock()
 
     def __getitem__(self, key: str):
         return self.state[key]
@@ -230,17 +227,15 @@ class SeedState:
         return self.state.get(key, default)
 
     def done(self, key: str, value) -> None:
-        with self._lock:
-            self.state[key] = value
-            self.path.write_text(json.dumps(self.state, indent=1))
+        self.state[key] = value
+        self.path.write_text(json.dumps(self.state, indent=1))
 
     def timed(self, key: str, fn):
         """Run `fn`, record how long it took (only work that runs: a step found done keeps its first timing)."""
         start = time.time()
         value = fn()
-        with self._lock:
-            self.timings[key] = round(time.time() - start, 1)
-            self.state["timings"] = self.timings
+        self.timings[key] = round(time.time() - start, 1)
+        self.state["timings"] = self.timings
         return value
 
 
@@ -292,17 +287,13 @@ def run_seed(cfg: AblationConfig, seed: int, root: Path, out: Path, tracking_uri
     for label, path in cfg.recipes.items():
         train(label, adapt_recipe(path, run_name=f"{cfg.name}-{label}-s{seed}", steps=cfg.speech_steps,
                                   lm_pretrained=str(text_lm_dir), encoder_pretrained=str(encoder_dir), **common))
-    # 5. evaluation, every model at once: each evaluation's start-up (its actors, loading its model) overlaps the
-    # others' predictions, instead of leaving the cluster idle between them
+    # 5. evaluation
     suite = load_suite(str(REPO / cfg.suite))
     suite.uris = [eval_corpus]
-    pending = {label: uri for label, uri in state["models"].items() if label not in state.get("evaluated", {})}
-    if pending:
-        with ThreadPoolExecutor(max_workers=len(pending)) as pool:
-            futures = {pool.submit(timed, f"eval/{label}", functools.partial(
-                evaluate_model, uri, suite, tracking_uri, cfg.experiment)): label for label, uri in pending.items()}
-            for future in as_completed(futures):  # each recorded as it finishes (the state file: this thread only)
-                done("evaluated", {**state.get("evaluated", {}), futures[future]: future.result()["run_id"]})
+    for label, uri in state["models"].items():
+        if label not in state.get("evaluated", {}):
+            res = timed(f"eval/{label}", lambda: evaluate_model(uri, suite, tracking_uri, cfg.experiment))
+            done("evaluated", {**state.get("evaluated", {}), label: res["run_id"]})
     # 6. the table, chart and claims
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     labels = ["text-lm", *cfg.recipes]
