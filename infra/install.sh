@@ -55,29 +55,25 @@ if [[ ! -x $VENV/bin/python ]]; then
 fi
 PIP=("$VENV/bin/python" -m pip)
 quiet_pip "${PIP[@]}" install -q --upgrade pip >/dev/null
-# --no-compile: pip would byte-compile every module of every package (ray, mlflow, transformers, torch: tens of
-# thousands of files, about half a minute of CPU on two cores); Python compiles the few a program imports on
-# first import, into the same __pycache__.
-PIP_INSTALL=("${PIP[@]}" install -q --no-compile)
 
 # --- torch ------------------------------------------------------------------------------------------
 if "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
   log "keeping installed torch $("$VENV/bin/python" -c 'import torch;print(torch.__version__)')"
 elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
   log "NVIDIA driver found: installing the default (CUDA) torch build"
-  quiet_pip "${PIP_INSTALL[@]}" torch
+  quiet_pip "${PIP[@]}" install -q torch
 else
   log "no NVIDIA driver: installing $TORCH_CPU_SPEC (CPU build)"
   if [[ -n $TORCH_CPU_INDEX ]]; then
-    quiet_pip "${PIP_INSTALL[@]}" "$TORCH_CPU_SPEC" --index-url "$TORCH_CPU_INDEX"
+    quiet_pip "${PIP[@]}" install -q "$TORCH_CPU_SPEC" --index-url "$TORCH_CPU_INDEX"
   else
-    quiet_pip "${PIP_INSTALL[@]}" "$TORCH_CPU_SPEC"
+    quiet_pip "${PIP[@]}" install -q "$TORCH_CPU_SPEC"
   fi
 fi
 
 # --- the project ------------------------------------------------------------------------------------
 log "installing the project and its dependencies (editable, with test extras)"
-quiet_pip "${PIP_INSTALL[@]}" -e ".[dev]"
+quiet_pip "${PIP[@]}" install -q -e ".[dev]"
 "$VENV/bin/python" - <<'PY'
 import torch, ray, transformers, peft, lhotse, mlflow
 print(f"[install] ok: torch {torch.__version__} (cuda={torch.cuda.is_available()}), ray {ray.__version__}, "
