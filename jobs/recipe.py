@@ -18,6 +18,8 @@ type has data (also before any worker starts).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -210,6 +212,13 @@ class Recipe(_Strict):
     def stage_list(self) -> list[StageSection]:
         """The stages to run; a recipe without `stages` is one stage of `train.max_steps`."""
         return self.stages or [StageSection(name="main", max_steps=self.train.max_steps)]
+
+    def training_fingerprint(self) -> str:
+        """What the weights of a checkpoint depend on: model, data, train, stages and seed. Not where the run is
+        stored or tracked, nor the storage endpoint: a resubmission elsewhere continues the same training."""
+        raw = self.model_dump(mode="json", exclude={"run": True, "data": {"endpoint_url"}})
+        raw["seed"] = self.run.seed
+        return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _format(e: ValidationError) -> str:

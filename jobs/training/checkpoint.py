@@ -29,6 +29,7 @@ class TrainState:
     scheduler: dict
     streams: list[dict] = field(default_factory=list)  # per rank: {data type: TypeStream.state_dict()}
     rng: list[list[int]] = field(default_factory=list)  # per rank: torch.get_rng_state()
+    recipe: str = ""  # `Recipe.training_fingerprint()` of the run that wrote it ("" in older checkpoints)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -138,3 +139,17 @@ def load_initial_weights(model, path: Path) -> int:
     if loaded == 0:
         raise RuntimeError(f"none of the weights in {path} fit this model")
     return loaded
+
+
+class CheckpointMismatch(RuntimeError):
+    pass
+
+
+def check_same_recipe(state: TrainState, fingerprint: str, where: str) -> None:
+    """Refuse to continue from a checkpoint another recipe wrote: a run folder reused under the same run name
+    after the recipe changed would otherwise resume the old training silently (its weights, its step count)."""
+    if state.recipe and state.recipe != fingerprint:
+        raise CheckpointMismatch(
+            f"{where} holds a checkpoint of another recipe (fingerprint {state.recipe}, this recipe's {fingerprint}): "
+            "the run folder of this run name was written by a different model, data, train section or seed. Give "
+            "the run a new run.name, or delete that folder to start this recipe from scratch.")

@@ -94,18 +94,19 @@ def build_trainer(job: WorkerJob, core, device, world: int):
                    clip=tr.clip, autocast_dtype=torch.bfloat16 if bf16 else None, device_type=device.type)
 
 
-def resume(trainer, streams: dict, rank: int) -> None:
+def resume(trainer, streams: dict, rank: int, fingerprint: str) -> None:
     """Continue from Ray Train's latest checkpoint, if any: weights, optimizer, schedule, streams, RNG."""
     import ray.train
     import torch
 
-    from jobs.training.checkpoint import load_checkpoint
+    from jobs.training.checkpoint import check_same_recipe, load_checkpoint
 
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
         return
     with checkpoint.as_directory() as d:
         state = load_checkpoint(Path(d), trainer.model, trainer.optimizer, trainer.scheduler)
+    check_same_recipe(state, fingerprint, str(checkpoint.path))
     trainer.step = state.step
     for t, s in state.streams[rank].items():
         if t in streams:
@@ -116,7 +117,7 @@ def resume(trainer, streams: dict, rank: int) -> None:
 
 
 def report_checkpoint(trainer, stage: str, stream_states: dict, loss: float, rank: int, world: int,
-                      sharded: bool = False) -> None:
+                      sharded: bool = False, fingerprint: str = "") -> None:
     """Collective: gather every rank's stream states and RNG, write the checkpoint (whole: on rank 0; sharded: every
     rank its shards, Ray Train merging the ranks' folders), report it."""
     import ray.train
@@ -131,7 +132,7 @@ def report_checkpoint(trainer, stage: str, stream_states: dict, loss: float, ran
         gathered = [None] * world
         dist.all_gather_object(gathered, mine)
     state = TrainState(step=trainer.step, stage=stage, scheduler=trainer.scheduler.state_dict(),
-                       streams=[g[0] for g in gathered], rng=[g[1] for g in gathered])
+                       streams=[g[0] for g in gathered], rng=[g[1] for g in gathered], recipe=fingerprint)
     with tempfile.TemporaryDirectory() as d:
         save_checkpoint(Path(d), trainer.model, trainer.optimizer, state, rank == 0, sharded=sharded)
         ray.train.report({"step": trainer.step, "stage": stage, "loss": loss},
@@ -283,7 +284,7 @@ def train_loop_per_worker(config: dict) -> None:
     sharded = tr.strategy == "fsdp"
     ratios = stage.ratios or recipe.data.ratios
     streams = open_streams(recipe, ratios, rank, world)
-    resume(trainer, streams, rank)
+    resume(trainer, streams, rank, recipe.training_fingerprint())
     prefetch = BatchPrefetcher(streams, mix_sampler(ratios, recipe.run.seed),
                                lambda rows: core.processor([row_to_conversation(r) for r in rows]),
                                start_step=trainer.step, grad_accum=tr.grad_accum)
@@ -321,7 +322,8 @@ def train_loop_per_worker(config: dict) -> None:
                 if logger:
                     logger.log_metrics(content, step=step + job.step_offset)
             if step % tr.checkpoint_every == 0 or last:
-                report_checkpoint(trainer, stage.name, dict(prefetch.consumed), step_loss, rank, world, sharded)
+                report_checkpoint(trainer, stage.name, dict(prefetch.consumed), step_loss, rank, world, sharded,
+                                  recipe.training_fingerprint())
         if job.final:
             log_final_model(job, core, rank, logger, prefetch.consumed)
     finally:

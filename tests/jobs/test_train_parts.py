@@ -4,6 +4,7 @@ round trip, stage hand-over, the prefetched micro-batches, the offline tokenizer
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -244,3 +245,27 @@ def test_content_monitor_warns_once_after_warmup_when_the_audio_path_is_dead(mak
     assert all(m["speech/content_gap"] == pytest.approx(0.0, abs=1e-6) for m in metrics)
     warnings = [line for line in lines if line.startswith("WARNING")]
     assert len(lines) == 4 and len(warnings) == 1 and lines.index(warnings[0]) == 2  # at step 20, not 5, not again
+
+
+def test_a_checkpoint_of_another_recipe_is_refused_not_resumed():
+    """A run folder reused under the same run name after the recipe changed must not resume the old training."""
+    from jobs.recipe import load_recipe
+    from jobs.training.checkpoint import CheckpointMismatch, TrainState, check_same_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "jobs/recipes/mini/joint.yaml")
+    fp = recipe.training_fingerprint()
+    moved = recipe.model_copy(deep=True)  # stored and tracked elsewhere, another endpoint: the same training
+    moved.run.storage_path, moved.run.tracking_uri, moved.data.endpoint_url = "s3://b/runs", "http://127.0.0.1:1", "x"
+    assert moved.training_fingerprint() == fp
+    changed = recipe.model_copy(deep=True)
+    changed.data.sources["mixed_modal"].ratio = 0.5
+    reseeded = recipe.model_copy(deep=True)
+    reseeded.run.seed = 7
+    assert len({fp, changed.training_fingerprint(), reseeded.training_fingerprint()}) == 3
+
+    state = TrainState(step=1000, stage="main", scheduler={}, recipe=fp)
+    check_same_recipe(state, fp, "runs/x/checkpoint_1")  # the same recipe continues
+    check_same_recipe(TrainState(step=1, stage="main", scheduler={}), fp, "old")  # older checkpoints carry none
+    with pytest.raises(CheckpointMismatch, match="runs/x/checkpoint_1 holds a checkpoint of another recipe"):
+        check_same_recipe(state, changed.training_fingerprint(), "runs/x/checkpoint_1")
+    assert TrainState.from_json(state.to_json()).recipe == fp
