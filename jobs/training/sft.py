@@ -126,7 +126,7 @@ def report_checkpoint(trainer, stage: str, stream_states: dict, loss: float, ran
 
     from jobs.training.checkpoint import TrainState, save_checkpoint
 
-    mine = (stream_states, torch.get_rng_state().tolist())
+    mine = (dict(stream_states), torch.get_rng_state().tolist())  # a snapshot: the next step updates it
     gathered = [mine]
     if world > 1:
         gathered = [None] * world
@@ -281,10 +281,10 @@ def train_loop_per_worker(config: dict) -> None:
             load_initial_weights(core, Path(init_dir))
     flops, peak = count_forward_flops(core), peak_flops_per_s(device, tr.peak_tflops)  # on the whole model
     trainer = build_trainer(job, core, device, world)
-    sharded = tr.strategy == "fsdp"
+    sharded, fingerprint = tr.strategy == "fsdp", recipe.training_fingerprint()  # checkpoints say which recipe
     ratios = stage.ratios or recipe.data.ratios
     streams = open_streams(recipe, ratios, rank, world)
-    resume(trainer, streams, rank, recipe.training_fingerprint())
+    resume(trainer, streams, rank, fingerprint)
     prefetch = BatchPrefetcher(streams, mix_sampler(ratios, recipe.run.seed),
                                lambda rows: core.processor([row_to_conversation(r) for r in rows]),
                                start_step=trainer.step, grad_accum=tr.grad_accum)
@@ -322,8 +322,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if logger:
                     logger.log_metrics(content, step=step + job.step_offset)
             if step % tr.checkpoint_every == 0 or last:
-                report_checkpoint(trainer, stage.name, dict(prefetch.consumed), step_loss, rank, world, sharded,
-                                  recipe.training_fingerprint())
+                report_checkpoint(trainer, stage.name, prefetch.consumed, step_loss, rank, world, sharded, fingerprint)
         if job.final:
             log_final_model(job, core, rank, logger, prefetch.consumed)
     finally:
