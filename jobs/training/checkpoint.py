@@ -72,6 +72,11 @@ def is_sharded_checkpoint(path: Path) -> bool:
     return (path / SHARDED / ".metadata").exists()
 
 
+def read_train_state(path: Path) -> TrainState:
+    """A checkpoint's step, stage, schedule, stream positions, RNG and recipe fingerprint, without its weights."""
+    return TrainState.from_json((path / STATE).read_text())
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     """Restore weights, optimizer and scheduler in place (either layout); return the train state. Collective for a
     sharded checkpoint."""
@@ -96,7 +101,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
                              options=StateDictOptions(full_state_dict=True, strict=False))
         optim = torch.load(path / OPTIMIZER, weights_only=True)
         set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
-    state = TrainState.from_json((path / STATE).read_text())
+    state = read_train_state(path)
     scheduler.load_state_dict(state.scheduler)
     return state
 

@@ -99,14 +99,15 @@ def resume(trainer, streams: dict, rank: int, fingerprint: str) -> None:
     import ray.train
     import torch
 
-    from jobs.training.checkpoint import check_same_recipe, load_checkpoint
+    from jobs.training.checkpoint import check_same_recipe, load_checkpoint, read_train_state
 
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
         return
     with checkpoint.as_directory() as d:
+        # before any weight: another recipe's model may not even have the same shapes
+        check_same_recipe(read_train_state(Path(d)), fingerprint, str(checkpoint.path))
         state = load_checkpoint(Path(d), trainer.model, trainer.optimizer, trainer.scheduler)
-    check_same_recipe(state, fingerprint, str(checkpoint.path))
     trainer.step = state.step
     for t, s in state.streams[rank].items():
         if t in streams:
