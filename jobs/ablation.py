@@ -373,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_console(os.environ)
     command = "python -m jobs.ablation " + shlex.join(argv if argv is not None else sys.argv[1:])
+    from jobs.training.checkpoint import CheckpointMismatch
     from jobs.training.tracking import tracking_uri_or_report
 
     args.tracking_uri = tracking_uri_or_report(args.tracking_uri, dict(os.environ))
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         table = seeds_table(Path(args.out).resolve())
         if table:
             print(f"\nacross seeds ({Path(args.out).resolve() / 'seeds.md'}):\n{table}", flush=True)
-    except RecipeError as e:
+    except (RecipeError, CheckpointMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

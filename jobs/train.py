@@ -16,6 +16,7 @@ import time
 
 from jobs.recipe import RecipeError, check_data, check_model, describe_model, load_recipe, parse_recipe
 from jobs.training.console import quiet_console
+from jobs.training.checkpoint import CheckpointMismatch
 from jobs.training.tracking import TrackingError
 
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ray.init(log_to_driver=True)  # the cluster of RAY_ADDRESS (set by `ray job submit`), else a local one
         out = run_training(recipe, env=dict(os.environ), sample_log_dir=args.sample_log_dir)
-    except (RecipeError, TrackingError) as e:
+    except (RecipeError, TrackingError, CheckpointMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ui = out["tracking_uri"].rstrip("/")

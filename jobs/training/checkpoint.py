@@ -150,6 +150,28 @@ class CheckpointMismatch(RuntimeError):
     pass
 
 
+def latest_train_state(run_dir: str, fs=None) -> tuple[str, TrainState] | None:
+    """(folder, train state) of the newest checkpoint in a Ray Train run folder, read through a pyarrow filesystem
+    (the run's own S3 one, or None: from the path) without its weights; None when there is none yet.
+
+    Ray Train names checkpoints `checkpoint_<timestamp>`, so the names sort by time. A folder without a train
+    state (a write cut short) is skipped: Ray Train does not resume from it either."""
+    import pyarrow.fs as pafs
+
+    if fs is None:  # a local path, or s3://... with the default endpoint
+        fs, run_dir = pafs.FileSystem.from_uri(run_dir)
+    entries = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    folders = sorted(e.path for e in entries if e.type == pafs.FileType.Directory
+                     and e.base_name.startswith("checkpoint_"))
+    for folder in reversed(folders):
+        try:
+            with fs.open_input_stream(f"{folder}/{STATE}") as f:
+                return folder, TrainState.from_json(f.read().decode())
+        except OSError:  # FileNotFoundError locally; pyarrow's OSError on S3
+            continue
+    return None
+
+
 def check_same_recipe(state: TrainState, fingerprint: str, where: str) -> None:
     """Refuse to continue from a checkpoint another recipe wrote: a run folder reused under the same run name
     after the recipe changed would otherwise resume the old training silently (its weights, its step count)."""

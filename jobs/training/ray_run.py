@@ -106,6 +106,24 @@ def register_model(recipe: Recipe, tracking_uri: str, run_id: str) -> str | None
     return f"models:/{name}/{version.version}"
 
 
+def run_folder_name(recipe: Recipe, stage) -> str:
+    """Ray Train's run folder of one stage under storage_path: the run name, plus the stage's in a staged recipe."""
+    return recipe.run.name if len(recipe.stage_list()) == 1 else f"{recipe.run.name}-{stage.name}"
+
+
+def check_resumable(recipe: Recipe, storage_path: str, fs) -> None:
+    """Refuse at once, before any MLflow run or worker, to continue a run folder another recipe wrote. The workers
+    check again as they resume (the guarantee); this early look spares the user Ray Train's retries of a failure
+    that cannot pass, and a worker's traceback."""
+    from jobs.training.checkpoint import check_same_recipe, latest_train_state
+
+    fingerprint = recipe.training_fingerprint()
+    for stage in recipe.stage_list():
+        found = latest_train_state(f"{storage_path}/{run_folder_name(recipe, stage)}", fs)
+        if found:
+            check_same_recipe(found[1], fingerprint, found[0])
+
+
 def absolute_paths(recipe: Recipe) -> Recipe:
     """Local corpus, storage and checkpoint paths made absolute (workers run in other directories)."""
     def fix(p: str) -> str:
@@ -185,11 +203,12 @@ def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str
     data_summary = check_data(recipe)
     tracking_uri = resolve_tracking_uri(recipe.run.tracking_uri, env)
     log(f"[train] recipe OK; data: {json.dumps(data_summary)}")
+    storage_path, fs = ray_storage(recipe.run.storage_path, recipe.data.endpoint_url)
+    check_resumable(recipe, storage_path, fs)
     run_id = mlflow_run_for(recipe, tracking_uri, data_summary)
     tokenizer_files = tokenizer_files_for(recipe)
     check_cluster_fits(recipe)
     check_paths_on_every_node(local_paths(recipe))
-    storage_path, fs = ray_storage(recipe.run.storage_path, recipe.data.endpoint_url)
     worker_env = {k: env[k] for k in FORWARDED_ENV if k in env} | WORKER_ENV | {"MLFLOW_TRACKING_URI": tracking_uri}
     stages = recipe.stage_list()
     init_from, offset, result = None, 0, None
@@ -202,7 +221,7 @@ def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str
                                          resources_per_worker={"CPU": recipe.train.cpus_per_worker,
                                                                **recipe.train.resources_per_worker}),
             run_config=RunConfig(
-                name=recipe.run.name if len(stages) == 1 else f"{recipe.run.name}-{stage.name}",
+                name=run_folder_name(recipe, stage),
                 storage_path=storage_path, storage_filesystem=fs,
                 failure_config=FailureConfig(max_failures=recipe.train.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=recipe.train.keep_checkpoints),

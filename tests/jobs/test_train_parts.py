@@ -269,3 +269,31 @@ def test_a_checkpoint_of_another_recipe_is_refused_not_resumed():
     with pytest.raises(CheckpointMismatch, match="runs/x/checkpoint_1 holds a checkpoint of another recipe"):
         check_same_recipe(state, changed.training_fingerprint(), "runs/x/checkpoint_1")
     assert TrainState.from_json(state.to_json()).recipe == fp
+
+
+def test_the_driver_refuses_another_recipes_run_folder_before_any_worker(tmp_path):
+    """`run_training` looks at the newest checkpoint of each stage's run folder before it touches MLflow or starts
+    a worker: a clear refusal at once instead of Ray Train retrying a worker that cannot pass."""
+    from jobs.recipe import load_recipe
+    from jobs.training.checkpoint import STATE, CheckpointMismatch, TrainState
+    from jobs.training.ray_run import check_resumable
+
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "jobs/recipes/mini/b3_two_stage.yaml")
+    other = recipe.model_copy(deep=True)
+    other.run.seed = 7
+
+    def checkpoint(folder: str, name: str, fingerprint: str | None) -> None:
+        path = tmp_path / folder / name
+        path.mkdir(parents=True)
+        if fingerprint is not None:  # None: a checkpoint whose write was cut short
+            (path / STATE).write_text(TrainState(step=1, stage="x", scheduler={}, recipe=fingerprint).to_json())
+
+    check_resumable(recipe, str(tmp_path), None)  # nothing there yet
+    stage_folders = [f"{recipe.run.name}-{st.name}" for st in recipe.stage_list()]
+    checkpoint(stage_folders[0], "checkpoint_2026-01-01_00-00-00.000001", other.training_fingerprint())
+    checkpoint(stage_folders[0], "checkpoint_2026-01-01_00-00-01.000001", recipe.training_fingerprint())
+    checkpoint(stage_folders[0], "checkpoint_2026-01-01_00-00-02.000001", None)
+    check_resumable(recipe, str(tmp_path), None)  # the newest complete checkpoint is this recipe's
+    checkpoint(stage_folders[1], "checkpoint_2026-01-01_00-00-03.000001", other.training_fingerprint())
+    with pytest.raises(CheckpointMismatch, match=f"{stage_folders[1]}/checkpoint_2026-01-01_00-00-03"):
+        check_resumable(recipe, str(tmp_path), None)
