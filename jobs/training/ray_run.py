@@ -1,8 +1,9 @@
 """The driver side of a training run on Ray Train: everything between a validated recipe and a registered model.
 
-1. validate the recipe's data before any worker starts; resolve the MLflow server;
-2. find or create the MLflow run of this run name (the same run across restarts and resubmissions), with the
-   recipe as params; build the offline tokenizer when the LM names none;
+1. validate the recipe's data before any worker starts; resolve the MLflow server; refuse a run folder that holds
+   another recipe's checkpoints;
+2. find or create the MLflow run of this run name and recipe (the same run across restarts and resubmissions),
+   with the recipe as params; build the offline tokenizer when the LM names none;
 3. per stage: a `TorchTrainer` running `sft.train_loop_per_worker`; Ray Train restarts failed workers from the
    last checkpoint (`FailureConfig`); the next stage starts from this one's weights;
 4. register the run's `model` artifact with the recipe's alias.
@@ -24,7 +25,8 @@ from pathlib import Path
 
 from jobs.recipe import Recipe, RecipeError, check_data, check_model, parse_recipe
 from jobs.training.console import WORKER_ENV
-from jobs.training.tracking import RUN_TAG, client_for, find_or_create_run, log_params, resolve_tracking_uri
+from jobs.training.tracking import (RECIPE_TAG, RUN_TAG, client_for, find_or_create_run, log_params,
+                                   resolve_tracking_uri)
 
 # The environment a worker needs from the driver's (object storage and MLflow credentials, Ray's auth mode).
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
@@ -46,9 +48,11 @@ def flat_params(recipe: Recipe) -> dict[str, str]:
 
 
 def mlflow_run_for(recipe: Recipe, tracking_uri: str, data_summary: dict) -> str:
-    """The MLflow run of this run name: found by tag (resubmission) or created with the recipe as params."""
+    """The MLflow run of this run name and recipe: found by tags (a resubmission) or created with the recipe as
+    params."""
     client = client_for(tracking_uri)
-    run_id, created = find_or_create_run(client, recipe.run.experiment, recipe.run.name)
+    run_id, created = find_or_create_run(client, recipe.run.experiment, recipe.run.name,
+                                         identity={RECIPE_TAG: recipe.training_fingerprint()})
     if created:
         params = flat_params(recipe)
         params.update({f"data_summary.{t}.{k}": str(v) for t, d in data_summary.items() for k, v in d.items()})

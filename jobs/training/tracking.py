@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 RUN_TAG = "vtb.run_name"
+RECIPE_TAG = "vtb.recipe"  # `Recipe.training_fingerprint()`: what the run's weights depend on
 
 
 class TrackingError(ValueError):
@@ -52,14 +53,21 @@ def experiment_id(client, name: str) -> str:
     return exp.experiment_id if exp else client.create_experiment(name)
 
 
-def find_or_create_run(client, experiment: str, run_name: str, tags: dict | None = None) -> tuple[str, bool]:
-    """(run id, created): the run tagged with this run name (a resubmission continues it), else a new one."""
+def find_or_create_run(client, experiment: str, run_name: str, identity: dict[str, str] | None = None
+                       ) -> tuple[str, bool]:
+    """(run id, created): the run tagged with this run name and every `identity` tag (a resubmission continues
+    it), else a new one tagged so.
+
+    Why the identity: a training run's identity is its recipe (`RECIPE_TAG`), not only its name. A recipe changed
+    under an old name (its run folder deleted to start again) gets a run of its own, beside the old one, instead
+    of logging its metrics into a run whose params describe another training."""
     exp_id = experiment_id(client, experiment)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'", max_results=1)
+    tags = {RUN_TAG: run_name, **(identity or {})}
+    found = client.search_runs([exp_id], filter_string=" and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items()),
+                               max_results=1, order_by=["attributes.start_time DESC"])
     if found:
         return found[0].info.run_id, False
-    run = client.create_run(exp_id, run_name=run_name, tags={RUN_TAG: run_name, **(tags or {})})
-    return run.info.run_id, True
+    return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id, True
 
 
 def create_run(client, experiment: str, run_name: str, tags: dict | None = None) -> str:

@@ -297,3 +297,23 @@ def test_the_driver_refuses_another_recipes_run_folder_before_any_worker(tmp_pat
     checkpoint(stage_folders[1], "checkpoint_2026-01-01_00-00-03.000001", other.training_fingerprint())
     with pytest.raises(CheckpointMismatch, match=f"{stage_folders[1]}/checkpoint_2026-01-01_00-00-03"):
         check_resumable(recipe, str(tmp_path), None)
+
+
+def test_a_changed_recipe_under_an_old_run_name_gets_its_own_mlflow_run(tmp_path):
+    """The MLflow run is found again by run name and recipe fingerprint: a resubmission continues it; the same name
+    with another recipe (its run folder deleted to start again) gets a new run, whose params are its own."""
+    from jobs.recipe import load_recipe
+    from jobs.training.ray_run import mlflow_run_for
+    from jobs.training.tracking import client_for
+
+    recipe = load_recipe(Path(__file__).resolve().parents[2] / "jobs/recipes/mini/joint.yaml")
+    changed = recipe.model_copy(deep=True)
+    changed.train.lr = 5.0e-4
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = mlflow_run_for(recipe, tracking, {})
+    assert mlflow_run_for(recipe, tracking, {}) == first  # a resubmission of the same training
+    other = mlflow_run_for(changed, tracking, {})
+    assert other != first
+    client = client_for(tracking)
+    assert [client.get_run(r).data.params["train.lr"] for r in (first, other)] == ["0.001", "0.0005"]
+    assert mlflow_run_for(changed, tracking, {}) == other
