@@ -72,9 +72,13 @@ def is_sharded_checkpoint(path: Path) -> bool:
     return (path / SHARDED / ".metadata").exists()
 
 
-def read_train_state(path: Path) -> TrainState:
-    """A checkpoint's step, stage, schedule, stream positions, RNG and recipe fingerprint, without its weights."""
-    return TrainState.from_json((path / STATE).read_text())
+def read_train_state(path: Path | str, fs=None) -> TrainState:
+    """A checkpoint's step, stage, schedule, stream positions, RNG and recipe fingerprint, without its weights: from
+    a local folder, or through a pyarrow filesystem `fs` (the driver looking at checkpoints on S3)."""
+    if fs is None:
+        return TrainState.from_json((Path(path) / STATE).read_text())
+    with fs.open_input_stream(f"{path}/{STATE}") as f:
+        return TrainState.from_json(f.read().decode())
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
@@ -165,8 +169,7 @@ def latest_train_state(run_dir: str, fs=None) -> tuple[str, TrainState] | None:
                      and e.base_name.startswith("checkpoint_"))
     for folder in reversed(folders):
         try:
-            with fs.open_input_stream(f"{folder}/{STATE}") as f:
-                return folder, TrainState.from_json(f.read().decode())
+            return folder, read_train_state(folder, fs)
         except OSError:  # FileNotFoundError locally; pyarrow's OSError on S3
             continue
     return None
