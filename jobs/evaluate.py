@@ -47,6 +47,10 @@ class EvalTask(_Strict):
     uris: list[str] | None = None
     """Corpora for this task; default: the suite's `uris`."""
     limit: int | None = Field(None, ge=1)
+    prompt: Literal["as_given", "transcribe"] = "as_given"
+    """`transcribe`: instead of the row's own request, ask for a transcript of the audio its last user turn holds
+    (the training ASR instruction, in the row's first language) and score it against what the audio says (its
+    transcript), as ASR. On spoken instructions this tells "did not hear it" from "heard it, did not do it"."""
 
 
 class JudgeConfig(_Strict):
@@ -73,6 +77,11 @@ class Suite(_Strict):
         names = [t.name for t in tasks]
         if len(set(names)) < len(names):  # metrics and samples are keyed by task name
             raise ValueError(f"task names must be unique; repeated: {sorted({n for n in names if names.count(n) > 1})}")
+        # checked here, not in a validator of EvalTask: Ray pickles the suite by value when jobs.evaluate runs as
+        # __main__, and pydantic cannot rebuild a nested model's after-validator there
+        for t in tasks:
+            if t.prompt == "transcribe" and t.kind != "asr":
+                raise ValueError(f"task {t.name!r}: prompt transcribe is scored as ASR; give it kind asr")
         return tasks
 
 
@@ -87,10 +96,25 @@ def load_suite(path: str) -> Suite:
         raise SystemExit(f"error: {path} is not a valid suite:\n" + "\n".join(lines)) from None
 
 
-class Predictor:
-    """Ray Data actor: rows of the Shar datasource -> {id, prediction, reference, prompt, context, langs}."""
+def transcription_request(conv, lang: str):
+    """A conversation whose last user turn holds audio -> (that audio asked to be transcribed with the training ASR
+    instruction, what the audio says: "" when the audio has no transcript, which scoring counts as `no_reference`)."""
+    from data_ops.importers import asr_instruction
+    from models.conversation import AudioPart, Conversation, TextPart, Turn
 
-    def __init__(self, model_uri: str, tracking_uri: str | None, max_new_tokens: int):
+    user = [t for t in conv.turns if t.role == "user"][-1]
+    audio = [p for p in user.parts if isinstance(p, AudioPart)]
+    # [audio, instruction]: the order of the training ASR conversations (data_ops.importers.asr_conversation)
+    return (Conversation([Turn("user", [*audio, TextPart(asr_instruction(lang))])]),
+            " ".join(p.transcript.strip() for p in audio) if audio and all(p.transcript for p in audio) else "")
+
+
+class Predictor:
+    """Ray Data actor: rows of the Shar datasource -> {id, prediction, reference, prompt, context, langs}.
+    Rows of the tasks named in `transcribe_tasks` are asked for a transcript of their audio instead."""
+
+    def __init__(self, model_uri: str, tracking_uri: str | None, max_new_tokens: int,
+                 transcribe_tasks: tuple[str, ...] = ()):
         import os
 
         import torch
@@ -103,16 +127,20 @@ class Predictor:
         self.model = load_speechlm(model_uri, tracking_uri=tracking_uri, device=device,
                                    dtype=torch.bfloat16 if device == "cuda" else torch.float32)
         self.max_new_tokens = max_new_tokens
+        self.transcribe_tasks = set(transcribe_tasks)
 
     def __call__(self, batch: dict) -> dict:
         from data_ops.shar_datasource import row_to_conversation
         from models.content_check import answer_token_losses
-        from models.conversation import AudioPart, Conversation, TextPart
+        from models.conversation import AudioPart, Conversation, TextPart, Turn
 
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
         prompts, refs, questions, contexts, full, lasts = [], [], [], [], [], []
         for row in rows:
             conv = row_to_conversation(row)
+            if row["eval_task"] in self.transcribe_tasks:
+                request, transcript = transcription_request(conv, json.loads(row["langs"])[0])
+                conv = Conversation(request.turns + [Turn.text("assistant", transcript)])
             last = max(i for i, t in enumerate(conv.turns) if t.role == "assistant")
             full.append(conv)
             lasts.append(last)
@@ -167,7 +195,10 @@ def predict(suite: Suite, model_uri: str, tracking_uri: str | None,
                                     batch_format="pyarrow"))
     ds = tagged[0].union(*tagged[1:]) if len(tagged) > 1 else tagged[0]
     out = ds.map_batches(Predictor, fn_constructor_kwargs={"model_uri": model_uri, "tracking_uri": tracking_uri,
-                                                           "max_new_tokens": suite.max_new_tokens},
+                                                           "max_new_tokens": suite.max_new_tokens,
+                                                           "transcribe_tasks": tuple(
+                                                               t.name for t in suite.tasks
+                                                               if t.prompt == "transcribe")},
                          batch_size=suite.batch_size, compute=ray.data.ActorPoolStrategy(size=placement.actors),
                          num_cpus=1, num_gpus=placement.gpus())
     by_task: dict[str, list[dict]] = {task.name: [] for task in suite.tasks}
@@ -186,11 +217,15 @@ def score(suite: Suite, task: EvalTask, rows: list[dict]) -> dict[str, float]:
     refs, hyps = [r["reference"] for r in rows], [r["prediction"] for r in rows]
     if task.kind == "asr":
         by_lang = defaultdict(list)
-        for r in rows:
+        scored = [r for r in rows if r["reference"].strip()]
+        if len(scored) < len(rows):  # nothing to score them against (no transcript): counted, not guessed
+            metrics["no_reference"] = float(len(rows) - len(scored))
+        for r in scored:
             by_lang[json.loads(r["langs"])[0]].append(r)
         for lang, rs in sorted(by_lang.items()):
             metrics[f"wer_{lang}"] = scoring.wer([r["reference"] for r in rs], [r["prediction"] for r in rs], lang)
-        metrics["wer"] = float(sum(metrics[f"wer_{lang}"] for lang in by_lang) / len(by_lang))
+        if by_lang:
+            metrics["wer"] = float(sum(metrics[f"wer_{lang}"] for lang in by_lang) / len(by_lang))
     elif task.kind == "ast":
         by_dir = defaultdict(list)
         for r in rows:

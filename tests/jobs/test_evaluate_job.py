@@ -94,8 +94,10 @@ def test_evaluate_two_models_and_compare(stack, tmp_path, tokenizer):
         assert 0 < m["eval/demo/text/answer_loss"] < 20 and 0 < m["eval/demo/asr/answer_loss"] < 20
         assert m["eval/demo/sqa/judge_unscored"] == 1  # no judge configured: reported, not faked
         assert m["eval/demo/spoken_instruction/samples"] == 1
+        # the spoken instruction asked to be transcribed, scored against what it says
+        assert m["eval/demo/spoken_instruction_heard/samples"] == 1 and "eval/demo/spoken_instruction_heard/wer" in m
         table = json.loads(mlflow.artifacts.load_text(f"runs:/{runs[name].info.run_id}/eval/demo/samples.json"))
-        assert len(table["data"]) == 10 and "prediction" in table["columns"]
+        assert len(table["data"]) == 11 and "prediction" in table["columns"]
 
     out = tmp_path / "cmp"
     proc = subprocess.run([sys.executable, "-m", "jobs.compare", "--experiment", "eval-it", "--suite", "demo", "--out",
