@@ -61,8 +61,8 @@ SIZES = {
     # as the paper speaks Alpaca's and Magpie's instructions of every kind
     "ablation-spoken-tasks": CorpusSize(text=8000, speech=1600, sqa=400, mixed=400, sentences=2000, spoken_tasks=800),
     # the same with open-vocabulary ASR: the five templates alone teach the audio path a recognizer of those five
-    # sentences, which transcribes a spoken instruction as one of them; one probe with it did not change that, no
-    # recipe uses it yet (docs/ablation.md)
+    # sentences, which transcribes a spoken instruction as one of them; in one probe with it the model heard the
+    # instructions' form but not their numbers and words; no recipe uses it yet (docs/ablation.md)
     "ablation-open-asr": CorpusSize(text=8000, speech=1600, sqa=400, mixed=400, sentences=2000, spoken_tasks=800,
                                     instruction_speech=1600),
     # and with text tasks that repeat any task sentence: the miniature's LM otherwise copies only what its task
