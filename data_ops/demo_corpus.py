@@ -65,8 +65,8 @@ SIZES = {
     # instructions' form but not their numbers and words; no recipe uses it yet (docs/ablation.md)
     "ablation-open-asr": CorpusSize(text=8000, speech=1600, sqa=400, mixed=400, sentences=2000, spoken_tasks=800,
                                     instruction_speech=1600),
-    # and with text tasks that repeat any task sentence: the miniature's LM otherwise copies only what its task
-    # formats hold, and reading audio is copying (a probe's, docs/ablation.md)
+    # and with text tasks that repeat any task sentence (the miniature's LM otherwise repeats only the templates);
+    # in its one probe the audio was read no better; no recipe uses it (docs/ablation.md)
     "ablation-open-asr-repeat": CorpusSize(text=8000, speech=1600, sqa=400, mixed=400, sentences=2000,
                                            spoken_tasks=800, instruction_speech=1600, repeat_tasks=2000),
     "ablation-eval": CorpusSize(text=200, speech=160, sqa=40, mixed=100, sentences=50),
@@ -212,10 +212,10 @@ def instruction_sentence(rng) -> str:
 def repeat_task(rng) -> list[tuple[str, str]]:
     """Repeat a text task's user turn (any kind) verbatim.
 
-    Why: Gemma after text SFT can repeat any text it is given; the miniature's LM learns to repeat only what its
-    data asks it to (`sentence_task` repeats the five templates; asked to repeat "What is 8 times 0?" it says a
-    template). Reading content out of audio embeddings is the same skill, copying what the input holds, and an LM
-    that can only copy the slots of the task formats it knows has to learn it from the speech data alone."""
+    Why: the miniature's LM learns to repeat only what its data asks it to (`sentence_task` repeats the five
+    templates; asked to repeat "What is 8 times 0?" it says a template), and reading content out of audio
+    embeddings is copying too. Measured in one probe (docs/ablation.md): with these tasks the LM repeats any task
+    sentence, but the joint model reads the audio no better (spoken instructions 0.07 against 0.05)."""
     sentence = instruction_sentence(rng)
     return [("user", f"Repeat this sentence: {sentence}"), ("assistant", sentence)]
 
