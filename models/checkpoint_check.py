@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from models.config import SpeechLMConfig
-from models.speechlm import check_lora_targets
+from models.speechlm import check_lora_targets, checkpoint_source
 
 
 def checkpoint_problems(cfg: SpeechLMConfig) -> list[str]:
@@ -23,7 +23,7 @@ def checkpoint_problems(cfg: SpeechLMConfig) -> list[str]:
     e = cfg.encoder
     if e.pretrained:
         try:
-            enc = AutoConfig.from_pretrained(e.pretrained)
+            enc = AutoConfig.from_pretrained(checkpoint_source(e.pretrained, "encoder.pretrained"))
         except (OSError, ValueError) as err:
             problems.append(f"encoder checkpoint {e.pretrained}: cannot read its config ({err})")
             enc = None
@@ -49,7 +49,7 @@ def checkpoint_problems(cfg: SpeechLMConfig) -> list[str]:
     if cfg.lm.mode == "lora" and not isinstance(cfg.lm.lora.target_modules, str):
         try:  # the LM's layers, built on the meta device from its config (no weights read)
             if cfg.lm.pretrained:
-                lm_config = AutoConfig.from_pretrained(cfg.lm.pretrained)
+                lm_config = AutoConfig.from_pretrained(checkpoint_source(cfg.lm.pretrained, "lm.pretrained"))
             else:
                 kw = dict(cfg.lm.config)
                 lm_config = AutoConfig.for_model(kw.pop("model_type"), **kw)
@@ -61,8 +61,9 @@ def checkpoint_problems(cfg: SpeechLMConfig) -> list[str]:
             problems.append(f"LM {cfg.lm.pretrained}: cannot read its config ({err})")
     source = cfg.lm.tokenizer or cfg.lm.pretrained
     if source:
+        what = "lm.tokenizer" if cfg.lm.tokenizer else "lm.pretrained"
         try:
-            tok = AutoTokenizer.from_pretrained(source)
+            tok = AutoTokenizer.from_pretrained(checkpoint_source(source, what))
             if tok.chat_template is None:
                 problems.append(f"the tokenizer of {source} has no chat template: use an instruction-tuned LM's")
         except (OSError, ValueError) as err:

@@ -422,19 +422,38 @@ def strip_hf_config(d: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def checkpoint_source(source: str, what: str) -> str:
+    """`source` if it is a local folder or could be a Hugging Face id; else a FileNotFoundError naming `what`.
+
+    Why: transformers tries anything that is not a local folder as a hub id, so a mistyped or unmounted local
+    path fails with "Repo id must be in the form 'repo_name' or 'namespace/repo_name'", which does not say that
+    the folder is missing."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if Path(source).expanduser().is_dir():
+        return str(Path(source).expanduser())
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise FileNotFoundError(f"{what} {source!r}: no such local folder (and not a Hugging Face model id)") from None
+    return source
+
+
 def _build_encoder(cfg: SpeechLMConfig) -> nn.Module:
     e = cfg.encoder
+    source = checkpoint_source(e.pretrained, "encoder.pretrained") if e.pretrained else None
     if e.kind == "fastconformer":
         from transformers import ParakeetEncoder, ParakeetEncoderConfig
 
-        if e.pretrained:
-            return ParakeetEncoder.from_pretrained(e.pretrained, use_safetensors=True)
+        if source:
+            return ParakeetEncoder.from_pretrained(source, use_safetensors=True)
         return ParakeetEncoder(ParakeetEncoderConfig(**e.config))
     from transformers import WhisperConfig, WhisperModel
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    if e.pretrained:
-        return WhisperModel.from_pretrained(e.pretrained, use_safetensors=True).get_encoder()
+    if source:
+        return WhisperModel.from_pretrained(source, use_safetensors=True).get_encoder()
     return WhisperEncoder(WhisperConfig(**e.config))
 
 
@@ -479,7 +498,7 @@ def check_lora_targets(lm: nn.Module, targets: list[str] | str) -> None:
 
 def _build_lm(cfg: SpeechLMConfig, source: str | None, tokenizer) -> nn.Module:
     if source:
-        return AutoModelForCausalLM.from_pretrained(source, use_safetensors=True)
+        return AutoModelForCausalLM.from_pretrained(checkpoint_source(source, "lm.pretrained"), use_safetensors=True)
     kw = dict(cfg.lm.config)
     model_type = kw.pop("model_type")
     if tokenizer is not None:
@@ -514,7 +533,9 @@ def build_speechlm(
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if tokenizer is None and (cfg.lm.tokenizer or cfg.lm.pretrained):
-        tokenizer = AutoTokenizer.from_pretrained(cfg.lm.tokenizer or cfg.lm.pretrained)
+        source = cfg.lm.tokenizer or cfg.lm.pretrained
+        tokenizer = AutoTokenizer.from_pretrained(
+            checkpoint_source(source, "lm.tokenizer" if cfg.lm.tokenizer else "lm.pretrained"))
     encoder = build_speech_encoder(cfg, init_weights=False)
     lm = _build_lm(cfg, lm_source if lm_source is not None else cfg.lm.pretrained, tokenizer)
     if tokenizer is not None and lm.get_input_embeddings().num_embeddings < len(tokenizer):

@@ -90,3 +90,21 @@ def test_a_checkpoint_that_does_not_fit_is_refused_with_every_problem(parakeet_1
         "train": {"max_steps": 1}})
     with pytest.raises(RecipeError, match=r"(?s)cannot be built from its checkpoints.*128 mel bins.*n_mels=80"):
         check_model(recipe)
+
+
+def test_a_missing_local_checkpoint_is_named_not_taken_for_a_hub_id(tmp_path):
+    """A local path that is not there says so; transformers alone would try it as a hub id and complain about
+    the id's form."""
+    missing = str(tmp_path / "models" / "canary-encoder")
+    cfg = tiny()
+    cfg.encoder.pretrained = missing
+    with pytest.raises(FileNotFoundError, match=r"encoder\.pretrained '.*canary-encoder': no such local folder"):
+        build_speechlm(cfg, tokenizer=build_tiny_tokenizer())
+    (problem,) = checkpoint_problems(cfg)
+    assert "no such local folder" in problem and "Repo id" not in problem
+
+    cfg = tiny()
+    cfg.lm.pretrained = missing
+    with pytest.raises(FileNotFoundError, match=r"lm\.pretrained '.*canary-encoder': no such local folder"):
+        build_speechlm(cfg)
+    assert all("no such local folder" in p for p in checkpoint_problems(cfg))
