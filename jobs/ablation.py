@@ -19,16 +19,20 @@ One seed, top to bottom:
 6. `jobs.compare`: the table and chart, in MLflow (a comparison run) and in `--out/seed-<seed>/`, with
    `result.json` (metrics, the paper's claims checked, run time, peak memory, the command).
 
-Each finished step is recorded in `--root/state-seed<seed>.json`; running the command again skips what is done
-(a crash costs at most the step it was in, and within a training step no more than its last checkpoint).
+Each finished step is recorded in `--root/state-seed<seed>.json` with a fingerprint of its inputs; running the
+command again skips what is done (a crash costs at most the step it was in, and within a training step no more
+than its last checkpoint) and does again a step whose inputs changed (an edited config or recipe: more steps,
+other ratios; an upstream step done again), with every step after it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
+import shutil
 import sys
 import threading
 import time
@@ -230,6 +234,32 @@ class SeedState:
         self.state[key] = value
         self.path.write_text(json.dumps(self.state, indent=1))
 
+    def current(self, path: str, inputs) -> bool:
+        """Is the step at `path` ("encoder", "models/joint": a key, or group/key) done from these `inputs` (its
+        recipe or settings and what it was built from)? Done from other inputs (a config edited since, an upstream
+        step redone), it is forgotten and False: the step runs again rather than its old output being reported as
+        the new config's. A step recorded before inputs were (an older state file) is taken as done from these."""
+        group, _, key = path.partition("/")
+        if not (key in self.state.get(group, {}) if key else group in self.state):
+            return False
+        recorded = self.state.get("inputs", {}).get(path)
+        if recorded is not None and recorded != _fingerprint(inputs):
+            print(f"[ablation] {path} was done from other inputs than the config's now: doing it again", flush=True)
+            if key:
+                self.state[group].pop(key)
+            else:
+                self.state.pop(group)
+            self.done("inputs", {k: v for k, v in self.state["inputs"].items() if k != path})
+            return False
+        self.done("inputs", {**self.state.get("inputs", {}), path: _fingerprint(inputs)})
+        return True
+
+    def record(self, path: str, value, inputs) -> None:
+        """The step at `path` done from `inputs` (see `current`), with its output `value`."""
+        group, _, key = path.partition("/")
+        self.state.setdefault("inputs", {})[path] = _fingerprint(inputs)
+        self.done(group, {**self.state.get(group, {}), key: value} if key else value)
+
     def timed(self, key: str, fn):
         """Run `fn`, record how long it took (only work that runs: a step found done keeps its first timing)."""
         start = time.time()
@@ -237,6 +267,10 @@ class SeedState:
         self.timings[key] = round(time.time() - start, 1)
         self.state["timings"] = self.timings
         return value
+
+
+def _fingerprint(inputs) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_seed(cfg: AblationConfig, seed: int, root: Path, out: Path, tracking_uri: str, command: str) -> dict:
@@ -251,7 +285,7 @@ def run_seed(cfg: AblationConfig, seed: int, root: Path, out: Path, tracking_uri
     t0, memory = time.time(), PeakMemory()
     root.mkdir(parents=True, exist_ok=True)
     state = SeedState(root / f"state-seed{seed}.json")
-    done, timed, timings = state.done, state.timed, state.timings
+    timed, timings = state.timed, state.timings
 
     def corpus(key: str, path: Path, size: str, corpus_seed: int, split: str) -> str:
         try:
@@ -266,34 +300,50 @@ def run_seed(cfg: AblationConfig, seed: int, root: Path, out: Path, tracking_uri
     common = dict(experiment=cfg.experiment, seed=seed, corpus=train_corpus, runs_dir=str(root / "runs"),
                   tracking_uri=tracking_uri)
 
-    def train(key: str, recipe: Recipe) -> str:
-        if key not in state.get("models", {}):
+    def inputs(settings: dict, *upstream) -> dict:
+        """What a step's output depends on: its settings (run names and tracking left out; paths under the work
+        folder relative to it, so a moved folder is the same) and the outputs it starts from."""
+        text = json.dumps(settings).replace(str(root), "<root>")
+        return {"settings": json.loads(text), "from": list(upstream)}
+
+    def train(key: str, recipe: Recipe, *upstream) -> str:
+        settings = recipe.model_dump(mode="json")
+        settings["run"] = {"seed": settings["run"]["seed"]}
+        step_inputs = inputs(settings, *upstream)
+        if not state.current(f"models/{key}", step_inputs):
             out_ = timed(f"train/{key}", lambda: run_training(recipe))
-            done("models", {**state.get("models", {}), key: out_["registered"]})
+            state.record(f"models/{key}", out_["registered"], step_inputs)
         return state["models"][key]
 
     # 2. the text LM, exported as an HF checkpoint
     text_lm = adapt_recipe(cfg.text_lm, run_name=f"{cfg.name}-text-lm-s{seed}", steps=cfg.text_lm_steps, **common)
     text_lm_uri = train("text-lm", text_lm)
     text_lm_dir = root / f"text-lm-seed{seed}"
-    if not text_lm_dir.is_dir():
+    if not (state.current("exports/text-lm", text_lm_uri) and text_lm_dir.is_dir()):
+        shutil.rmtree(text_lm_dir, ignore_errors=True)
         export_text_lm(text_lm_uri, tracking_uri, text_lm_dir)
+        state.record("exports/text-lm", str(text_lm_dir), text_lm_uri)
     # 3. the encoder, pretrained with CTC
     encoder_dir = root / f"encoder-seed{seed}"
-    if not encoder_dir.is_dir():
-        done("encoder", timed("encoder", lambda: pretrain_encoder_logged(
-            cfg, text_lm, train_corpus, eval_corpus, text_lm_dir, encoder_dir, seed, tracking_uri)))
+    encoder_inputs = inputs({"steps": cfg.encoder_steps, "lr": cfg.encoder_lr, "corpus": train_corpus}, text_lm_uri)
+    if not (state.current("encoder", encoder_inputs) and encoder_dir.is_dir()):
+        shutil.rmtree(encoder_dir, ignore_errors=True)
+        state.record("encoder", timed("encoder", lambda: pretrain_encoder_logged(
+            cfg, text_lm, train_corpus, eval_corpus, text_lm_dir, encoder_dir, seed, tracking_uri)), encoder_inputs)
     # 4. the speech recipes, all from them
     for label, path in cfg.recipes.items():
         train(label, adapt_recipe(path, run_name=f"{cfg.name}-{label}-s{seed}", steps=cfg.speech_steps,
-                                  lm_pretrained=str(text_lm_dir), encoder_pretrained=str(encoder_dir), **common))
+                                  lm_pretrained=str(text_lm_dir), encoder_pretrained=str(encoder_dir), **common),
+              text_lm_uri, state["inputs"]["encoder"])
     # 5. evaluation
     suite = load_suite(str(REPO / cfg.suite))
     suite.uris = [eval_corpus]
-    for label, uri in state["models"].items():
-        if label not in state.get("evaluated", {}):
+    for label in ["text-lm", *cfg.recipes]:
+        uri = state["models"][label]
+        eval_inputs = inputs(suite.model_dump(mode="json"), uri)
+        if not state.current(f"evaluated/{label}", eval_inputs):
             res = timed(f"eval/{label}", lambda: evaluate_model(uri, suite, tracking_uri, cfg.experiment))
-            done("evaluated", {**state.get("evaluated", {}), label: res["run_id"]})
+            state.record(f"evaluated/{label}", res["run_id"], eval_inputs)
     # 6. the table, chart and claims
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     labels = ["text-lm", *cfg.recipes]

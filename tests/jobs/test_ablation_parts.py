@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.ablation import adapt_recipe, check_claims, load_config
+from jobs.ablation import SeedState, adapt_recipe, check_claims, load_config
 from jobs.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,3 +91,24 @@ def test_comparison_table_marks_the_best_of_each_column_by_its_direction():
     assert head == "| model | asr/wer ↓ | text/answer_loss ↓ | text/exact_match ↑ |"
     assert a == "| a | **0.300** | 0.700 | **0.500** |", a  # lower WER and loss are better, higher match
     assert b == "| b | 0.500 | **0.600** | 0.400 |", b
+
+
+def test_a_step_done_from_other_inputs_is_done_again_not_reported_as_the_new_configs(tmp_path):
+    path = tmp_path / "state-seed0.json"
+    state = SeedState(path)
+    assert not state.current("models/joint", {"steps": 2000})  # never done
+    state.record("models/joint", "models:/mini-joint/1", {"steps": 2000})
+    state.record("encoder", {"wer": 0.1}, {"steps": 800})
+
+    again = SeedState(path)  # the same command again: done, skipped
+    assert again.current("models/joint", {"steps": 2000}) and again.current("encoder", {"steps": 800})
+    assert not again.current("models/joint", {"steps": 5000})  # the config asks for more steps now
+    assert "joint" not in again["models"] and again["encoder"] == {"wer": 0.1}
+    assert not again.current("encoder", {"steps": 1600})
+    assert "encoder" not in SeedState(path).state  # forgotten on disk too: a crash now does not bring it back
+
+    # a state file written before fingerprints: its steps are taken as done from the inputs asked now
+    path.write_text('{"models": {"joint": "models:/mini-joint/1"}}')
+    legacy = SeedState(path)
+    assert legacy.current("models/joint", {"steps": 2000})
+    assert not SeedState(path).current("models/joint", {"steps": 5000})
