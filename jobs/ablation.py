@@ -273,13 +273,37 @@ def _fingerprint(inputs) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def step_inputs(settings: dict, root: Path, *upstream) -> dict:
+    """What a step's output depends on: its settings (paths under the work folder relative to it, so a moved
+    folder is the same) and the outputs it starts from."""
+    return {"settings": json.loads(json.dumps(settings).replace(str(root), "<root>")), "from": list(upstream)}
+
+
+def recipe_inputs(recipe: Recipe, root: Path, *upstream) -> dict:
+    settings = recipe.model_dump(mode="json")
+    settings["run"] = {"seed": settings["run"]["seed"]}  # run names, storage and tracking do not change what trains
+    return step_inputs(settings, root, *upstream)
+
+
+def evaluate_models(state: SeedState, labels: list[str], suite, root: Path, tracking_uri: str, experiment: str):
+    """Each model through `jobs.evaluate` on the suite, unless evaluated before from the same model and suite."""
+    from jobs.evaluate import evaluate_model
+
+    for label in labels:
+        uri = state["models"][label]
+        inputs = step_inputs(suite.model_dump(mode="json"), root, uri)
+        if not state.current(f"evaluated/{label}", inputs):
+            res = state.timed(f"eval/{label}", lambda: evaluate_model(uri, suite, tracking_uri, experiment))
+            state.record(f"evaluated/{label}", res["run_id"], inputs)
+
+
 def run_seed(cfg: AblationConfig, seed: int, root: Path, out: Path, tracking_uri: str, command: str) -> dict:
     from mlflow.tracking import MlflowClient
 
     from data_ops.demo_corpus import build_demo_corpus
     from data_ops.shards import ManifestError, read_manifest
     from jobs.compare import compare_runs
-    from jobs.evaluate import evaluate_model, load_suite
+    from jobs.evaluate import load_suite
     from jobs.training.ray_run import run_training
 
     t0, memory = time.time(), PeakMemory()
@@ -300,19 +324,10 @@ def run_seed(cfg: AblationConfig, seed: int, root: Path, out: Path, tracking_uri
     common = dict(experiment=cfg.experiment, seed=seed, corpus=train_corpus, runs_dir=str(root / "runs"),
                   tracking_uri=tracking_uri)
 
-    def inputs(settings: dict, *upstream) -> dict:
-        """What a step's output depends on: its settings (run names and tracking left out; paths under the work
-        folder relative to it, so a moved folder is the same) and the outputs it starts from."""
-        text = json.dumps(settings).replace(str(root), "<root>")
-        return {"settings": json.loads(text), "from": list(upstream)}
-
     def train(key: str, recipe: Recipe, *upstream) -> str:
-        settings = recipe.model_dump(mode="json")
-        settings["run"] = {"seed": settings["run"]["seed"]}
-        step_inputs = inputs(settings, *upstream)
-        if not state.current(f"models/{key}", step_inputs):
-            out_ = timed(f"train/{key}", lambda: run_training(recipe))
-            state.record(f"models/{key}", out_["registered"], step_inputs)
+        inputs = recipe_inputs(recipe, root, *upstream)
+        if not state.current(f"models/{key}", inputs):
+            state.record(f"models/{key}", timed(f"train/{key}", lambda: run_training(recipe))["registered"], inputs)
         return state["models"][key]
 
     # 2. the text LM, exported as an HF checkpoint
@@ -325,7 +340,8 @@ def run_seed(cfg: AblationConfig, seed: int, root: Path, out: Path, tracking_uri
         state.record("exports/text-lm", str(text_lm_dir), text_lm_uri)
     # 3. the encoder, pretrained with CTC
     encoder_dir = root / f"encoder-seed{seed}"
-    encoder_inputs = inputs({"steps": cfg.encoder_steps, "lr": cfg.encoder_lr, "corpus": train_corpus}, text_lm_uri)
+    encoder_inputs = step_inputs({"steps": cfg.encoder_steps, "lr": cfg.encoder_lr, "corpus": train_corpus}, root,
+                                 text_lm_uri)
     if not (state.current("encoder", encoder_inputs) and encoder_dir.is_dir()):
         shutil.rmtree(encoder_dir, ignore_errors=True)
         state.record("encoder", timed("encoder", lambda: pretrain_encoder_logged(
@@ -338,12 +354,7 @@ def run_seed(cfg: AblationConfig, seed: int, root: Path, out: Path, tracking_uri
     # 5. evaluation
     suite = load_suite(str(REPO / cfg.suite))
     suite.uris = [eval_corpus]
-    for label in ["text-lm", *cfg.recipes]:
-        uri = state["models"][label]
-        eval_inputs = inputs(suite.model_dump(mode="json"), uri)
-        if not state.current(f"evaluated/{label}", eval_inputs):
-            res = timed(f"eval/{label}", lambda: evaluate_model(uri, suite, tracking_uri, cfg.experiment))
-            state.record(f"evaluated/{label}", res["run_id"], eval_inputs)
+    evaluate_models(state, ["text-lm", *cfg.recipes], suite, root, tracking_uri, cfg.experiment)
     # 6. the table, chart and claims
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     labels = ["text-lm", *cfg.recipes]
