@@ -22,7 +22,7 @@ test: install
 test-fast: install   # unit tests only, no services
 	$(PY) -m pytest -m "not integration"
 
-# The ablation miniature (docs/ablation.md): paper Table 4 on CPU, about an hour per seed on an idle 2-core
+# The ablation miniature (docs/ablation.md): paper Table 4 on CPU, about two hours per seed on an idle 2-core
 # machine. The pipeline runs as a Ray job on the local stack, which stays up afterwards for the MLflow UI
 # (`make stack-down` stops it).
 # SEED="0 1" runs two seeds one after the other; ABLATION=jobs/ablations/table4_quick.yaml is CI's short version.
