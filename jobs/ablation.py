@@ -242,8 +242,8 @@ class SeedState:
         group, _, key = path.partition("/")
         if not (key in self.state.get(group, {}) if key else group in self.state):
             return False
-        recorded = self.state.get("inputs", {}).get(path)
-        if recorded is not None and recorded != _fingerprint(inputs):
+        recorded, fingerprint = self.state.get("inputs", {}).get(path), _fingerprint(inputs)
+        if recorded is not None and recorded != fingerprint:
             print(f"[ablation] {path} was done from other inputs than the config's now: doing it again", flush=True)
             if key:
                 self.state[group].pop(key)
@@ -251,7 +251,8 @@ class SeedState:
                 self.state.pop(group)
             self.done("inputs", {k: v for k, v in self.state["inputs"].items() if k != path})
             return False
-        self.done("inputs", {**self.state.get("inputs", {}), path: _fingerprint(inputs)})
+        if recorded is None:  # an older state file's step: adopted with these inputs
+            self.done("inputs", {**self.state.get("inputs", {}), path: fingerprint})
         return True
 
     def record(self, path: str, value, inputs) -> None:
