@@ -16,6 +16,7 @@ import json
 import re
 
 import jiwer
+import numpy as np
 import sacrebleu
 
 from data_ops.llm_client import ChatClient, ChatEndpoint, EndpointError
@@ -63,9 +64,34 @@ def bleu(references: list[str], hypotheses: list[str]) -> float:
     return float(sacrebleu.corpus_bleu(hypotheses, [references]).score)
 
 
-def exact_match(references: list[str], hypotheses: list[str]) -> float:
+def exact_matches(references: list[str], hypotheses: list[str]) -> list[bool]:
+    """Per sample: does the hypothesis equal the reference after the basic normalizer."""
     norm = normalizer("other")
-    return sum(norm(r).strip() == norm(h).strip() for r, h in zip(references, hypotheses)) / max(1, len(references))
+    return [norm(r).strip() == norm(h).strip() for r, h in zip(references, hypotheses)]
+
+
+def exact_match(references: list[str], hypotheses: list[str]) -> float:
+    return sum(exact_matches(references, hypotheses)) / max(1, len(references))
+
+
+def bootstrap_ci(scores: list[float], baseline: list[float] | None = None, *, level: float = 0.95,
+                 resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of mean(scores), or with `baseline` (another model's scores on the
+    same samples, in the same order) of mean(scores) - mean(baseline). Paired: a resample draws a sample's two
+    scores together, so what both models get right or wrong cancels (Koehn 2004's paired bootstrap). This is what
+    says whether a difference of a few samples out of 100 is a difference between the models or the draw."""
+    diffs = np.asarray(scores, dtype=float)
+    if baseline is not None:
+        if len(baseline) != len(diffs):
+            raise ValueError(f"paired scores need the same samples: {len(diffs)} vs {len(baseline)}")
+        diffs = diffs - np.asarray(baseline, dtype=float)
+    if not len(diffs):
+        raise ValueError("no samples to bootstrap")
+    draws = np.random.default_rng(seed).integers(0, len(diffs), size=(resamples, len(diffs)))
+    means = diffs[draws].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
 
 
 _SCORE = re.compile(r'"?correctness_score"?\s*[:=]\s*"?([01])\b')

@@ -349,6 +349,18 @@ def evaluate_model(model_uri: str, suite: Suite, tracking_uri: str, experiment: 
             "seconds": time.time() - t0}
 
 
+def logged_samples(client, run_id: str, suite_name: str, task: str) -> list[dict]:
+    """The rows of `task` in the per-sample table `evaluate_model` logged to `run_id` for suite `suite_name`
+    (id, prediction, reference, ...), sorted by id: what per-sample statistics are computed from."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = client.download_artifacts(run_id, f"eval/{suite_name}/samples.json", tmp)
+        table = json.loads(Path(path).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    return sorted((r for r in rows if r["task"] == task), key=lambda r: r["id"])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="models:/name@alias, models:/name/3, runs:/id/model or a folder")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from data_ops.scoring import bleu, exact_match, parse_judge, wer
+from data_ops.scoring import bleu, bootstrap_ci, exact_match, exact_matches, parse_judge, wer
 
 
 def test_wer_by_hand_with_whisper_normalization():
@@ -39,6 +39,26 @@ def test_exact_match_ignores_case_and_punctuation_only():
     assert exact_match(["The largest number is 9."], ["the largest number is 9!"]) == 1.0
     assert exact_match(["19"], ["nineteen"]) == 0.0
     assert exact_match(["a", "b", "c", "d"], ["a", "b", "x", "y"]) == 0.5
+    assert exact_matches(["a", "b", "c"], ["A.", "x", "c"]) == [True, False, True]
+
+
+def test_bootstrap_interval_of_a_score_and_of_a_paired_difference():
+    # 10 of 100 right: the normal approximation gives 0.1 +- 1.96 * sqrt(0.1 * 0.9 / 100) = [0.041, 0.159]
+    lo, hi = bootstrap_ci([1] * 10 + [0] * 90)
+    assert 0.03 <= lo <= 0.05 and 0.15 <= hi <= 0.17, (lo, hi)
+    # two models right on the same 10 samples: the paired difference is exactly 0 in every resample, while each
+    # score alone is as uncertain as above
+    assert bootstrap_ci([1] * 10 + [0] * 90, [1] * 10 + [0] * 90) == (0.0, 0.0)
+    # 7 right by both, 3 by the first only, 6 by the second only (0.10 vs 0.13): the difference -0.03 is within noise
+    a = [1] * 7 + [1] * 3 + [0] * 6 + [0] * 84
+    b = [1] * 7 + [0] * 3 + [1] * 6 + [0] * 84
+    lo, hi = bootstrap_ci(a, b)
+    assert lo < 0 < hi and lo == pytest.approx(-0.03 - 1.96 * 0.0296, abs=0.015), (lo, hi)
+    # 40 right by the first only: a difference no resample undoes
+    lo, hi = bootstrap_ci([1] * 50 + [0] * 50, [1] * 10 + [0] * 90)
+    assert 0.3 <= lo < 0.4 < hi <= 0.5, (lo, hi)
+    with pytest.raises(ValueError, match="same samples"):
+        bootstrap_ci([1, 0], [1])
 
 
 @pytest.mark.parametrize("reply,score", [

@@ -81,6 +81,34 @@ def test_claims_are_checked_on_the_numbers_not_assumed():
     assert not any(v for v in flipped.values() if v is not None), flipped
 
 
+def test_spoken_instruction_checks_say_whether_their_samples_can_tell():
+    def checks(joint, b1):  # per model: the ids of the spoken instructions it got right, out of 100
+        ids = [f"spoken-{i:03d}" for i in range(100)]
+        spoken = {label: {i: i in right for i in ids} for label, right in (("joint", joint), ("b1-speech-only", b1))}
+        rows = {label: {"eval/s/spoken_instruction/exact_match": sum(v.values()) / 100} for label, v in spoken.items()}
+        found = {c["claim"].split(":")[0]: c for c in check_claims(rows, "s", spoken)}
+        return found["joint SFT follows spoken instructions better than B1"], found[
+            "joint SFT follows spoken instructions"]
+
+    ids = [f"spoken-{i:03d}" for i in range(100)]
+    # 0.10 vs 0.13, 7 right by both: B1 ahead by 3 samples, which these 100 cannot tell from the draw
+    better, floor = checks(set(ids[:10]), set(ids[:7] + ids[10:16]))
+    assert better["holds"] is False and better["within_noise"] is True and better["ci95"][0] < 0 < better["ci95"][1]
+    assert floor["holds"] is True and floor["within_noise"] is True  # 0.10 against a floor of 0.1
+    # 0.40 vs 0.10: both settled
+    better, floor = checks(set(ids[:40]), set(ids[:10]))
+    assert better["holds"] is True and better["within_noise"] is False and better["ci95"][0] > 0
+    assert floor["holds"] is True and floor["within_noise"] is False and floor["ci95"][0] > 0.1
+    # without per-sample scores (or not on the same samples) no interval is claimed
+    rows = {"joint": {"eval/s/spoken_instruction/exact_match": 0.4}, "b1-speech-only":
+            {"eval/s/spoken_instruction/exact_match": 0.1}}
+    mismatched = {"joint": {"a": True}, "b1-speech-only": {"b": False}}
+    for spoken in (None, mismatched):
+        found = {c["claim"].split(":")[0]: c for c in check_claims(rows, "s", spoken)}
+        assert found["joint SFT follows spoken instructions better than B1"]["holds"] is True
+        assert "ci95" not in found["joint SFT follows spoken instructions better than B1"]
+
+
 def test_comparison_table_marks_the_best_of_each_column_by_its_direction():
     from jobs.compare import comparison_table
 

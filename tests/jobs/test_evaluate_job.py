@@ -13,6 +13,7 @@ import pytest
 
 from data_ops.schema import conversation_to_cut
 from data_ops.shards import ShardWriter
+from jobs.evaluate import logged_samples
 from models.conversation import AudioPart, Conversation, TextPart, Turn
 from tests.jobs.ray_jobs import submit
 
@@ -98,6 +99,9 @@ def test_evaluate_two_models_and_compare(stack, tmp_path, tokenizer):
         assert m["eval/demo/spoken_instruction_heard/samples"] == 1 and "eval/demo/spoken_instruction_heard/wer" in m
         table = json.loads(mlflow.artifacts.load_text(f"runs:/{runs[name].info.run_id}/eval/demo/samples.json"))
         assert len(table["data"]) == 11 and "prediction" in table["columns"]
+        # read back per task, as the ablation's per-sample statistics do
+        asr = logged_samples(mc, runs[name].info.run_id, "demo", "asr")
+        assert [r["id"] for r in asr] == ["asr-de-2", "asr-en-0", "asr-en-1"] and {r["task"] for r in asr} == {"asr"}
 
     out = tmp_path / "cmp"
     proc = subprocess.run([sys.executable, "-m", "jobs.compare", "--experiment", "eval-it", "--suite", "demo", "--out",
