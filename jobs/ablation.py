@@ -238,7 +238,7 @@ def _spoken_ci(spoken: dict[str, dict[str, bool]] | None, label: str,
 
 
 def spoken_instruction_matches(client, evaluated: dict[str, str], suite_name: str,
-                               labels: list[str]) -> dict[str, dict[str, bool]]:
+                               labels=("joint", "b1-speech-only")) -> dict[str, dict[str, bool]]:
     """label -> {sample id: exact match} on the suite's `spoken_instruction` task, from the samples each model's
     evaluation run logged (models without that task are left out)."""
     from data_ops.scoring import exact_matches
@@ -407,10 +407,8 @@ def run_seed(cfg: AblationConfig, seed: int, root: Path, out: Path, tracking_uri
     rows = {label: {k: v for k, v in r.data.metrics.items() if k.startswith(current)} for label, r in zip(labels, runs)}
     result = {
         "ablation": cfg.name, "seed": seed, "command": command, "models": state["models"],
-        "encoder_ctc": state.get("encoder"),
-        "table_markdown": table, "metrics": rows,
-        "claims": check_claims(rows, suite.name, spoken_instruction_matches(
-            client, state["evaluated"], suite.name, ["joint", "b1-speech-only"])),
+        "encoder_ctc": state.get("encoder"), "table_markdown": table, "metrics": rows,
+        "claims": check_claims(rows, suite.name, spoken_instruction_matches(client, state["evaluated"], suite.name)),
         "seconds": round(time.time() - t0, 1), "timings_s": timings,
         "steps_seconds_total": round(sum(timings.values()), 1), "memory": memory.stop(),
         "comparison_run": comparison_run, "cpus": os.cpu_count(),
