@@ -464,7 +464,7 @@ def seeds_table(out: Path) -> str | None:
     for i, c in enumerate(results[0]["claims"]):
         marks = [{True: "holds", False: "no", None: "–"}[r["claims"][i]["holds"]] + _noise_note(r["claims"][i])
                  for r in results]
-        claims.append(f"| {c['claim']} | " + " | ".join(marks) + " |")
+        claims.append(f"| {c['claim'].replace('|', '&#124;')} | " + " | ".join(marks) + " |")  # |gap| in a table
     text = "\n".join(lines + claims) + "\n"
     (out / "seeds.md").write_text(text)
     return text

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.ablation import SeedState, adapt_recipe, check_claims, load_config
+from jobs.ablation import SeedState, adapt_recipe, check_claims, load_config, seeds_table
 from jobs.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,6 +107,31 @@ def test_spoken_instruction_checks_say_whether_their_samples_can_tell():
         found = {c["claim"].split(":")[0]: c for c in check_claims(rows, "s", spoken)}
         assert found["joint SFT follows spoken instructions better than B1"]["holds"] is True
         assert "ci95" not in found["joint SFT follows spoken instructions better than B1"]
+
+
+def test_seeds_table_puts_each_seeds_numbers_and_checks_side_by_side(tmp_path):
+    import json
+
+    ids = [f"spoken-{i:03d}" for i in range(100)]
+    for seed, joint_right in ((0, 7), (1, 40)):
+        spoken = {"joint": {i: n < joint_right for n, i in enumerate(ids)},
+                  "b1-speech-only": {i: n < 10 for n, i in enumerate(ids)}}
+        metrics = {label: {"eval/s/spoken_instruction/exact_match": sum(v.values()) / 100, "eval/s/text/samples": 9.0,
+                           "eval/s/speech/content_gap": 0.05} for label, v in spoken.items()}
+        (tmp_path / f"seed-{seed}").mkdir()
+        (tmp_path / f"seed-{seed}" / "result.json").write_text(json.dumps(
+            {"seed": seed, "models": {"joint": "m1", "b1-speech-only": "m2"}, "metrics": metrics,
+             "claims": check_claims(metrics, "s", spoken)}))
+    lines = seeds_table(tmp_path).splitlines()
+    assert "| joint | spoken_instruction/exact_match | 0.070 | 0.400 | 0.330 |" in lines
+    assert not any("samples" in line for line in lines)  # counts are not scores
+    better = next(line for line in lines if line.startswith("| joint SFT follows spoken instructions better"))
+    cells = [c.strip() for c in better.strip("|").split("|")]
+    assert len(cells) == 3 and cells[1].startswith("no (95% CI") and cells[1].endswith("within noise)")
+    assert cells[2].startswith("holds (95% CI") and "within noise" not in cells[2]
+    gap = next(line for line in lines if "no content gap" in line)  # its "|gap|" must not split the row
+    assert len(gap.strip("|").split("|")) == 3
+    assert (tmp_path / "seeds.md").read_text().splitlines() == lines
 
 
 def test_comparison_table_marks_the_best_of_each_column_by_its_direction():
