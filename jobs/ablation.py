@@ -194,7 +194,7 @@ def check_claims(rows: dict[str, dict[str, float]], suite: str,
         if ci is not None:
             checks[-1].update(ci95=[round(ci[0], 4), round(ci[1], 4)], within_noise=bool(ci[0] <= boundary <= ci[1]))
 
-    text, wer, bleu, heard = "text/exact_match", "asr/wer", "ast/bleu", "spoken_instruction/exact_match"
+    text, wer, bleu, follows = "text/exact_match", "asr/wer", "ast/bleu", "spoken_instruction/exact_match"
     gap = "speech/content_gap"
     claim("joint SFT transcribes held-out voices: joint ASR WER <= 0.5",
           m("joint", wer), 0.5, lambda a, b: a <= b)
@@ -211,10 +211,10 @@ def check_claims(rows: dict[str, dict[str, float]], suite: str,
     claim("B1 (speech-only SFT) forgets text: B1 text exact match <= 50% of the text LM's",
           m("b1-speech-only", text), m("text-lm", text), lambda a, b: a <= 0.5 * b)
     claim("joint SFT follows spoken instructions better than B1: exact match joint > B1",
-          m("joint", heard), m("b1-speech-only", heard), lambda a, b: a > b,
+          m("joint", follows), m("b1-speech-only", follows), lambda a, b: a > b,
           ci=_spoken_ci(spoken, "joint", "b1-speech-only"), boundary=0.0)
     claim("joint SFT follows spoken instructions: exact match >= 0.1",
-          m("joint", heard), 0.1, lambda a, b: a >= b, ci=_spoken_ci(spoken, "joint"), boundary=0.1)
+          m("joint", follows), 0.1, lambda a, b: a >= b, ci=_spoken_ci(spoken, "joint"), boundary=0.1)
     speech_labels = [label for label in rows if label != "text-lm"]
     gaps = [m(label, gap) for label in speech_labels]
     claim(f"every speech recipe reads the audio: content gap >= {CONTENT_GAP_CLEAR} nats/token "
