@@ -231,9 +231,9 @@ def _spoken_ci(spoken: dict[str, dict[str, bool]] | None, label: str,
     both models' samples on the same ids."""
     from data_ops.scoring import bootstrap_ci
 
-    if not spoken or label not in spoken or (baseline and sorted(spoken.get(baseline, {})) != sorted(spoken[label])):
+    ids = sorted((spoken or {}).get(label, {}))
+    if not ids or (baseline and sorted(spoken.get(baseline, {})) != ids):
         return None
-    ids = sorted(spoken[label])
     return bootstrap_ci([spoken[label][i] for i in ids], [spoken[baseline][i] for i in ids] if baseline else None)
 
 
