@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from models.conversation import AudioPart, Conversation, Turn
-from models.processor import IGNORE_INDEX
+from models.processor import IGNORE_INDEX, move_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +94,7 @@ def answer_token_losses(model, conversations: Sequence[Conversation], batch_size
     out: list[tuple[float, int]] = []
     for i in range(0, len(conversations), batch_size):
         batch = model.processor(conversations[i:i + batch_size])
-        batch = {k: v.to(model.device) for k, v in batch.items()}
+        batch = move_batch(batch, model.device)
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()  # (B, L, V)
         target = labels[:, 1:]

@@ -21,7 +21,22 @@ LOG_ZERO_GUARD = 2.0**-24  # NeMo / ParakeetFeatureExtractor
 NORM_EPS = 1e-5
 
 
-class FastConformerFeatures(nn.Module):
+class Fp32Buffers(nn.Module):
+    """A module whose floating buffers (mel filterbank, window) stay fp32 when the model moves to another dtype.
+
+    Why: `Module.to(dtype=torch.bfloat16)` casts floating buffers too, which would round the filterbank and the
+    window, so a model served or evaluated in bf16 would compute other features than it was trained on (in fp32,
+    under autocast). The buffers follow the model's device only, and keep their exact fp32 values."""
+
+    def _apply(self, fn, recurse=True):
+        originals = {name: b for name, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, b in originals.items():
+            self._buffers[name] = b.to(device=self._buffers[name].device)
+        return self
+
+
+class FastConformerFeatures(Fp32Buffers):
     """NeMo-style features (as `ParakeetFeatureExtractor`): pre-emphasis 0.97, 25 ms Hann window, 10 ms hop,
     512-point FFT, slaney mel, natural log, then per-utterance per-bin mean/variance normalisation over valid
     frames only.
@@ -51,9 +66,9 @@ class FastConformerFeatures(nn.Module):
         x = torch.cat([audio[:, :1], audio[:, 1:] - self.preemphasis * audio[:, :-1]], dim=1)
         x = x.masked_fill(~valid, 0.0)
         spec = torch.stft(x, self.n_fft, hop_length=self.hop_length, win_length=self.win_length,
-                          window=self.window.float(), return_complex=True, pad_mode="constant")
+                          window=self.window, return_complex=True, pad_mode="constant")
         power = spec.real.pow(2) + spec.imag.pow(2)
-        mel = torch.log(self.mel_fb.float() @ power + LOG_ZERO_GUARD).transpose(1, 2)  # (B, T, F)
+        mel = torch.log(self.mel_fb @ power + LOG_ZERO_GUARD).transpose(1, 2)  # (B, T, F)
         feat_lens = torch.div(audio_lens, self.hop_length, rounding_mode="floor")
         mask = (torch.arange(mel.shape[1], device=mel.device)[None, :] < feat_lens[:, None]).unsqueeze(-1)
         n = feat_lens.clamp(min=1).unsqueeze(-1).to(mel.dtype)
@@ -63,7 +78,7 @@ class FastConformerFeatures(nn.Module):
         return mel * mask, feat_lens
 
 
-class WhisperFeatures(nn.Module):
+class WhisperFeatures(Fp32Buffers):
     """Whisper's features (as `WhisperFeatureExtractor`): 400-point FFT, 10 ms hop, slaney mel to 8 kHz, log10,
     floor at (max - 8), then (x + 4) / 4. Input is one fixed window per row (Whisper needs exactly 30 s)."""
 
@@ -82,9 +97,9 @@ class WhisperFeatures(nn.Module):
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
         """windows (B, S_window) -> features (B, F, T_window) (Whisper's channel-first layout)."""
-        spec = torch.stft(windows.float(), self.n_fft, self.hop_length, window=self.window.float(), return_complex=True)
+        spec = torch.stft(windows.float(), self.n_fft, self.hop_length, window=self.window, return_complex=True)
         power = (spec[..., :-1].abs() ** 2).contiguous()
-        log_spec = torch.clamp(self.mel_fb.float() @ power, min=1e-10).log10()
+        log_spec = torch.clamp(self.mel_fb @ power, min=1e-10).log10()
         peak = log_spec.amax(dim=(1, 2), keepdim=True)
         log_spec = torch.maximum(log_spec, peak - 8.0)
         return (log_spec + 4.0) / 4.0

@@ -215,6 +215,15 @@ class ConversationProcessor:
         return self.collate(encoded, padding_side="left" if for_generation else "right")
 
 
+HOST_KEYS = frozenset({"audio_lens"})
+
+
+def move_batch(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """The batch on `device`, its audio lengths left on the host: the model derives every frame count from them
+    in Python, which on a GPU would otherwise wait for the device (a host sync per clip)."""
+    return {k: v if k in HOST_KEYS else v.to(device) for k, v in batch.items()}
+
+
 def _common_prefix_len(a: str, b: str) -> int:
     n = min(len(a), len(b))
     i = 0

@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from models.config import SpeechLMConfig
 from models.conversation import Conversation, ConversationError
 from models.features import FastConformerFeatures, WhisperFeatures
-from models.processor import ConversationProcessor
+from models.processor import ConversationProcessor, move_batch
 
 CONFIG_FILE = "speechlm_config.json"
 ENCODER_FILE = "encoder.safetensors"
@@ -94,22 +94,28 @@ class SpeechEncoder(nn.Module):
         return total
 
     def forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """audio (N, S), audio_lens (N,) -> hidden (N, T, D_enc), lens (N,)."""
+        """audio (N, S), audio_lens (N,) -> hidden (N, T, D_enc), lens (N,) on the host.
+
+        Frame counts are host arithmetic on the lengths (kept on the host by `move_batch`: no device sync); the
+        features enter the encoder in its weights' dtype (fp32 features into bf16 weights fail outside autocast).
+        """
+        host_lens = audio_lens.cpu().tolist()
+        lens = torch.tensor([self.output_length(n) for n in host_lens], dtype=torch.long)
+        dtype = next(self.encoder.parameters()).dtype
+        if self.kind == "whisper":
+            return self._whisper_forward(audio, host_lens, dtype), lens
         # Features in fp32 even under bf16 autocast: STFT and log are precision-sensitive.
         with torch.autocast(device_type=audio.device.type, enabled=False):
-            if self.kind == "fastconformer":
-                feats, feat_lens = self.features(audio, audio_lens)
-        lens = torch.tensor([self.output_length(int(n)) for n in audio_lens.tolist()], device=audio.device)
-        if self.kind == "fastconformer":
-            mask = torch.arange(feats.shape[1], device=audio.device)[None, :] < feat_lens[:, None]
-            hidden = self.encoder(input_features=feats, attention_mask=mask.long()).last_hidden_state
-            return hidden[:, : int(lens.max())], lens
-        return self._whisper_forward(audio, audio_lens), lens
+            feats, feat_lens = self.features(audio, audio_lens.to(audio.device))
+        mask = torch.arange(feats.shape[1], device=audio.device)[None, :] < feat_lens[:, None]
+        hidden = self.encoder(input_features=feats.to(dtype), attention_mask=mask.long()).last_hidden_state
+        # frames past the longest clip's are padding: the padded length's count is known without reading lens
+        return hidden[:, : self.output_length(audio.shape[1])], lens
 
-    def _whisper_forward(self, audio: torch.Tensor, audio_lens: torch.Tensor) -> torch.Tensor:
+    def _whisper_forward(self, audio: torch.Tensor, host_lens: list[int], dtype: torch.dtype) -> torch.Tensor:
         w = self.window_samples
         windows, owner, valid = [], [], []
-        for i, n in enumerate(audio_lens.tolist()):
+        for i, n in enumerate(host_lens):
             for start in range(0, n, w):
                 chunk = audio[i, start : min(start + w, n)]
                 windows.append(F.pad(chunk, (0, w - chunk.shape[0])))
@@ -117,7 +123,7 @@ class SpeechEncoder(nn.Module):
                 valid.append(math.ceil(self.features.num_frames(chunk.shape[0]) / 2))
         with torch.autocast(device_type=audio.device.type, enabled=False):
             feats = self.features(torch.stack(windows))
-        hidden = self.encoder(input_features=feats.to(self.encoder.dtype)).last_hidden_state  # (W, 1500, D)
+        hidden = self.encoder(input_features=feats.to(dtype)).last_hidden_state  # (W, 1500, D)
         per_audio: list[list[torch.Tensor]] = [[] for _ in range(audio.shape[0])]
         for h, i, v in zip(hidden, owner, valid):
             per_audio[i].append(h[:v])
@@ -197,14 +203,14 @@ class ModalityAdapter(nn.Module):
         return math.ceil(encoder_frames / self.stack)
 
     def forward(self, x: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (N, T, D_enc), lens (N,) -> (N, T', D), lens' (N,)."""
+        """x (N, T, D_enc), lens (N,) -> (N, T', D), lens' (N,) on the device `lens` came on."""
         n, t, d = x.shape
         if self.stack > 1:
             pad = (-t) % self.stack
             x = F.pad(x, (0, 0, 0, pad)).reshape(n, (t + pad) // self.stack, d * self.stack)
             lens = torch.div(lens + self.stack - 1, self.stack, rounding_mode="floor")
-        mask = torch.arange(x.shape[1], device=x.device)[None, :] < lens[:, None]
-        x = self.proj_in(x)
+        mask = torch.arange(x.shape[1], device=x.device)[None, :] < lens.to(x.device)[:, None]
+        x = self.proj_in(x.to(self.proj_in.weight.dtype))  # the encoder's output dtype may differ from the adapter's
         for layer in self.layers:
             x = layer(x, mask)
         return self.proj_out(x), lens
@@ -299,8 +305,7 @@ class SpeechLM(nn.Module):
             raise ConversationError("generate() takes a list of conversations; wrap a single one in a list")
         if not conversations:
             raise ConversationError("generate() got no conversations")
-        batch = self.processor(conversations, for_generation=True)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = move_batch(self.processor(conversations, for_generation=True), self.device)
         embeds = self.embed_inputs(batch["input_ids"], batch["audio_mask"], batch["audio"], batch["audio_lens"])
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
         out = self.lm.generate(

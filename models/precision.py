@@ -1,0 +1,70 @@
+"""Which device and which floating-point type a model runs in: one home for the choice that training, evaluation
+and serving all make.
+
+- Inference (`inference_dtype`): bf16 on a GPU that computes it natively, fp16 on one that does not (V100, T4:
+  `torch.cuda.is_bf16_supported()` is False there, and their bf16 is emulated, slow), fp32 on CPU; any of them can
+  be asked for by name (`bf16` on CPU is how the suite tests the GPU's dtype path).
+- Training (`training_autocast_dtype`): bf16 autocast over fp32 weights, or none (fp32). bf16 is refused on a GPU
+  without native bf16, naming the GPU: fp16 training would need loss scaling, which this product does not do.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class PrecisionError(ValueError):
+    """A precision the device cannot run (e.g. bf16 training on a V100)."""
+
+
+def resolve_device(device: str = "auto") -> str:
+    """`auto`: cuda when this process sees a GPU, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether `device` computes bf16 natively (every CPU torch runs; among GPUs, Ampere and newer)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def _gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def inference_dtype(device: str | torch.device, precision: Precision = "auto") -> torch.dtype:
+    """The weights' dtype for generation and evaluation on `device`."""
+    device = torch.device(device)
+    if precision != "auto":
+        if precision == "bf16" and not native_bf16(device):
+            raise PrecisionError(f"{_gpu_name(device)} has no native bf16; use precision fp16 or auto")
+        return DTYPES[precision]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if native_bf16(device) else torch.float16
+
+
+def training_autocast_dtype(device: str | torch.device, precision: Precision = "auto") -> torch.dtype | None:
+    """The autocast dtype of a training step on `device` (None: fp32 throughout). Weights stay fp32 either way."""
+    device = torch.device(device)
+    if precision == "fp16":
+        raise PrecisionError("fp16 training needs loss scaling, which this product does not do: use bf16 or fp32")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        if not native_bf16(device):
+            raise PrecisionError(
+                f"train.precision is bf16 but {_gpu_name(device)} has no native bf16 (it is emulated there): set "
+                "train.precision to fp32, or train on an Ampere or newer GPU")
+        return torch.bfloat16
+    # auto: bf16 where the GPU has it natively, fp32 elsewhere (CPU, V100, T4)
+    return torch.bfloat16 if device.type == "cuda" and native_bf16(device) else None
