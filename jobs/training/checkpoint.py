@@ -1,7 +1,7 @@
 """What a training checkpoint holds and how it is written and read.
 
 A checkpoint folder: the trainable weights (frozen weights come from the base checkpoints), the optimizer state,
-and `TrainState` as JSON (step, stage, scheduler, every rank's stream positions and torch RNG), so a restart loses
+and `TrainState` as JSON (step, stage, scheduler, every rank's stream positions and torch RNG: CPU and GPU), so a restart loses
 no step and repeats no sample beyond the checkpoint.
 
 Two layouts of the weights and optimizer state:
@@ -28,7 +28,7 @@ class TrainState:
     stage: str
     scheduler: dict
     streams: list[dict] = field(default_factory=list)  # per rank: {data type: TypeStream.state_dict()}
-    rng: list[list[int]] = field(default_factory=list)  # per rank: torch.get_rng_state()
+    rng: list[dict] = field(default_factory=list)  # per rank: `distributed.rng_state` (CPU and CUDA generators)
     recipe: str = ""  # `Recipe.training_fingerprint()` of the run that wrote it ("" in older checkpoints)
 
     def to_json(self) -> str:

@@ -197,8 +197,9 @@ def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str
     recipe names none, storage credentials forwarded to the workers). Returns run id, tracking URI, registered
     model URI and the last checkpoint's path."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
+    from jobs.training.distributed import process_group_backend
     from jobs.training.sft import WorkerJob, train_loop_per_worker
 
     env = dict(os.environ if env is None else env)
@@ -221,6 +222,7 @@ def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str
                         final=i == len(stages) - 1, step_offset=offset, sample_log_dir=sample_log_dir)
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config={"job": job},
+            torch_config=TorchConfig(backend=process_group_backend(recipe.train.use_gpu)),
             scaling_config=ScalingConfig(num_workers=recipe.train.num_workers, use_gpu=recipe.train.use_gpu,
                                          resources_per_worker={"CPU": recipe.train.cpus_per_worker,
                                                                **recipe.train.resources_per_worker}),

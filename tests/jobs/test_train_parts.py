@@ -82,14 +82,14 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_state(tmp_path, to
         opt.step()
         sched.step()
     save_checkpoint(tmp_path, a, opt, TrainState(step=2, stage="main", scheduler=sched.state_dict(),
-                                                 streams=[{"text": {"epoch": 1}}], rng=[[1, 2]]), is_rank0=True,
+                                                 streams=[{"text": {"epoch": 1}}], rng=[{"cpu": [1, 2], "cuda": None}]), is_rank0=True,
                     sharded=sharded)
     assert is_sharded_checkpoint(tmp_path) == sharded
     b = build_model(recipe, recipe.stage_list()[0], files)
     opt_b = torch.optim.AdamW([p for p in b.parameters() if p.requires_grad], lr=1e-2)
     sched_b = build_scheduler(opt_b, warmup_steps=2, total_steps=5, schedule="cosine")
     state = load_checkpoint(tmp_path, b, opt_b, sched_b)
-    assert state.step == 2 and state.streams == [{"text": {"epoch": 1}}] and state.rng == [[1, 2]]
+    assert state.step == 2 and state.streams == [{"text": {"epoch": 1}}] and state.rng == [{"cpu": [1, 2], "cuda": None}]
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
     assert sched_b.last_epoch == 2 and sched_b.get_last_lr() == sched.get_last_lr()
@@ -170,7 +170,7 @@ def test_a_step_over_accumulated_micro_batches_equals_one_step_over_their_union(
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
         t = Trainer(m, opt, build_scheduler(opt, warmup_steps=0, total_steps=1, schedule="constant"),
                     grad_accum=len(micro), max_grad_norm=None)
-        losses.append(t.train_step(micro))
+        losses.append(float(t.train_step(micro)))
         models.append(m)
         assert t.step == 1
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
