@@ -57,6 +57,7 @@ def pretrain_encoder(corpus: str, cfg, tokenizer, out: Path, *, steps: int = 800
     from jobs.training.loop import Trainer
     from jobs.training.optim import build_optimizer, build_scheduler
     from models.encoder_ctc import EncoderCTC
+    from jobs.training.metrics import as_floats
     from models.speechlm import build_speech_encoder
 
     torch.manual_seed(seed)
@@ -73,7 +74,7 @@ def pretrain_encoder(corpus: str, cfg, tokenizer, out: Path, *, steps: int = 800
         losses.append(trainer.train_step([{"audio": audio, "audio_lens": lens, "targets": targets}]))
         step = trainer.step
         if step % log_every == 0 or step == steps:
-            mean = float(np.mean(losses[-log_every:]))
+            mean = float(np.mean(as_floats(losses[-log_every:])))
             print(f"[pretrain_encoder] step {step}/{steps} ctc loss {mean:.3f} ({time.time() - t0:.0f} s)",
                   flush=True)
             if on_metrics:

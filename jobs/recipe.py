@@ -148,7 +148,8 @@ class TrainSection(_Strict):
     gradient_clip_val). per_module: the encoder's, the adapter's and the LM's gradients each clipped to
     `max_grad_norm` on their own, so a burst in one module does not shrink the other modules' steps."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto: bf16 autocast on GPU, fp32 on CPU."""
+    """bf16: bf16 autocast over fp32 weights (refused on a GPU without native bf16, e.g. V100, T4, naming it);
+    auto: bf16 on GPUs that compute it natively, fp32 elsewhere (CPU, V100, T4); fp32: no autocast."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False

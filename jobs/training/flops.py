@@ -3,9 +3,14 @@
 Counted, not taken from a rule of thumb: torch's `FlopCounterMode` measures the forward FLOPs of the LM at three
 sequence lengths and of the speech path (encoder + adapter) at three clip lengths, once per worker at start-up.
 Each is a quadratic in its length (linear layers grow with it, attention with its square), so three points give
-the exact curve, and any batch's forward FLOPs follow from its rows' lengths and its clips' lengths. Training
-FLOPs are 3x forward (backward ~2x forward), the convention behind MFU as PaLM defined it (model FLOPs: no
-recomputation counted, frozen weights counted as if trained).
+the exact curve, and any batch's forward FLOPs follow from its rows' lengths and its clips' lengths.
+
+Training FLOPs are the FLOPs the step really does (no recomputation counted): a part whose weights train does
+its forward, the gradient of its input and the gradient of its weights (3x forward); a frozen part that a gradient
+must pass through to reach a trained part before it does forward and input gradient (2x); a frozen part with
+nothing trainable before it, forward only (1x). So the LM with LoRA counts 2x (its base weights get no gradient;
+LoRA's own share is small), a frozen LM 2x on audio batches whose encoder or adapter trains and 1x on text batches.
+PaLM's convention (3x everything) would inflate MFU by up to 1.5x for this model family.
 
 MFU = model FLOPs per second / the devices' peak dense bf16 FLOPs. The peak comes from the device's name
 (`PEAK_BF16_TFLOPS`) or the recipe (`train.peak_tflops`); without one, MFU is not logged (CPU runs).
@@ -45,25 +50,51 @@ def _quadratic(xs: list[int], ys: list[float]) -> tuple[float, float, float]:
 
 @dataclasses.dataclass(frozen=True)
 class ForwardFlops:
-    """Forward FLOPs of a SpeechLM as curves: `lm(n)` for a sequence of n positions, `speech(s)` for a clip of s
-    samples (encoder and adapter)."""
+    """Forward FLOPs of a SpeechLM as curves: `lm(n)` for a sequence of n positions, `encoder(s)` and `adapter(s)`
+    for a clip of s samples; and which parts train (`encoder_trains`, `adapter_trains`, `lm_mode`)."""
 
     lm_coef: tuple[float, float, float]
-    speech_coef: tuple[float, float, float]
+    encoder_coef: tuple[float, float, float]
+    adapter_coef: tuple[float, float, float]
+    encoder_trains: bool = True
+    adapter_trains: bool = True
+    lm_mode: str = "lora"
+
+    @staticmethod
+    def _curve(coef: tuple[float, float, float], x: int) -> float:
+        c0, c1, c2 = coef
+        return max(0.0, c0 + c1 * x + c2 * x ** 2)
 
     def lm(self, positions: int) -> float:
-        c0, c1, c2 = self.lm_coef
-        return c0 + c1 * positions + c2 * positions ** 2
+        return self._curve(self.lm_coef, positions)
+
+    def encoder(self, samples: int) -> float:
+        return self._curve(self.encoder_coef, samples)
+
+    def adapter(self, samples: int) -> float:
+        return self._curve(self.adapter_coef, samples)
 
     def speech(self, samples: int) -> float:
-        c0, c1, c2 = self.speech_coef
-        return max(0.0, c0 + c1 * samples + c2 * samples ** 2)
+        return self.encoder(samples) + self.adapter(samples)
+
+    def passes(self, with_audio: bool) -> dict[str, int]:
+        """Forward-pass equivalents per part (see the module docstring) for a batch with or without audio."""
+        def factor(trains: bool, grad_from_before: bool) -> int:
+            return 3 if trains else 2 if grad_from_before else 1
+
+        encoder = factor(self.encoder_trains, False)
+        adapter = factor(self.adapter_trains, self.encoder_trains)
+        speech_trains = with_audio and (self.encoder_trains or self.adapter_trains)
+        lm = 3 if self.lm_mode == "full" else 2 if self.lm_mode == "lora" else factor(False, speech_trains)
+        return {"encoder": encoder, "adapter": adapter, "lm": lm}
 
     def train_step(self, batch: dict) -> float:
-        """Model FLOPs (forward + backward) of one micro-batch of the processor's tensors."""
+        """Model FLOPs (forward + backward) of one micro-batch of the processor's tensors (on the host)."""
         rows = batch["attention_mask"].sum(dim=1).tolist()
         clips = batch["audio_lens"].tolist() if batch.get("audio_lens") is not None else []
-        return 3.0 * (sum(self.lm(n) for n in rows) + sum(self.speech(s) for s in clips))
+        k = self.passes(with_audio=bool(clips))
+        return (k["lm"] * sum(self.lm(n) for n in rows)
+                + sum(k["encoder"] * self.encoder(s) + k["adapter"] * self.adapter(s) for s in clips))
 
 
 def flop_counter():
@@ -110,7 +141,11 @@ def _count(model, lm_lengths, clip_seconds, measure) -> ForwardFlops:
           for n in lm_lengths]
     rate = model.config.sampling_rate
     samples = [int(s * rate) for s in clip_seconds]
-    speech = [measure(lambda s=s: model.encode_audio(torch.zeros(1, s, device=device),
-                                                     torch.tensor([s], device=device)))
+    encoder = [measure(lambda s=s: model.encoder(torch.zeros(1, s, device=device), torch.tensor([s])))
+               for s in samples]
+    speech = [measure(lambda s=s: model.encode_audio(torch.zeros(1, s, device=device), torch.tensor([s])))
               for s in samples]
-    return ForwardFlops(_quadratic(list(lm_lengths), lm), _quadratic(samples, speech))
+    cfg = model.config
+    return ForwardFlops(_quadratic(list(lm_lengths), lm), _quadratic(samples, encoder),
+                        _quadratic(samples, [b - a for a, b in zip(encoder, speech)]),
+                        encoder_trains=cfg.encoder.train, adapter_trains=cfg.adapter.train, lm_mode=cfg.lm.mode)

@@ -36,12 +36,14 @@ class Trainer:
             out = self.model(**batch)
         return out if isinstance(out, torch.Tensor) else out.loss
 
-    def train_step(self, micro_batches: Iterable[dict], on_micro: Callable[[int, float], None] | None = None) -> float:
+    def train_step(self, micro_batches: Iterable[dict],
+                   on_micro: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Forward/backward each of the step's `grad_accum` micro-batches (pulled lazily, so the caller may time
         its data loading), clip, step optimizer and schedule. Returns the step's mean loss; `on_micro(i, loss)`
-        sees each micro-batch's."""
+        sees each micro-batch's. Losses are detached 0-d tensors on the model's device, not floats: reading one
+        (`float(loss)`) waits for the device to finish, so callers read them only when they log."""
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total = None
         for micro, batch in enumerate(micro_batches):
             last = micro == self.grad_accum - 1
             if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter only on the last one
@@ -52,8 +54,8 @@ class Trainer:
                     (loss / self.grad_accum).backward()
                 # else: nothing trainable took part (a text batch with a frozen LM): the batch only counts in the
                 # loss; every rank drew the same data type, so they all skip alike
-            value = loss.detach().float().item()
-            total += value / self.grad_accum
+            value = loss.detach().float()
+            total = value / self.grad_accum if total is None else total + value / self.grad_accum
             if on_micro:
                 on_micro(micro, value)
             if last:

@@ -12,12 +12,23 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def as_floats(values: list) -> list[float]:
+    """Losses as floats. The trainer hands them over as device tensors; they are read here, when a window is logged,
+    in one transfer, instead of a host sync after every micro-batch."""
+    import torch
+
+    if values and all(isinstance(v, torch.Tensor) for v in values):
+        return torch.stack(values).double().cpu().tolist()
+    return [float(v) for v in values]
+
+
 @dataclass
 class BatchStats:
-    """One micro-batch: its data type, loss, size, and how long it took to get."""
+    """One micro-batch: its data type, loss (a float, or a 0-d tensor read when the window is logged), size, and
+    how long it took to get."""
 
     data_type: str
-    loss: float
+    loss: object
     samples: int
     tokens: int
     audio_s: float = 0.0
@@ -37,9 +48,9 @@ class MetricsWindow:
     tokens: int = 0
     flops: float = 0.0
     steps: int = 0
-    step_losses: list[float] = field(default_factory=list)
+    step_losses: list = field(default_factory=list)  # floats or 0-d tensors (`as_floats`)
     padded: list[float] = field(default_factory=list)
-    by_type: dict[str, list[float]] = field(default_factory=dict)
+    by_type: dict[str, list] = field(default_factory=dict)
 
     def add_batch(self, b: BatchStats) -> None:
         self.by_type.setdefault(b.data_type, []).append(b.loss)
@@ -51,13 +62,13 @@ class MetricsWindow:
         if b.padded_share is not None:
             self.padded.append(b.padded_share)
 
-    def add_step(self, loss: float) -> None:
+    def add_step(self, loss) -> None:
         self.step_losses.append(loss)
         self.steps += 1
 
     @property
     def mean_loss(self) -> float:
-        return float(np.mean(self.step_losses)) if self.step_losses else float("nan")
+        return float(np.mean(as_floats(self.step_losses))) if self.step_losses else float("nan")
 
     def metrics(self, *, world: int = 1, prefix: str = "", loss: float | None = None) -> dict[str, float]:
         """The window as MLflow metrics. `world`: ranks whose samples the counters stand for (each rank counts
@@ -75,7 +86,7 @@ class MetricsWindow:
         if self.padded:
             out["data/padded_share"] = float(np.mean(self.padded))
         for t, v in self.by_type.items():
-            out[f"{prefix}loss/{t}"] = float(np.mean(v))
+            out[f"{prefix}loss/{t}"] = float(np.mean(as_floats(v)))
             out[f"mix/{t}_batches"] = float(len(v))
         return out
 

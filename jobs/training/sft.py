@@ -77,28 +77,27 @@ def open_streams(recipe: Recipe, ratios: dict[str, float], rank: int, world: int
 def build_trainer(job: WorkerJob, core, device, world: int):
     """The DDP / FSDP wrapper (`jobs.training.parallel`), then the optimizer (per-module groups) over the weights as
     they now are (FSDP replaces them with shards), transformers' schedule, and the `Trainer`."""
-    import torch
-
     from jobs.training.loop import Trainer
     from jobs.training.optim import build_optimizer, build_scheduler, module_param_groups
     from jobs.training.parallel import wrap_model
+    from models.precision import training_autocast_dtype
 
     tr = job.recipe.train
+    autocast_dtype = training_autocast_dtype(device, tr.precision)  # refuses bf16 on a GPU without it, first
     model = wrap_model(core, tr.strategy, world)
     optimizer = build_optimizer(module_param_groups(core, tr.module_lrs()), lr=tr.lr, betas=tr.betas,
                                 weight_decay=tr.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=tr.warmup_steps, total_steps=job.stage.max_steps,
                                 schedule=tr.schedule, min_lr_ratio=tr.min_lr_ratio)
-    bf16 = tr.precision == "bf16" or (tr.precision == "auto" and device.type == "cuda")
     return Trainer(model, optimizer, scheduler, grad_accum=tr.grad_accum, max_grad_norm=tr.max_grad_norm,
-                   clip=tr.clip, autocast_dtype=torch.bfloat16 if bf16 else None, device_type=device.type)
+                   clip=tr.clip, autocast_dtype=autocast_dtype, device_type=device.type)
 
 
-def resume(trainer, streams: dict, rank: int, fingerprint: str) -> None:
+def resume(trainer, streams: dict, rank: int, fingerprint: str, device) -> None:
     """Continue from Ray Train's latest checkpoint, if any: weights, optimizer, schedule, streams, RNG."""
     import ray.train
-    import torch
 
+    from jobs.training.distributed import set_rng_state
     from jobs.training.checkpoint import check_same_recipe, load_checkpoint, read_train_state
 
     checkpoint = ray.train.get_checkpoint()
@@ -112,22 +111,22 @@ def resume(trainer, streams: dict, rank: int, fingerprint: str) -> None:
     for t, s in state.streams[rank].items():
         if t in streams:
             streams[t].load_state_dict(s)
-    torch.set_rng_state(torch.tensor(state.rng[rank], dtype=torch.uint8))
+    set_rng_state(state.rng[rank], device)
     if rank == 0:
         log(f"resumed stage {state.stage} at step {state.step} from {checkpoint.path}")
 
 
 def report_checkpoint(trainer, stage: str, stream_states: dict, loss: float, rank: int, world: int,
-                      sharded: bool = False, fingerprint: str = "") -> None:
+                      sharded: bool = False, fingerprint: str = "", device="cpu") -> None:
     """Collective: gather every rank's stream states and RNG, write the checkpoint (whole: on rank 0; sharded: every
     rank its shards, Ray Train merging the ranks' folders), report it."""
     import ray.train
-    import torch
     import torch.distributed as dist
 
     from jobs.training.checkpoint import TrainState, save_checkpoint
+    from jobs.training.distributed import rng_state
 
-    mine = (dict(stream_states), torch.get_rng_state().tolist())  # a snapshot: the next step updates it
+    mine = (dict(stream_states), rng_state(device))  # a snapshot: the next step updates it
     gathered = [mine]
     if world > 1:
         gathered = [None] * world
@@ -140,38 +139,18 @@ def report_checkpoint(trainer, stage: str, stream_states: dict, loss: float, ran
                          checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 or sharded else None)
 
 
-def mean_over_ranks(value: float, world: int) -> float:
-    if world == 1:
-        return value
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item()) / world
-
-
-def max_over_ranks(value: float, world: int) -> float:
-    if world == 1:
-        return value
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
 def log_window(window, job: WorkerJob, trainer, prefetch, rank: int, world: int, logger, progress,
-               peak_flops: float | None = None, device=None) -> None:
+               peak_flops: float | None = None, device="cpu") -> None:
     """Collective (the loss is averaged over ranks, GPU memory maxed); rank 0 logs the window to MLflow and one
     console line."""
     import torch
 
-    loss = mean_over_ranks(window.mean_loss, world)
+    from jobs.training.distributed import reduce_over_ranks
+
+    (loss,) = reduce_over_ranks([window.mean_loss], world, device)
     gpu_gib = None
-    if device is not None and torch.device(device).type == "cuda":
-        gpu_gib = max_over_ranks(torch.cuda.max_memory_allocated(device) / 2**30, world)
+    if torch.device(device).type == "cuda":
+        (gpu_gib,) = reduce_over_ranks([torch.cuda.max_memory_allocated(device) / 2**30], world, device, op="max")
     if rank != 0:
         return
     prefix = "" if len(job.recipe.stage_list()) == 1 else f"{job.stage.name}/"
@@ -183,7 +162,7 @@ def log_window(window, job: WorkerJob, trainer, prefetch, rank: int, world: int,
     metrics[f"{prefix}lr"] = trainer.scheduler.get_last_lr()[0]
     metrics["data/error_rows"] = float(prefetch.error_rows())
     logger.log_metrics(metrics, step=trainer.step + job.step_offset)
-    by_type = ", ".join(f"{t} {np.mean(v):.3f}" for t, v in sorted(window.by_type.items()))
+    by_type = ", ".join(f"{t} {metrics[f'{prefix}loss/{t}']:.3f}" for t in sorted(window.by_type))
     log(f"{job.stage.name} step {trainer.step}/{job.stage.max_steps} loss {loss:.4f} ({by_type}) "
         f"{metrics['throughput/samples_per_s']:.1f} samples/s {metrics['throughput/audio_s_per_s']:.1f} audio-s/s "
         f"data-wait {100 * metrics['data/wait_share']:.0f}% "
@@ -198,6 +177,7 @@ def log_final_model(job: WorkerJob, core, rank: int, logger, stream_states: dict
     import torch
 
     from jobs.training.parallel import full_state_dict, is_sharded
+    from models.processor import move_batch
 
     if is_sharded(core):
         weights = full_state_dict(core)
@@ -213,8 +193,7 @@ def log_final_model(job: WorkerJob, core, rank: int, logger, stream_states: dict
         core.save_pretrained(out)
         logger.log_artifacts(str(out), "model")
         with torch.no_grad():
-            batch = core.processor([probe_conversation()])
-            batch = {k: v.to(core.device) for k, v in batch.items()}
+            batch = move_batch(core.processor([probe_conversation()]), core.device)
             logits = core(**batch).logits.float().cpu().numpy()
         np.save(Path(d) / "probe_logits.npy", logits)
         logger.log_artifact(str(Path(d) / "probe_logits.npy"))
@@ -223,14 +202,17 @@ def log_final_model(job: WorkerJob, core, rank: int, logger, stream_states: dict
 
 class SampleLog:
     """One JSON line per micro-batch on this rank: step, micro, data type, sample ids and loss (`--sample-log-dir`:
-    an audit of the mix, and of a resume, which must replay the same samples with the same losses)."""
+    an audit of the mix, and of a resume, which must replay the same samples with the same losses). It reads every
+    loss as it is written: a host sync per step, the price of the audit."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "a")
 
-    def write(self, micro_batches, losses: list[float]) -> None:
-        for mb, loss in zip(micro_batches, losses):
+    def write(self, micro_batches, losses: list) -> None:
+        from jobs.training.metrics import as_floats
+
+        for mb, loss in zip(micro_batches, as_floats(losses)):
             self.file.write(json.dumps({"step": mb.step, "micro": mb.micro, "type": mb.data_type,
                                         "ids": [r["id"] for r in mb.rows], "loss": loss}) + "\n")
         self.file.flush()
@@ -252,6 +234,27 @@ class Progress:
         return f"ETA {eta:.0f} s [{done}/{self.max - self.start} steps this attempt]"
 
 
+def prepare_model(job: WorkerJob, rank: int, world: int, device):
+    """The stage's model on `device` (from the previous stage's weights, if any), its FLOP curves and peak (for
+    MFU), and its `Trainer`; then this rank's own random seed."""
+    import torch
+
+    from jobs.training.checkpoint import load_initial_weights
+    from jobs.training.distributed import worker_seed
+    from jobs.training.flops import count_forward_flops, peak_flops_per_s
+
+    core = build_model(job.recipe, job.stage, job.tokenizer_files, device)
+    if job.init_from is not None:
+        with job.init_from.as_directory() as init_dir:  # a local copy on this worker's node
+            load_initial_weights(core, Path(init_dir))
+    flops = count_forward_flops(core)  # on the whole model, before sharding
+    peak = peak_flops_per_s(device, job.recipe.train.peak_tflops)
+    trainer = build_trainer(job, core, device, world)
+    # every rank built the same weights from the run's seed; from here on each draws its own (dropout)
+    torch.manual_seed(worker_seed(job.recipe.run.seed, rank))
+    return core, trainer, flops, peak
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's per-worker function; `config["job"]` is the stage's `WorkerJob`."""
     import os
@@ -262,11 +265,10 @@ def train_loop_per_worker(config: dict) -> None:
     from data_ops.mix_sampler import mix_sampler
     from data_ops.shar_datasource import row_to_conversation
     from jobs.training.batches import BatchPrefetcher
-    from jobs.training.checkpoint import load_initial_weights
     from jobs.training.console import quiet_console, quiet_ray_data
     from jobs.training.content import ContentMonitor, content_probe
-    from jobs.training.flops import count_forward_flops, peak_flops_per_s
     from jobs.training.metrics import MetricsWindow, MlflowRunLogger
+    from models.processor import move_batch
 
     quiet_console(os.environ)
     job: WorkerJob = config["job"]
@@ -276,16 +278,11 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
 
-    core = build_model(recipe, stage, job.tokenizer_files, device)
-    if job.init_from is not None:
-        with job.init_from.as_directory() as init_dir:  # a local copy on this worker's node
-            load_initial_weights(core, Path(init_dir))
-    flops, peak = count_forward_flops(core), peak_flops_per_s(device, tr.peak_tflops)  # on the whole model
-    trainer = build_trainer(job, core, device, world)
+    core, trainer, flops, peak = prepare_model(job, rank, world, device)
     sharded, fingerprint = tr.strategy == "fsdp", recipe.training_fingerprint()  # checkpoints say which recipe
     ratios = stage.ratios or recipe.data.ratios
     streams = open_streams(recipe, ratios, rank, world)
-    resume(trainer, streams, rank, fingerprint)
+    resume(trainer, streams, rank, fingerprint, device)
     prefetch = BatchPrefetcher(streams, mix_sampler(ratios, recipe.run.seed),
                                lambda rows: core.processor([row_to_conversation(r) for r in rows]),
                                start_step=trainer.step, grad_accum=tr.grad_accum)
@@ -303,10 +300,10 @@ def train_loop_per_worker(config: dict) -> None:
     try:
         while trainer.step < stage.max_steps:
             micro_batches = [prefetch.next() for _ in range(tr.grad_accum)]
-            batches = ({k: v.to(device) for k, v in mb.batch.items()} for mb in micro_batches)
+            batches = (move_batch(mb.batch, device) for mb in micro_batches)
             micro_losses = []
 
-            def on_micro(i: int, loss: float) -> None:
+            def on_micro(i: int, loss) -> None:  # a device tensor: read when the window is logged
                 micro_losses.append(loss)
                 window.add_batch(micro_batches[i].stats(loss, flops))
 
@@ -323,7 +320,8 @@ def train_loop_per_worker(config: dict) -> None:
                 if logger:
                     logger.log_metrics(content, step=step + job.step_offset)
             if step % tr.checkpoint_every == 0 or last:
-                report_checkpoint(trainer, stage.name, prefetch.consumed, step_loss, rank, world, sharded, fingerprint)
+                report_checkpoint(trainer, stage.name, prefetch.consumed, float(step_loss), rank, world, sharded,
+                                  fingerprint, device)
         if job.final:
             log_final_model(job, core, rank, logger, prefetch.consumed)
     finally:

@@ -54,8 +54,22 @@ def test_speech_curve_predicts_a_direct_count_and_a_batch_is_counted_from_its_le
                            Turn.text("assistant", "the answer is five")]) for s in (16000, 24000)]
     batch = model.processor(convs)
     rows = batch["attention_mask"].sum(1).tolist()
-    want = 3 * (flops.lm(rows[0]) + flops.lm(rows[1]) + flops.speech(16000) + flops.speech(24000))
+    # LoRA: the LM's base weights get no gradient (2x forward); encoder and adapter train (3x)
+    want = 2 * (flops.lm(rows[0]) + flops.lm(rows[1])) + 3 * (flops.speech(16000) + flops.speech(24000))
     assert flops.train_step(batch) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("lm_mode,encoder_train,audio,want", [
+    ("lora", True, True, {"encoder": 3, "adapter": 3, "lm": 2}),
+    ("full", True, False, {"encoder": 3, "adapter": 3, "lm": 3}),
+    ("frozen", True, True, {"encoder": 3, "adapter": 3, "lm": 2}),    # the gradient passes the LM to the speech path
+    ("frozen", True, False, {"encoder": 3, "adapter": 3, "lm": 1}),   # a text batch: no backward at all
+    ("frozen", False, True, {"encoder": 1, "adapter": 3, "lm": 2}),   # the frozen encoder: forward only
+])
+def test_training_flops_count_only_the_backward_the_step_does(lm_mode, encoder_train, audio, want):
+    model = build_speechlm(tiny(lm_mode), tokenizer=build_tiny_tokenizer())
+    model.config.encoder.train = encoder_train
+    assert count_forward_flops(model).passes(with_audio=audio) == want
 
 
 def test_peak_is_known_only_for_gpus_or_given():

@@ -1,6 +1,7 @@
-"""FSDP (`fully_shard`) through Ray Train on CPU (gloo), against DDP on the same data and seed; the data streamed from
-the S3 endpoint, which goes away for a few seconds mid-epoch during the DDP run; and a worker killed under FSDP:
-the run resumes from its sharded checkpoint and replays exactly what the lost attempt did."""
+"""FSDP (`fully_shard`) through Ray Train on CPU (gloo), against DDP on the same data and seed, both in bf16 autocast
+as GPUs train (the fp32 path runs in test_train_job); the data streamed from the S3 endpoint, which goes away for a
+few seconds mid-epoch during the DDP run; and a worker killed under FSDP: the run resumes from its sharded
+checkpoint and replays exactly what the lost attempt did."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tests.jobs.test_train_job import _recipe, _write_corpus
 pytestmark = pytest.mark.integration
 STEPS, CHECKPOINT_EVERY = 30, 10
 # Per-step losses of FSDP and DDP on the same micro-batches (nats). Measured: bit-identical over 30 steps on two
-# gloo ranks; the tolerance allows for another summation order (a reduce-scatter of shards vs an all-reduce of
+# gloo ranks, in fp32 and in bf16 autocast; the tolerance allows for another summation order (a reduce-scatter of shards vs an all-reduce of
 # buckets) on other backends, and is far below a step's change of the loss.
 FSDP_DDP_TOLERANCE = 1e-4
 OUTAGE_S = 3.0  # the S3 endpoint resets every connection and refuses new ones this long (reads retry ~40 s)
@@ -76,7 +77,8 @@ def test_fsdp_equals_ddp_survives_an_s3_outage_and_a_killed_worker_resumes_exact
     try:
         for strategy in ("ddp", "fsdp"):
             raw = _recipe("s3://vtb-fsdp/corpus", str(tmp_path / "runs"), f"it-{strategy}", strategy=strategy,
-                          max_steps=STEPS, checkpoint_every=CHECKPOINT_EVERY, log_every=5, max_failures=1)
+                          max_steps=STEPS, checkpoint_every=CHECKPOINT_EVERY, log_every=5, max_failures=1,
+                          precision="bf16")
             raw["data"]["endpoint_url"] = proxy.url
             recipes[strategy] = recipe = parse_recipe(raw)
             samples[strategy] = tmp_path / f"samples-{strategy}"
