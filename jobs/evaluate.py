@@ -109,23 +109,26 @@ def transcription_request(conv, lang: str):
             " ".join(p.transcript.strip() for p in audio) if audio and all(p.transcript for p in audio) else "")
 
 
+def load_for_inference(model_uri: str, tracking_uri: str | None, precision: str):
+    """The model on this Ray worker's device (a GPU when it was given one), in `precision`'s dtype there."""
+    from jobs.training.console import quiet_console
+    from models.precision import inference_dtype, resolve_device
+    from services.model_store import load_speechlm
+
+    quiet_console(os.environ)  # a Ray worker: no download progress bars in the job log
+    device = resolve_device("auto")
+    return load_speechlm(model_uri, tracking_uri=tracking_uri, device=device,
+                         dtype=inference_dtype(device, precision))
+
+
 class Predictor:
     """Ray Data actor: rows of the Shar datasource -> {id, prediction, reference, prompt, context, langs}.
     Rows of the tasks named in `transcribe_tasks` are asked for a transcript of their audio instead."""
 
     def __init__(self, model_uri: str, tracking_uri: str | None, max_new_tokens: int,
-                 transcribe_tasks: tuple[str, ...] = ()):
-        import os
-
-        import torch
-
-        from jobs.training.console import quiet_console
-        from services.model_store import load_speechlm
-
-        quiet_console(os.environ)  # a Ray worker: no download progress bars in the job log
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_speechlm(model_uri, tracking_uri=tracking_uri, device=device,
-                                   dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+                 transcribe_tasks: tuple[str, ...] = (), precision: str = "auto"):
+        self.model = load_for_inference(model_uri, tracking_uri, precision)
+        self.dtype = str(next(self.model.adapter.parameters()).dtype).removeprefix("torch.")  # reported per row
         self.max_new_tokens = max_new_tokens
         self.transcribe_tasks = set(transcribe_tasks)
 
@@ -157,16 +160,19 @@ class Predictor:
         return {"id": [r["id"] for r in rows], "eval_task": [r["eval_task"] for r in rows],
                 "langs": [r["langs"] for r in rows], "prediction": predictions,
                 "reference": refs, "question": questions, "context": contexts,
-                "loss_sum": [s for s, _ in losses], "loss_tokens": [n for _, n in losses]}
+                "loss_sum": [s for s, _ in losses], "loss_tokens": [n for _, n in losses],
+                "dtype": [self.dtype] * len(rows)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """Where the model runs: `actors` predictor actors, each with `gpus_per_actor` GPUs (None: one GPU each when
-    the cluster has GPUs, else none; on a GPU cluster a CPU-only actor would never get a GPU)."""
+    the cluster has GPUs, else none; on a GPU cluster a CPU-only actor would never get a GPU), its weights in
+    `precision` (`models.precision.inference_dtype`: auto is bf16 on GPUs that have it, fp32 on CPU)."""
 
     actors: int = 1
     gpus_per_actor: float | None = None
+    precision: str = "auto"
 
     def gpus(self) -> float:
         if self.gpus_per_actor is not None:
@@ -198,7 +204,8 @@ def predict(suite: Suite, model_uri: str, tracking_uri: str | None,
                                                            "max_new_tokens": suite.max_new_tokens,
                                                            "transcribe_tasks": tuple(
                                                                t.name for t in suite.tasks
-                                                               if t.prompt == "transcribe")},
+                                                               if t.prompt == "transcribe"),
+                                                           "precision": placement.precision},
                          batch_size=suite.batch_size, compute=ray.data.ActorPoolStrategy(size=placement.actors),
                          num_cpus=1, num_gpus=placement.gpus())
     by_task: dict[str, list[dict]] = {task.name: [] for task in suite.tasks}
@@ -255,24 +262,14 @@ def score(suite: Suite, task: EvalTask, rows: list[dict]) -> dict[str, float]:
     return metrics
 
 
-def _content_check_task(suite: Suite, model_uri: str, tracking_uri: str | None) -> dict[str, float]:
-    import os
-
-    from jobs.training.console import quiet_console
+def _content_check_task(suite: Suite, model_uri: str, tracking_uri: str | None, precision: str) -> dict[str, float]:
     from jobs.training.content import content_probe
     from models.content_check import content_gap
-    from services.model_store import load_speechlm
 
-    quiet_console(os.environ)  # a Ray worker: no download progress bars in the job log
     convs = content_probe(suite.uris, suite.endpoint_url, size=suite.content_check)
     if not convs:
         return {}
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU when the task was given one
-    model = load_speechlm(model_uri, tracking_uri=tracking_uri, device=device,
-                          dtype=torch.bfloat16 if device == "cuda" else torch.float32)
-    return content_gap(model, convs).metrics()
+    return content_gap(load_for_inference(model_uri, tracking_uri, precision), convs).metrics()
 
 
 def content_check(suite: Suite, model_uri: str, tracking_uri: str | None, placement: Placement = Placement()):
@@ -281,7 +278,7 @@ def content_check(suite: Suite, model_uri: str, tracking_uri: str | None, placem
     import ray
 
     task = ray.remote(num_cpus=1, num_gpus=placement.gpus())(_content_check_task)
-    return task.remote(suite, model_uri, tracking_uri)
+    return task.remote(suite, model_uri, tracking_uri, placement.precision)
 
 
 def training_run_of(model_uri: str, tracking_uri: str | None) -> str | None:
@@ -317,6 +314,7 @@ def evaluate_model(model_uri: str, suite: Suite, tracking_uri: str, experiment: 
     samples: dict[str, list] = defaultdict(list)
     gap_ref = content_check(suite, model_uri, tracking_uri, placement) if suite.content_check else None
     predicted = predict(suite, model_uri, tracking_uri, placement)
+    dtype = ", ".join(sorted({r["dtype"] for rows in predicted.values() for r in rows})) or "n/a"
     for task in suite.tasks:
         rows = predicted[task.name]
         metrics = score(suite, task, rows)
@@ -343,9 +341,10 @@ def evaluate_model(model_uri: str, suite: Suite, tracking_uri: str, experiment: 
         client.set_terminated(run_id)
     log_metrics(client, run_id, all_metrics)
     client.set_tag(run_id, f"vtb.eval.{suite.name}.model_uri", model_uri)
+    client.set_tag(run_id, f"vtb.eval.{suite.name}.dtype", dtype)
     client.log_table(run_id, data=dict(samples), artifact_file=f"eval/{suite.name}/samples.json")
     client.log_dict(run_id, suite.model_dump(mode="json"), f"eval/{suite.name}/suite.json")
-    return {"run_id": run_id, "metrics": all_metrics, "samples": len(samples["id"]),
+    return {"run_id": run_id, "metrics": all_metrics, "samples": len(samples["id"]), "dtype": dtype,
             "seconds": time.time() - t0}
 
 
@@ -371,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--actors", type=int, default=1, help="predictor actors (model copies) running at once")
     ap.add_argument("--gpus-per-actor", type=float, default=None,
                     help="GPUs per predictor actor (default: 1 when the cluster has GPUs, else 0)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                    help="the weights' dtype (default: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU)")
     args = ap.parse_args(argv)
     if args.actors < 1 or (args.gpus_per_actor is not None and args.gpus_per_actor < 0):
         ap.error("--actors must be >= 1 and --gpus-per-actor >= 0")
@@ -394,11 +395,12 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(log_to_driver=True)  # the cluster of RAY_ADDRESS (set by `ray job submit`), else a local one
         quiet_ray_data()
         out = evaluate_model(args.model, suite, args.tracking_uri, args.experiment,
-                             Placement(args.actors, args.gpus_per_actor))
+                             Placement(args.actors, args.gpus_per_actor, args.precision))
     except (ModelNotFound, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[eval] {out['samples']} samples in {out['seconds']:.0f} s; metrics logged to MLflow run {out['run_id']}")
+    print(f"[eval] {out['samples']} samples in {out['seconds']:.0f} s, weights in {out['dtype']}; metrics logged to "
+          f"MLflow run {out['run_id']}")
     return 0
 
 

@@ -63,9 +63,10 @@ def test_evaluate_two_models_and_compare(stack, tmp_path, tokenizer):
     mlflow.set_tracking_uri(tracking)
     mlflow.set_experiment("eval-it")
     mc = MlflowClient(tracking, registry_uri=tracking)
-    for name, seed in (("model-a", 0), ("model-b", 1)):
+    # both evaluated with bf16 weights, as on a GPU: one model of each encoder kind
+    for name, seed, kind in (("model-a", 0, "fastconformer"), ("model-b", 1, "whisper")):
         torch.manual_seed(seed)
-        build_speechlm(tiny(), tokenizer=tokenizer).save_pretrained(tmp_path / name)
+        build_speechlm(tiny(encoder_kind=kind), tokenizer=tokenizer).save_pretrained(tmp_path / name)
         with mlflow.start_run(run_name=name) as run:  # stands in for a training run
             mlflow.log_artifacts(str(tmp_path / name), "model")
         mc.create_registered_model(name)
@@ -78,13 +79,15 @@ def test_evaluate_two_models_and_compare(stack, tmp_path, tokenizer):
 
     def evaluate(name):  # two Ray jobs at once on the cluster, as two users would submit them
         return submit(env, ["python", "-m", "jobs.evaluate", "--model", f"models:/{name}@candidate", "--suite",
-                            str(suite), "--uris", str(tmp_path / "eval")], f"eval-{name}", timeout=600)
+                            str(suite), "--uris", str(tmp_path / "eval"), "--precision", "bf16"], f"eval-{name}",
+                      timeout=600)
 
     with ThreadPoolExecutor(2) as pool:
         procs = list(pool.map(evaluate, ("model-a", "model-b")))
     for proc in procs:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "[eval] demo/asr: samples 3, wer_de" in proc.stdout
+        assert "weights in bfloat16" in proc.stdout
 
     exp = mc.get_experiment_by_name("eval-it")
     runs = {r.info.run_name: r for r in mc.search_runs([exp.experiment_id])}
