@@ -2,7 +2,7 @@
 # Both install first (idempotent: a second run only checks).
 PY := .venv/bin/python
 
-.PHONY: install demo test test-fast ablation stack-up stack-down clean
+.PHONY: install demo test test-fast gpu-check ablation stack-up stack-down clean
 
 install:
 	bash infra/install.sh
@@ -21,6 +21,13 @@ test: install
 
 test-fast: install   # unit tests only, no services
 	$(PY) -m pytest -m "not integration"
+
+# The first run on a GPU machine (bench/gpu_check.py): the CUDA tests, the paper-size model trained for a few dozen
+# steps through the training job (DDP; FSDP over NCCL with 2+ GPUs), then served: one table, gpu_check.json.
+# Without a GPU the same steps run at tiny size.
+gpu-check: install
+	$(PY) -m infra.stack up --services ray,mlflow
+	eval "$$($(PY) -m infra.stack env)" && $(PY) -m bench.gpu_check; rc=$$?; $(PY) -m infra.stack down; exit $$rc
 
 # The ablation miniature (docs/ablation.md): paper Table 4 on CPU, about two hours per seed on an idle 2-core
 # machine. The pipeline runs as a Ray job on the local stack, which stays up afterwards for the MLflow UI

@@ -31,7 +31,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -55,13 +55,17 @@ class ServeConfig(BaseModel):
     api_key_env: str | None = None
     """Name of the environment variable holding the API key; None: no key required."""
     device: str = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """The weights' dtype: auto is bf16 on GPUs that compute it natively, fp16 on older GPUs, fp32 on CPU."""
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     limits: Limits = Field(default_factory=Limits)
     num_replicas: int | str = 1
     """An int, or "auto" with `autoscaling` below."""
     autoscaling: dict[str, Any] | None = None
-    num_gpus_per_replica: float = 0
+    num_gpus_per_replica: float | Literal["auto"] = "auto"
+    """GPUs each replica holds; auto: 1 when the cluster has GPUs (a replica without one would run on its CPU
+    while the GPUs idle), else 0."""
 
 
 app = FastAPI(title="vtblender chat", docs_url=None, redoc_url=None)
@@ -84,11 +88,11 @@ async def _conversation_error(request: Request, e: ConversationError) -> JSONRes
 @serve.ingress(app)
 class ChatDeployment:
     def __init__(self, config: dict):
-        import torch
+        from models.precision import inference_dtype, resolve_device
 
         self.cfg = ServeConfig.model_validate(config)
-        self.device = self.cfg.device if self.cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        self.dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.device = resolve_device(self.cfg.device)
+        self.dtype = inference_dtype(self.device, self.cfg.precision)
         self.uris = {self.cfg.served_model_name: self.cfg.model, **self.cfg.models}
         self.api_key = os.environ.get(self.cfg.api_key_env) if self.cfg.api_key_env else None
         if self.cfg.api_key_env and not self.api_key:
@@ -101,14 +105,25 @@ class ChatDeployment:
         self.store = ModelStore(self.cfg.tracking_uri, self.device, self.dtype)
         self.stats = {"batches": 0, "batched_requests": 0, "streamed_requests": 0, "generate_calls": 0,
                       "streamed_in_shared_calls": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
-        # load the default model now: a replica is healthy only when it can answer
+        # load the default model now, and hear a short silence with it: a replica is healthy only when it can answer
+        # an audio turn (a model whose audio path fails on this device would otherwise fail every such request)
         self._default = self._load(self.cfg.served_model_name)
+        self._self_test(self._default)
         # requests are decoded at the rate the served models were trained at (every model here shares one)
         self.sampling_rate = self._default.config.sampling_rate
 
     # -- models -------------------------------------------------------------------------------------------------
     def _load(self, model_id: str):
         return self.store.load(self.uris[model_id])
+
+    @staticmethod
+    def _self_test(model) -> None:
+        import numpy as np
+
+        from models.conversation import AudioPart, Conversation, TextPart, Turn
+
+        silence = np.zeros(model.config.sampling_rate // 2, dtype=np.float32)
+        model.generate([Conversation([Turn("user", [AudioPart(silence), TextPart("?")])])], max_new_tokens=1)
 
     @serve.multiplexed(max_num_models_per_replica=3)
     async def get_model(self, model_id: str):
@@ -265,8 +280,13 @@ class ChatDeployment:
 
 def build_app(args: dict) -> serve.Application:
     """Application builder for `serve run` / `serve deploy` (`import_path: services.chat_app:build_app`)."""
+    import ray
+
     cfg = ServeConfig.model_validate(args)
-    options: dict[str, Any] = {"ray_actor_options": {"num_gpus": cfg.num_gpus_per_replica, "num_cpus": 1}}
+    gpus = cfg.num_gpus_per_replica
+    if gpus == "auto":
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    options: dict[str, Any] = {"ray_actor_options": {"num_gpus": gpus, "num_cpus": 1}}
     if cfg.autoscaling:
         options["autoscaling_config"] = cfg.autoscaling
     else:

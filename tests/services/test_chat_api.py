@@ -39,6 +39,8 @@ def _pcm(seconds: float, seed: int) -> np.ndarray:
 def server(stack, tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
+    import torch
+
     from infra.stack import free_port
     from models.speechlm import SpeechLM
     from models.tokenizer import build_tiny_tokenizer
@@ -54,6 +56,8 @@ def server(stack, tmp_path_factory):
     llama_cfg = tiny()
     llama_cfg.lm.pretrained = str(save_family_checkpoint("llama", root))
     dirs["llama"] = build_speechlm(llama_cfg).save_pretrained(root / "llama-speechlm")
+    # served in bf16 too, as on a GPU: the FastConformer fine-tune and one with a Whisper encoder
+    dirs["whisper"] = save_fine_tunes(root, ["whisper"], config=tiny(encoder_kind="whisper"), tokenizer=tok)["whisper"]
     env = stack.env()
     try:
         tracking = env["MLFLOW_TRACKING_URI"]
@@ -78,6 +82,10 @@ def server(stack, tmp_path_factory):
                          "limits": {"max_audio_seconds_per_part": 5.0, "max_audio_seconds_per_request": 8.0,
                                     "max_audio_parts": 3, "max_turns": 8, "max_new_tokens": 64,
                                     "max_prompt_tokens": 1000, "max_body_bytes": 1_000_000}},
+            }, {
+                "name": "vtb-bf16", "route_prefix": "/bf16", "import_path": "services.chat_app:build_app",
+                "args": {"model": str(dirs["a"]), "served_model_name": "tiny", "models": {"whisper": str(dirs["whisper"])},
+                         "precision": "bf16"},
             }],
         }
         cfg_path = root / "serve.yaml"
@@ -90,12 +98,15 @@ def server(stack, tmp_path_factory):
         base = f"http://127.0.0.1:{port}"
         try:
             wait_healthy(base)
+            wait_healthy(f"{base}/bf16")
         except AssertionError:
             status = subprocess.run([serve_bin, "status", "-a", env["RAY_DASHBOARD_ADDRESS"]], capture_output=True, text=True,
                                     env=clean_env)
             raise AssertionError(f"Serve app did not come up:\n{status.stdout[-3000:]}") from None
         models = {"tiny": SpeechLM.from_pretrained(dirs["a"]), "b": SpeechLM.from_pretrained(dirs["b"]),
-                  "llama": SpeechLM.from_pretrained(dirs["llama"])}
+                  "llama": SpeechLM.from_pretrained(dirs["llama"]),
+                  "bf16/tiny": SpeechLM.from_pretrained(dirs["a"], dtype=torch.bfloat16),
+                  "bf16/whisper": SpeechLM.from_pretrained(dirs["whisper"], dtype=torch.bfloat16)}
         yield {"base": base, "models": models, "env": clean_env, "serve": serve_bin}
     finally:
         subprocess.run([serve_bin, "shutdown", "-y", "-a", env["RAY_DASHBOARD_ADDRESS"]], capture_output=True, timeout=120,
@@ -146,6 +157,20 @@ def test_answers_equal_the_models_own_generate(server, client, case):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     audio_seconds = sum(p.duration for p in conv.audio_parts)
     assert r.usage.model_extra["audio_seconds"] == pytest.approx(audio_seconds, abs=1e-3)
+
+
+@pytest.mark.parametrize("model", ["tiny", "whisper"])
+@pytest.mark.parametrize("case", ["text_audio_text", "two_audio"])
+def test_bf16_weights_answer_mixed_modal_turns_as_the_local_bf16_model(server, model, case):
+    """The app with `precision: bf16` (the GPU default) on CPU: both encoder kinds hear the audio of a mixed-modal
+    turn; the answer is the bf16 model's own greedy answer."""
+    from openai import OpenAI
+
+    messages, conv = CASES[case]
+    bf16 = OpenAI(base_url=server["base"] + "/bf16/v1", api_key="unused", max_retries=0, timeout=120)
+    r = bf16.chat.completions.create(model=model, messages=messages, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == server["models"][f"bf16/{model}"].generate([conv], max_new_tokens=12)[0]
+    assert r.usage.model_extra["audio_seconds"] == pytest.approx(sum(p.duration for p in conv.audio_parts), abs=1e-3)
 
 
 def test_streaming_matches_and_ends_with_usage_and_done(server, client):
