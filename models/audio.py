@@ -8,6 +8,7 @@ always the caller's: the model's `config.sampling_rate`, or the rate a corpus is
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -51,11 +52,21 @@ def decode_audio(data: bytes, sampling_rate: int, max_seconds: float | None = No
     if not data:
         raise AudioDecodeError("the audio is empty (0 bytes)", "empty_audio")
     try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            rate = f.samplerate
+            # Read no more than the limit allows (plus one frame, to know it is over): a few MB of FLAC can hold days
+            # of silence, which read whole would take tens of GB before the length check.
+            cap = -1 if max_seconds is None else int(math.ceil(max_seconds * rate)) + 1
+            samples = f.read(frames=cap, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError / RuntimeError subclasses
         reason = str(e).rpartition(">: ")[2] or type(e).__name__  # drop "Error opening <_io.BytesIO at 0x...>: "
         raise AudioDecodeError(f"the audio could not be decoded: {reason} (supported: WAV, FLAC, OGG/Vorbis/Opus, "
                                "MP3)") from None
+    if rate <= 0:
+        raise AudioDecodeError(f"the audio's sample rate is {rate} Hz")
+    if cap > 0 and samples.shape[0] >= cap:
+        seconds = f"{f.frames / rate:.1f} s of audio" if f.frames > samples.shape[0] else "the audio"
+        raise AudioDecodeError(f"{seconds} is over the limit of {max_seconds:g} s", "audio_too_long")
     return _finish(samples, rate, sampling_rate, max_seconds)
 
 

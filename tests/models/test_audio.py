@@ -50,3 +50,24 @@ def test_unreadable_file_names_the_file(tmp_path):
     bad.write_bytes(b"nope")
     with pytest.raises(AudioDecodeError, match="broken.wav"):
         load_audio_file(bad, 16000)
+
+
+def test_a_compressed_file_of_hours_is_refused_without_decoding_it_whole():
+    """A decompression bomb: 2 h of FLAC silence is ~0.4 MB, 460 MB as float32 samples. Decoding stops one frame past
+    the limit (found by the fuzzing of the chat API's audio parts)."""
+    import io
+    import tracemalloc
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(16000 * 7200, dtype=np.float32), 16000, format="FLAC")
+    assert len(buf.getvalue()) < 2_000_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(AudioDecodeError, match="7200.0 s of audio is over the limit of 2 s") as e:
+            decode_audio(buf.getvalue(), 16000, max_seconds=2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert e.value.code == "audio_too_long" and peak < 20_000_000
