@@ -249,6 +249,8 @@ class ChatDeployment:
             body = json.loads(raw)
         except ValueError:
             raise APIError(400, "the request body is not valid JSON") from None
+        except RecursionError:  # nesting deeper than Python's recursion limit: valid JSON, but not a request
+            raise APIError(400, "the request body is nested too deeply") from None
         req = await asyncio.to_thread(parse_chat_request, body, self.cfg.limits, self.sampling_rate)
         model_id, model = await self._model_for(req)
         n_prompt, audio_tokens = prompt_tokens(model, req)

@@ -124,6 +124,20 @@ def _b64(data: str, where: str) -> bytes:
         raise APIError(400, f"{where}: the audio data is not valid base64", where, "invalid_base64") from None
 
 
+def _unicode(text: str, where: str) -> str:
+    """`text` if it is valid Unicode. JSON's \\ud800-style escapes can carry lone surrogates, which no tokenizer
+    encodes: a 400 naming the field, not a failure in the model."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{where} is not valid Unicode: a lone surrogate at character {e.start}", where,
+                       "invalid_unicode") from None
+    return text
+
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
+
+
 def _host_is_public(host: str) -> bool:
     try:
         infos = socket.getaddrinfo(host, None)
@@ -225,7 +239,7 @@ def parse_chat_request(body: Any, limits: Limits, sampling_rate: int) -> ChatReq
         content = m.get("content")
         parts: list = []
         if isinstance(content, str):
-            parts = [TextPart(content)]
+            parts = [TextPart(_unicode(content, f"{where}.content"))]
         elif isinstance(content, list):
             for j, part in enumerate(content):
                 pw = f"{where}.content[{j}]"
@@ -235,7 +249,7 @@ def parse_chat_request(body: Any, limits: Limits, sampling_rate: int) -> ChatReq
                 if kind == "text":
                     if not isinstance(part.get("text"), str):
                         raise APIError(400, f"{pw}.text must be a string", pw)
-                    parts.append(TextPart(part["text"]))
+                    parts.append(TextPart(_unicode(part["text"], f"{pw}.text")))
                 elif kind in ("input_audio", "audio_url"):
                     if role != "user":
                         raise APIError(400, f"{pw}: audio is accepted in user messages only", pw)
@@ -280,12 +294,18 @@ def parse_chat_request(body: Any, limits: Limits, sampling_rate: int) -> ChatReq
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
         raise APIError(400, "stop must be a string or a list of up to 4 non-empty strings", "stop")
+    stop = [_unicode(s, "stop") for s in stop]
     seed = body.get("seed")
-    if seed is not None and not isinstance(seed, int):
-        raise APIError(400, "seed must be an integer", "seed")
+    if seed is not None and (not isinstance(seed, int) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise APIError(400, f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]", "seed")
     stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise APIError(400, "stream_options must be an object", "stream_options")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise APIError(400, "model must be a string", "model")
     return ChatRequest(
-        model=body.get("model"), conversation=Conversation(turns),
+        model=model, conversation=Conversation(turns),
         params=SamplingParams(max_tokens, float(temperature), float(top_p), stop, seed),
         stream=bool(body.get("stream", False)), include_usage=bool(stream_options.get("include_usage", False)),
         audio_seconds=seconds,
