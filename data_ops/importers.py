@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import io
 import json
 import logging
 import posixpath
@@ -31,7 +32,8 @@ from typing import Iterable, Iterator
 import numpy as np
 from lhotse import CutSet, MonoCut
 
-from data_ops.schema import SAMPLING_RATE, SchemaError, conversation_to_cut, iter_jsonl, load_audio_16k
+from data_ops.schema import (SAMPLING_RATE, SchemaError, check_unicode, conversation_to_cut, iter_jsonl, load_audio_16k,
+                             read_utf8)
 from data_ops.storage import LocalStorage, Storage, is_remote, open_storage
 from models.conversation import AudioPart, Conversation, TextPart, Turn
 
@@ -132,7 +134,7 @@ def read_audio_table(path: str | Path, *, lang: str | None = None, target_lang: 
     delimiter = "\t" if path.suffix in (".tsv", ".tab") else ","
 
     def items() -> Iterator[list[MonoCut] | SchemaError]:
-        with open(path, newline="", encoding="utf-8") as f:
+        with io.StringIO(read_utf8(path), newline="") as f:
             reader = csv.DictReader(f, delimiter=delimiter)
             missing = {"audio_path", "text"} - set(reader.fieldnames or [])
             if missing:
@@ -140,6 +142,8 @@ def read_audio_table(path: str | Path, *, lang: str | None = None, target_lang: 
             for lineno, row in enumerate(reader, 2):
                 where = f"{path}:{lineno}"
                 try:
+                    if row["audio_path"] is None:  # a row with fewer fields than the header
+                        raise SchemaError("no audio_path in this row")
                     audio_path = Path(row["audio_path"])
                     audio_path = audio_path if audio_path.is_absolute() else path.parent / audio_path
                     row_lang = row.get("lang") or lang
@@ -225,10 +229,13 @@ def text_sft_conversation(messages: list, where: str) -> Conversation:
             for p in content:
                 if not isinstance(p, dict) or p.get("type") != "text":
                     raise SchemaError(f"{where}: message {j} has a non-text content part; text SFT is text only")
-                texts.append(str(p.get("text", "")))
+                if not isinstance(p.get("text"), str):
+                    raise SchemaError(f"{where}: message {j} has a text part whose text is not a string")
+                texts.append(p["text"])
             content = "".join(texts)
         if not isinstance(content, str) or not content.strip():
             raise SchemaError(f"{where}: message {j} has empty or missing content")
+        check_unicode(content, f"{where}: message {j}")
         if role == "system" and j != 0:
             raise SchemaError(f"{where}: a system message may only come first")
         turns.append(Turn.text(role, content))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
 import numpy as np
@@ -25,7 +26,7 @@ from lhotse import MonoCut, Recording
 from lhotse.audio import AudioSource
 
 from models.audio import load_audio_file
-from models.conversation import AudioPart, Conversation, ConversationError
+from models.conversation import AudioPart, Conversation, ConversationError, lone_surrogate
 
 DataType = Literal["text", "asr_ast", "sqa", "mixed_modal"]
 DATA_TYPES: tuple[str, ...] = ("text", "asr_ast", "sqa", "mixed_modal")
@@ -43,21 +44,47 @@ class SchemaError(ValueError):
 
 
 def iter_jsonl(path) -> "Iterator[tuple[str, dict | SchemaError]]":
-    """(where, object) for each non-empty line of a JSONL file, `where` being "file:line"; a line that is not a JSON
-    object comes as a SchemaError naming it instead (the caller skips or raises it)."""
+    """(where, object) for each non-empty line of a JSONL file, `where` being "file:line"; a line that is not UTF-8
+    or not a JSON object comes as a SchemaError naming it instead (the caller skips or raises it)."""
     import json
 
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, SchemaError(f"{where}: not UTF-8 text (byte {e.start} of the line)")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 yield where, SchemaError(f"{where}: not JSON ({e.msg})")
                 continue
+            except RecursionError:
+                yield where, SchemaError(f"{where}: JSON nested too deeply")
+                continue
             yield where, obj if isinstance(obj, dict) else SchemaError(f"{where}: each line must be a JSON object")
+
+
+def read_utf8(path) -> str:
+    """A text file's contents; a SchemaError naming the file and line where it is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise SchemaError(f"{path}:{line}: not UTF-8 text; save the file as UTF-8") from None
+
+
+def check_unicode(text: str, where: str) -> str:
+    """`text`, or a SchemaError naming `where` when it is not valid Unicode (`lone_surrogate`)."""
+    at = lone_surrogate(text)
+    if at is not None:
+        raise SchemaError(f"{where}: a lone surrogate at character {at} (not valid Unicode)")
+    return text
 
 
 def conversation_to_cut(

@@ -23,6 +23,16 @@ Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
 
+def lone_surrogate(text: str) -> int | None:
+    """Where `text` holds a lone surrogate (None: valid Unicode). JSON's \\ud800-style escapes can carry them; no
+    tokenizer, shard writer or UTF-8 encoder takes them, so inputs are checked where they arrive."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
 class ConversationError(ValueError):
     """A conversation or its audio cannot be used as given. The message names the problem and the fix."""
 
