@@ -26,6 +26,7 @@ into it to the API routes).
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` annotation on the routes.
 
 import asyncio
+import hmac
 import json
 import os
 import time
@@ -41,7 +42,8 @@ from ray import serve
 from models.conversation import ConversationError
 from services.chat_generation import Row, generate_rows, prompt_tokens, sse
 from services.model_store import process_rss_bytes
-from services.openai_protocol import APIError, ChatRequest, Limits, parse_chat_request, read_body
+from services.openai_protocol import (CHAT_REQUEST_SCHEMA, APIError, ChatRequest, Limits, parse_chat_request,
+                                     read_body)
 
 
 class ServeConfig(BaseModel):
@@ -216,7 +218,8 @@ class ChatDeployment:
         if self.api_key is None:
             return
         auth = request.headers.get("authorization", "")
-        if auth != f"Bearer {self.api_key}":
+        # constant time: how long a wrong key takes to refuse says nothing of how much of it was right
+        if not hmac.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key")
 
     @app.get("/health")
@@ -241,7 +244,8 @@ class ChatDeployment:
                 "mean_batch_size": round(s["batched_requests"] / max(1, s["generate_calls"]), 3),
                 "decode_ms_per_step": round(1000 * s["decode_s"] / max(1, s["decode_steps"]), 3)}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra={"requestBody": {
+        "required": True, "content": {"application/json": {"schema": CHAT_REQUEST_SCHEMA}}}})
     async def chat_completions(self, request: Request):
         self._check_key(request)
         raw = await read_body(request.stream(), request.headers.get("content-length"), self.cfg.limits.max_body_bytes)

@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.audio import AudioDecodeError, decode_audio
-from models.conversation import AudioPart, Conversation, TextPart, Turn
+from models.conversation import AudioPart, Conversation, TextPart, Turn, lone_surrogate
 
 AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg", "oga", "opus", "aiff", "aif", "au"}  # what libsndfile decodes
 
@@ -50,6 +50,45 @@ class Limits(BaseModel):
     fetch_timeout_s: float = Field(10.0, gt=0)
 
 
+def _part_schemas() -> list[dict]:
+    text = {"type": "object", "required": ["type", "text"],
+            "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}
+    input_audio = {"type": "object", "required": ["type", "input_audio"], "properties": {
+        "type": {"const": "input_audio"},
+        "input_audio": {"type": "object", "required": ["data"],
+                        "properties": {"data": {"type": "string", "format": "byte"},
+                                       "format": {"enum": sorted(AUDIO_FORMATS)}}}}}
+    audio_url = {"type": "object", "required": ["audio_url"], "properties": {
+        "type": {"const": "audio_url"},
+        "audio_url": {"oneOf": [{"type": "string"},
+                                {"type": "object", "required": ["url"], "properties": {"url": {"type": "string"}}}]}}}
+    return [text, input_audio, audio_url]
+
+
+CHAT_REQUEST_SCHEMA = {
+    "type": "object", "required": ["messages"],
+    "properties": {
+        "model": {"type": "string"},
+        "messages": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["role", "content"], "properties": {
+                "role": {"enum": ["system", "developer", "user", "assistant"]},
+                "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"oneOf": _part_schemas()}},
+                                      {"type": "null"}]}}}},
+        "max_tokens": {"type": "integer", "minimum": 1},
+        "max_completion_tokens": {"type": "integer", "minimum": 1},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}]},
+        "seed": {"type": "integer"},
+        "n": {"type": "integer", "const": 1},
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+    },
+}
+"""The request body as JSON Schema, for the app's OpenAPI document (what clients and API fuzzers read): the route
+parses the body itself (`parse_chat_request`), so this documents the shape rather than enforcing it."""
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  type_: str | None = None):
@@ -62,21 +101,41 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+DRAIN_FACTOR, DRAIN_MAX_BYTES = 8, 256 * 1024 * 1024
+
+
 async def read_body(chunks, declared_length: str | None, limit: int) -> bytes:
-    """The request body from its ASGI `chunks` (Starlette's `request.stream()`), refused with 413 as soon as it is
-    known to be over `limit` bytes: from its Content-Length before anything is read, else while reading (a chunked
-    body has none), so an oversized upload is never held whole in memory."""
+    """The request body from its ASGI `chunks` (Starlette's `request.stream()`), refused with 413 once it is known to
+    be over `limit` bytes: from its Content-Length, else while reading (a chunked body has none). An oversized body
+    is never held in memory; it is read on and dropped, up to `DRAIN_FACTOR` times the limit (at most
+    `DRAIN_MAX_BYTES`), before the 413 goes out.
+
+    Why read what is refused: a server that answers while the client is still sending closes the connection under
+    the upload, and curl, requests and the openai client then report a connection reset, never the 413 and its
+    message. Past the drain cap the connection is dropped after all (the client still gets no answer, but the
+    server does not read gigabytes for it)."""
 
     def too_large(size: str) -> APIError:
         return APIError(413, f"the request body ({size}) is over the limit of {limit} bytes", None, "body_too_large")
 
-    if declared_length is not None and declared_length.strip().isdigit() and int(declared_length) > limit:
-        raise too_large(f"{int(declared_length)} bytes")
-    body = bytearray()
+    drain = min(DRAIN_FACTOR * limit, DRAIN_MAX_BYTES)
+    declared = int(declared_length) if declared_length is not None and declared_length.strip().isdigit() else None
+    if declared is not None and declared > limit:
+        if declared <= drain:
+            async for _ in chunks:
+                pass
+        raise too_large(f"{declared} bytes")
+    body, size = bytearray(), 0
     async for chunk in chunks:
-        body += chunk
-        if len(body) > limit:
-            raise too_large(f"more than {limit} bytes")
+        size += len(chunk)
+        if size <= limit:
+            body += chunk
+        elif body:
+            body = bytearray()  # over: drop what was kept, count the rest
+        if size > drain:
+            break
+    if size > limit:
+        raise too_large(f"more than {limit} bytes")
     return bytes(body)
 
 
@@ -125,13 +184,10 @@ def _b64(data: str, where: str) -> bytes:
 
 
 def _unicode(text: str, where: str) -> str:
-    """`text` if it is valid Unicode. JSON's \\ud800-style escapes can carry lone surrogates, which no tokenizer
-    encodes: a 400 naming the field, not a failure in the model."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise APIError(400, f"{where} is not valid Unicode: a lone surrogate at character {e.start}", where,
-                       "invalid_unicode") from None
+    at = lone_surrogate(text)
+    if at is not None:
+        raise APIError(400, f"{where} is not valid Unicode: a lone surrogate at character {at}", where,
+                       "invalid_unicode")
     return text
 
 

@@ -173,6 +173,41 @@ def test_bf16_weights_answer_mixed_modal_turns_as_the_local_bf16_model(server, m
     assert r.usage.model_extra["audio_seconds"] == pytest.approx(sum(p.duration for p in conv.audio_parts), abs=1e-3)
 
 
+FUZZ_EXAMPLES = int(os.environ.get("VTB_FUZZ_EXAMPLES", 150))  # per generation mode; by hand: VTB_FUZZ_EXAMPLES=10000
+
+
+def test_requests_fuzzed_from_the_openapi_schema_never_get_a_5xx(server, client):
+    """schemathesis reads the app's OpenAPI document (the request body's JSON Schema) and generates bodies that fit
+    it and bodies that break it, with arbitrary strings, numbers and base64. Every answer is a 2xx, or a 4xx with
+    OpenAI's error body; never a 5xx, never a hang; the replica answers a normal request afterwards."""
+    from collections import Counter
+
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_url(server["base"] + "/openapi.json")
+    operation = schema["/v1/chat/completions"]["POST"]
+    statuses: Counter = Counter()
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        @settings(max_examples=FUZZ_EXAMPLES, derandomize=True, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=operation.as_strategy(mode))
+        def fuzz(case):
+            r = case.call(base_url=server["base"], headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+            statuses[r.status_code] += 1
+            assert r.status_code < 500, (r.status_code, r.text[:300], repr(case.body)[:500])
+            if r.status_code >= 400:
+                assert r.json()["error"]["message"], r.text[:300]
+
+        fuzz()
+    assert sum(statuses.values()) >= FUZZ_EXAMPLES and statuses[200] > 0, statuses  # some were answered
+    print(f"fuzzed requests by status: {dict(sorted(statuses.items()))}")
+    messages, conv = CASES["text_audio_text"]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    assert r.choices[0].message.content == server["models"]["tiny"].generate([conv], max_new_tokens=12)[0]
+
+
 def test_streaming_matches_and_ends_with_usage_and_done(server, client):
     messages, conv = CASES["text_audio_text"]
     stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,

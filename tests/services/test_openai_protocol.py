@@ -87,7 +87,7 @@ async def _chunks(*parts: bytes):
 
 @pytest.mark.parametrize("declared, parts, expect", [
     (None, [b"a" * 600, b"b" * 600], "more than 1024 bytes"),  # no Content-Length: counted while reading
-    ("2048", [b"never read"], "(2048 bytes)"),  # refused from the header, before reading
+    ("2048", [b"a" * 2048], "(2048 bytes)"),  # refused from the header
     ("10", [b"a" * 1000, b"b" * 1000], "more than 1024 bytes"),  # a header that lies does not let it through
 ])
 def test_body_over_the_limit_is_refused_while_reading(declared, parts, expect):
@@ -99,3 +99,27 @@ def test_body_over_the_limit_is_refused_while_reading(declared, parts, expect):
         asyncio.run(read_body(_chunks(*parts), declared, 1024))
     assert e.value.status == 413 and expect in e.value.message
     assert asyncio.run(read_body(_chunks(b"x" * 1000, b"y" * 24), None, 1024)) == b"x" * 1000 + b"y" * 24
+
+
+@pytest.mark.parametrize("with_length", [True, False])
+def test_an_oversized_body_is_read_and_dropped_up_to_the_drain_cap_so_the_client_sees_the_413(with_length):
+    """A server answering mid-upload resets the client's connection: the 413 is sent once the body is read, unless
+    the body is past DRAIN_FACTOR x the limit (then reading stops there)."""
+    import asyncio
+
+    from services.openai_protocol import DRAIN_FACTOR, read_body
+
+    read = []
+
+    async def kib(n: int):
+        for i in range(n):
+            read.append(i)
+            yield b"z" * 1024
+
+    for n, header in ((4, "4096"), (100, "102400")):
+        read.clear()
+        with pytest.raises(APIError) as e:
+            asyncio.run(read_body(kib(n), header if with_length else None, 1024))
+        assert e.value.status == 413
+        # 4 KiB: read to its end; 100 KiB: declared past the cap, not read at all, or read only to the cap
+        assert len(read) == (n if n <= DRAIN_FACTOR else 0 if with_length else DRAIN_FACTOR + 1), (n, read)
