@@ -138,18 +138,30 @@ class SharedBase:
 
 
 class ServedModel:
-    """A loaded SpeechLM as a server uses it: every attribute is the SpeechLM's; `generate` first activates this
-    fine-tune's LoRA when its base is shared."""
+    """A loaded SpeechLM as a server uses it. What runs the LM (`generate`, and anything inside `active()`) holds
+    the shared base with this fine-tune's LoRA active; the rest (`processor`, `tokenizer`, `config`,
+    `stop_token_ids`) is this fine-tune's own and touches no LM weight. Nothing else of the model is forwarded: a
+    use of its LM outside `active()` would run with whichever adapter another request left active."""
 
     def __init__(self, model, base: SharedBase | None = None, lora_name: str | None = None):
         self.model, self.base, self.lora_name = model, base, lora_name
         if base is not None:
             weakref.finalize(self, base.release, lora_name)
 
-    def __getattr__(self, name: str):  # only called for names this object lacks
-        if name == "model":
-            raise AttributeError(name)
-        return getattr(self.model, name)
+    @property
+    def processor(self):
+        return self.model.processor
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def stop_token_ids(self) -> list[int]:
+        return self.model.stop_token_ids()
 
     @contextlib.contextmanager
     def active(self):

@@ -64,7 +64,7 @@ def _own_bytes(model: SpeechLM) -> int:
 def test_fine_tunes_of_one_base_share_it_and_answer_as_loaded_whole(fine_tunes):
     store = ModelStore()
     served = {name: store.load(str(d)) for name, d in fine_tunes.items()}
-    assert len({id(m.lm) for m in served.values()}) == 1  # one base LM under all three
+    assert len({id(m.model.lm) for m in served.values()}) == 1  # one base LM under all three
     assert store.stats() == {"loaded_models": 3, "shared_lm_bases": 1, "lora_adapters_on_shared_bases": 3}
     convs = _conversations()
     whole = {name: _logits(SpeechLM.from_pretrained(d), convs) for name, d in fine_tunes.items()}
@@ -73,6 +73,37 @@ def test_fine_tunes_of_one_base_share_it_and_answer_as_loaded_whole(fine_tunes):
         torch.testing.assert_close(_served_logits(served[name], convs), whole[name], rtol=1e-4, atol=1e-5)
     want = SpeechLM.from_pretrained(fine_tunes["c"]).generate(convs, max_new_tokens=6, return_ids=True)
     assert served["c"].generate(convs, max_new_tokens=6, return_ids=True) == want
+
+
+def test_fine_tunes_used_at_once_from_threads_each_get_their_own_lora(fine_tunes):
+    """Two fine-tunes of one base, used concurrently through every public path of `ServedModel` (generate, and
+    the LM inside `active()`), each answer with their own LoRA: a path that ran the shared LM without taking the
+    base and activating its adapter would mix them up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = ModelStore()
+    served = {name: store.load(str(fine_tunes[name])) for name in ("a", "b")}
+    convs = _conversations()
+    whole = {name: SpeechLM.from_pretrained(fine_tunes[name]) for name in served}
+    want_logits = {name: _logits(m, convs) for name, m in whole.items()}
+    want_ids = {name: m.generate(convs, max_new_tokens=4, return_ids=True) for name, m in whole.items()}
+
+    def use(i: int):
+        name = "ab"[i % 2]
+        if i % 4 < 2:
+            return name, "logits", _served_logits(served[name], convs)
+        return name, "ids", served[name].generate(convs, max_new_tokens=4, return_ids=True)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(use, range(24)))
+    for name, kind, got in results:
+        if kind == "logits":
+            torch.testing.assert_close(got, want_logits[name], rtol=1e-4, atol=1e-5)
+        else:
+            assert got == want_ids[name], name
+    assert served["a"].stop_token_ids() == whole["a"].stop_token_ids()
+    for unlocked in ("lm", "forward", "encode_audio", "embed_inputs"):  # the shared LM only through active()
+        assert not hasattr(served["a"], unlocked), unlocked
 
 
 def test_memory_grows_by_the_fine_tune_not_the_base(fine_tunes):
@@ -94,11 +125,11 @@ def test_a_fine_tune_no_longer_used_gives_its_adapter_back(fine_tunes):
     a = store.load(str(fine_tunes["a"]))
     b = store.load(str(fine_tunes["b"]))
     b_name = b.lora_name
-    assert b_name in a.lm.peft_config
+    assert b_name in a.model.lm.peft_config
     del b
     gc.collect()
     c = store.load(str(fine_tunes["c"]))  # the next use of the base deletes what was released
-    assert b_name not in a.lm.peft_config and c.lora_name in a.lm.peft_config
+    assert b_name not in a.model.lm.peft_config and c.lora_name in a.model.lm.peft_config
     assert store.stats()["loaded_models"] == 2
     want = _logits(SpeechLM.from_pretrained(fine_tunes["a"]), _conversations())
     torch.testing.assert_close(_served_logits(a, _conversations()), want, rtol=1e-4, atol=1e-5)
@@ -111,7 +142,7 @@ def test_only_equal_bases_are_shared(tmp_path, fine_tunes):
     assert base_lm_key(fine_tunes["b"]) == base_lm_key(fine_tunes["a"])
     store = ModelStore()
     a, x = store.load(str(fine_tunes["a"])), store.load(str(other))
-    assert a.lm is not x.lm and store.stats()["shared_lm_bases"] == 2
+    assert a.model.lm is not x.model.lm and store.stats()["shared_lm_bases"] == 2
     frozen = tiny(lm_mode="frozen")
     f = save_fine_tunes(tmp_path, ["f"], config=frozen)["f"]
     assert base_lm_key(f) is None  # no LoRA: nothing to put on a shared base, loaded whole
