@@ -38,17 +38,21 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
+from jobs import config_files
 from jobs.recipe import Recipe, RecipeError, load_recipe, parse_recipe
+from models.config import StrictModel
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class AblationConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def in_repo(path: str | Path) -> Path:
+    """A config's relative paths are relative to the repository (the job's working directory may be elsewhere)."""
+    return REPO / path if not Path(path).is_absolute() else Path(path)
 
+
+class AblationConfig(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     experiment: str
     corpus_size: str = "ablation"
@@ -74,15 +78,9 @@ class AblationConfig(BaseModel):
 
 
 def load_config(path: str | Path) -> AblationConfig:
-    path = Path(path)
-    try:
-        cfg = AblationConfig.model_validate(yaml.safe_load(path.read_text()))
-    except FileNotFoundError:
-        raise RecipeError(f"ablation config {path} does not exist") from None
-    except (ValidationError, yaml.YAMLError) as e:
-        raise RecipeError(f"{path} is not a valid ablation config:\n{e}") from None
-    for label, recipe in {"text_lm": cfg.text_lm, **cfg.recipes}.items():
-        load_recipe(REPO / recipe if not Path(recipe).is_absolute() else recipe)  # every recipe valid up front
+    cfg = config_files.load_config(path, AblationConfig, "ablation config", RecipeError)
+    for recipe in [cfg.text_lm, *cfg.recipes.values()]:
+        load_recipe(in_repo(recipe))  # every recipe valid up front
     return cfg
 
 
@@ -90,7 +88,7 @@ def adapt_recipe(path: str, *, run_name: str, experiment: str, seed: int, corpus
                  tracking_uri: str, steps: int | None, lm_pretrained: str | None = None,
                  encoder_pretrained: str | None = None) -> Recipe:
     """The recipe as the ablation runs it: its corpus, seed, step count, text LM and encoder; nothing else."""
-    raw = load_recipe(REPO / path if not Path(path).is_absolute() else path).model_dump(mode="json")
+    raw = load_recipe(in_repo(path)).model_dump(mode="json")
     raw["run"].update(name=run_name, experiment=experiment, seed=seed, storage_path=runs_dir,
                       tracking_uri=tracking_uri)
     for src in raw["data"]["sources"].values():
@@ -153,7 +151,7 @@ def pretrain_encoder_logged(cfg: AblationConfig, text_lm: Recipe, corpus: str, e
     """jobs.pretrain_encoder on the training corpus (targets: the text LM's tokenizer), tracked as its own run."""
     from transformers import AutoTokenizer
 
-    from jobs.pretrain_encoder import pretrain_encoder
+    from jobs.training.encoder_pretraining import pretrain_encoder
     from jobs.training.tracking import client_for, create_run, log_metrics, log_params
 
     client = client_for(tracking_uri)
@@ -242,7 +240,7 @@ def spoken_instruction_matches(client, evaluated: dict[str, str], suite_name: st
     """label -> {sample id: exact match} on the suite's `spoken_instruction` task, from the samples each model's
     evaluation run logged (models without that task are left out)."""
     from data_ops.scoring import exact_matches
-    from jobs.evaluate import logged_samples
+    from jobs.evaluation.run import logged_samples
 
     out = {}
     for label in labels:
@@ -326,13 +324,13 @@ def recipe_inputs(recipe: Recipe, root: Path, *upstream) -> dict:
 
 def evaluate_models(state: SeedState, labels: list[str], suite, root: Path, tracking_uri: str, experiment: str):
     """Each model through `jobs.evaluate` on the suite, unless evaluated before from the same model and suite."""
-    from jobs.evaluate import evaluate_model
+    from jobs.evaluation.run import evaluate_model
 
     for label in labels:
         uri = state["models"][label]
         inputs = step_inputs(suite.model_dump(mode="json"), root, uri)
         if not state.current(f"evaluated/{label}", inputs):
-            res = state.timed(f"eval/{label}", lambda: evaluate_model(uri, suite, tracking_uri, experiment))
+            res = state.timed(f"eval/{label}", lambda uri=uri: evaluate_model(uri, suite, tracking_uri, experiment))
             state.record(f"evaluated/{label}", res["run_id"], inputs)
 
 
@@ -341,8 +339,8 @@ def run_seed(cfg: AblationConfig, seed: int, root: Path, out: Path, tracking_uri
 
     from data_ops.demo_corpus import build_demo_corpus
     from data_ops.shards import ManifestError, read_manifest
-    from jobs.compare import compare_runs
-    from jobs.evaluate import load_suite
+    from jobs.evaluation.compare import compare_runs
+    from jobs.evaluation.suite import load_suite
     from jobs.training.ray_run import run_training
 
     t0, memory = time.time(), PeakMemory()
@@ -489,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.tracking_uri is None:
         return 2
     try:
-        cfg = load_config(args.config if Path(args.config).is_absolute() else REPO / args.config)
+        cfg = load_config(in_repo(args.config))
         import ray
 
         from jobs.training.console import quiet_ray_data

@@ -23,22 +23,18 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from data_ops.schema import DATA_TYPES
-from models.config import NAMED_SIZES, LoraSettings, SpeechLMConfig
+from jobs.config_files import ConfigError, load_config, parse_config
+from models.config import NAMED_SIZES, LoraSettings, SpeechLMConfig, StrictModel
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigError):
     pass
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class RunSection(_Strict):
+class RunSection(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Run name: the Ray Train run (checkpoints under storage_path/name) and the MLflow run; resubmitting a
     job with the same name resumes it."""
@@ -53,7 +49,7 @@ class RunSection(_Strict):
     seed: int = 0
 
 
-class ModelSection(_Strict):
+class ModelSection(StrictModel):
     size: Literal["tiny", "mini", "vtblender_3b"] | None = "tiny"
     config: dict[str, Any] | None = None
     """A whole SpeechLMConfig instead of a named size."""
@@ -97,14 +93,14 @@ class ModelSection(_Strict):
         return cfg
 
 
-class TypeSource(_Strict):
+class TypeSource(StrictModel):
     uris: list[str] = Field(min_length=1)
     """Corpora (folders or s3:// prefixes written by jobs.data) holding this type's shards."""
     ratio: float = Field(ge=0.0, le=1.0)
     batch_size: int = Field(ge=1)
 
 
-class DataSection(_Strict):
+class DataSection(StrictModel):
     sources: dict[str, TypeSource]
     bucket_batches: int = Field(8, ge=1)
     """Duration grouping: rows of this many batches are sorted by duration and cut into batches."""
@@ -127,7 +123,7 @@ class DataSection(_Strict):
         return {k: s.ratio for k, s in self.sources.items()}
 
 
-class TrainSection(_Strict):
+class TrainSection(StrictModel):
     max_steps: int = Field(ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0)
@@ -185,14 +181,14 @@ class TrainSection(_Strict):
                 "lm": self.lm_lr or self.lr}
 
 
-class StageSection(_Strict):
+class StageSection(StrictModel):
     name: str
     max_steps: int = Field(ge=1)
     lm_mode: Literal["lora", "frozen", "full"] | None = None
     ratios: dict[str, float] | None = None
 
 
-class Recipe(_Strict):
+class Recipe(StrictModel):
     run: RunSection
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection
@@ -207,7 +203,8 @@ class Recipe(_Strict):
                 if unknown:
                     raise ValueError(f"stage {st.name}: ratios for types without sources {sorted(unknown)}")
                 if abs(sum(st.ratios.values()) - 1.0) > 1e-6:
-                    raise ValueError(f"stage {st.name}: ratios must sum to 1, they sum to {sum(st.ratios.values()):.6f}")
+                    total = sum(st.ratios.values())
+                    raise ValueError(f"stage {st.name}: ratios must sum to 1, they sum to {total:.6f}")
         return self
 
     def stage_list(self) -> list[StageSection]:
@@ -222,37 +219,12 @@ class Recipe(_Strict):
         return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _format(e: ValidationError) -> str:
-    lines = []
-    for err in e.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (not part of the recipe schema)"
-        lines.append(f"  {where}: {msg}")
-    return "\n".join(lines)
-
-
 def parse_recipe(obj: Any, where: str = "recipe") -> Recipe:
-    if not isinstance(obj, dict):
-        raise RecipeError(f"{where}: a recipe is a YAML mapping with run/model/data/train sections")
-    try:
-        return Recipe.model_validate(obj)
-    except ValidationError as e:
-        raise RecipeError(f"{where} is not a valid recipe:\n{_format(e)}") from None
+    return parse_config(obj, Recipe, where, "recipe", RecipeError)
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {path} does not exist")
-    try:
-        obj = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
-    return parse_recipe(obj, str(path))
+    return load_config(path, Recipe, "recipe", RecipeError)
 
 
 def check_model(recipe: Recipe) -> None:
@@ -286,13 +258,15 @@ def check_data(recipe: Recipe) -> dict[str, dict]:
                 continue
             info = manifest.types.get(dtype)
             if info is None:
-                problems.append(f"  data.sources.{dtype}: {uri} has no {dtype!r} shards (it has {sorted(manifest.types)})")
+                problems.append(
+                    f"  data.sources.{dtype}: {uri} has no {dtype!r} shards (it has {sorted(manifest.types)})")
                 continue
             storage = open_storage(uri, recipe.data.endpoint_url)
             for shard in info.shards:
                 for rel in filter(None, (shard.cuts, shard.recording)):
                     if not storage.exists(rel):
-                        problems.append(f"  data.sources.{dtype}: shard {storage.uri}/{rel} is listed in the manifest but missing")
+                        problems.append(f"  data.sources.{dtype}: shard {storage.uri}/{rel} is listed in the "
+                                        "manifest but missing")
             cuts += info.num_cuts
             hours += info.hours
             shards += len(info.shards)

@@ -13,11 +13,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-class _Strict(BaseModel):
+
+class StrictModel(BaseModel):
+    """The base of every typed config here: an unknown key is an error (a typo never passes as a default)."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class EncoderConfig(_Strict):
+class EncoderConfig(StrictModel):
     kind: Literal["fastconformer", "whisper"] = "fastconformer"
     """FastConformer (transformers' ParakeetEncoder, the Canary family, 80 ms frames) or Whisper's encoder."""
     pretrained: str | None = None
@@ -30,7 +33,7 @@ class EncoderConfig(_Strict):
     """Whisper only: long audio is encoded in windows of this many seconds, then concatenated (never truncated)."""
 
 
-class AdapterConfig(_Strict):
+class AdapterConfig(StrictModel):
     num_layers: int = Field(2, ge=0)
     hidden_size: int = Field(1024, ge=8)
     num_heads: int = Field(8, ge=1)
@@ -50,7 +53,7 @@ class AdapterConfig(_Strict):
         return self
 
 
-class LoraSettings(_Strict):
+class LoraSettings(StrictModel):
     r: int = Field(32, ge=1)
     alpha: int = Field(32, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -61,7 +64,7 @@ class LoraSettings(_Strict):
     linears' names; one that matches no linear layer of the LM is an error, not a silently smaller adapter."""
 
 
-class LMConfig(_Strict):
+class LMConfig(StrictModel):
     pretrained: str | None = None
     """HF id or local path for AutoModelForCausalLM (and its tokenizer); None builds from `config` (random init)."""
     config: dict[str, Any] = Field(default_factory=dict)
@@ -76,7 +79,7 @@ class LMConfig(_Strict):
     (`ConversationProcessor.end_of_turn_ids`); None: those two only."""
 
 
-class SpeechLMConfig(_Strict):
+class SpeechLMConfig(StrictModel):
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     lm: LMConfig = Field(default_factory=LMConfig)

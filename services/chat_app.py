@@ -36,9 +36,10 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from ray import serve
 
+from models.config import StrictModel
 from models.conversation import ConversationError
 from services.chat_generation import Row, generate_rows, prompt_tokens, sse
 from services.model_store import process_rss_bytes
@@ -46,8 +47,7 @@ from services.openai_protocol import (CHAT_REQUEST_SCHEMA, APIError, ChatRequest
                                      read_body)
 
 
-class ServeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+class ServeConfig(StrictModel):
     model: str
     """The default model: models:/name@alias, models:/name/version, runs:/id/model, or a local folder."""
     served_model_name: str = "vtblender"
@@ -233,8 +233,9 @@ class ChatDeployment:
     @app.get("/v1/models")
     async def list_models(self, request: Request):
         self._check_key(request)
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": self.created, "owned_by": "vtblender"}
-                                           for m in sorted(self.uris)]}
+        models = [{"id": m, "object": "model", "created": self.created, "owned_by": "vtblender"}
+                  for m in sorted(self.uris)]
+        return {"object": "list", "data": models}
 
     @app.get("/v1/stats")
     async def batch_stats(self, request: Request):

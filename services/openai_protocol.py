@@ -24,18 +24,18 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from models.audio import AudioDecodeError, decode_audio
+from models.config import StrictModel
 from models.conversation import AudioPart, Conversation, TextPart, Turn, lone_surrogate
 
 AUDIO_FORMATS = {"wav", "mp3", "flac", "ogg", "oga", "opus", "aiff", "aif", "au"}  # what libsndfile decodes
 
 
-class Limits(BaseModel):
+class Limits(StrictModel):
     """Request limits (all enforced with a 4xx naming the limit; nothing is truncated silently)."""
 
-    model_config = ConfigDict(extra="forbid")
     max_body_bytes: int = Field(25 * 1024 * 1024, ge=1024)
     max_audio_seconds_per_part: float = Field(120.0, gt=0)
     max_audio_seconds_per_request: float = Field(300.0, gt=0)
@@ -201,7 +201,8 @@ def _host_is_public(host: str) -> bool:
         return False
     for info in infos:
         ip = ipaddress.ip_address(info[4][0])
-        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast or ip.is_unspecified:
+        if (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast
+                or ip.is_unspecified):
             return False
     return True
 
@@ -236,7 +237,8 @@ def fetch_audio_url(url: str, where: str, limits: Limits) -> bytes:
                 chunks.append(chunk)
             return b"".join(chunks)
     except requests.RequestException as e:
-        raise APIError(400, f"{where}: fetching the audio URL failed: {type(e).__name__}", where, "fetch_failed") from None
+        raise APIError(400, f"{where}: fetching the audio URL failed: {type(e).__name__}", where,
+                       "fetch_failed") from None
 
 
 def _audio_part(part: dict, where: str, limits: Limits, sampling_rate: int) -> AudioPart:
@@ -268,21 +270,48 @@ def _audio_part(part: dict, where: str, limits: Limits, sampling_rate: int) -> A
     return AudioPart(decode_audio_bytes(data, where, limits, sampling_rate), sampling_rate)
 
 
-def parse_chat_request(body: Any, limits: Limits, sampling_rate: int) -> ChatRequest:
-    """An OpenAI Chat Completions body -> `ChatRequest`, audio decoded at `sampling_rate` (the model's
-    `config.sampling_rate`). Raises `APIError` (4xx) naming the field at fault."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list", "messages")
-    if len(messages) > limits.max_turns:
-        raise APIError(413, f"{len(messages)} messages is over the limit of {limits.max_turns}", "messages",
-                       "too_many_messages")
-    if body.get("n", 1) != 1:
-        raise APIError(400, "only n=1 is supported", "n")
+def _message_parts(m: dict, role: str, where: str, limits: Limits, sampling_rate: int, audio: dict) -> list:
+    """One message's content as parts; `audio` counts the request's audio parts and seconds so far."""
+    content = m.get("content")
+    if isinstance(content, str):
+        return [TextPart(_unicode(content, f"{where}.content"))]
+    if content is None and role == "assistant":
+        return [TextPart("")]
+    if not isinstance(content, list):
+        raise APIError(400, f"{where}.content must be a string or a list of content parts", f"{where}.content")
+    parts: list = []
+    for j, part in enumerate(content):
+        pw = f"{where}.content[{j}]"
+        if not isinstance(part, dict):
+            raise APIError(400, f"{pw} must be an object", pw)
+        kind = part.get("type", "audio_url" if "audio_url" in part else None)
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise APIError(400, f"{pw}.text must be a string", pw)
+            parts.append(TextPart(_unicode(part["text"], f"{pw}.text")))
+        elif kind in ("input_audio", "audio_url"):
+            if role != "user":
+                raise APIError(400, f"{pw}: audio is accepted in user messages only", pw)
+            audio["parts"] += 1
+            if audio["parts"] > limits.max_audio_parts:
+                raise APIError(413, f"{pw}: more than {limits.max_audio_parts} audio parts in one request",
+                               pw, "too_many_audio_parts")
+            part_audio = _audio_part(part, pw, limits, sampling_rate)
+            audio["seconds"] += part_audio.duration
+            if audio["seconds"] > limits.max_audio_seconds_per_request:
+                raise APIError(413, f"{pw}: {audio['seconds']:.1f} s of audio in this request is over the limit of "
+                                    f"{limits.max_audio_seconds_per_request:g} s", pw, "audio_too_long")
+            parts.append(part_audio)
+        else:
+            raise APIError(400, f"{pw}: content part type {kind!r} is not supported; use text, input_audio "
+                                "or audio_url", f"{pw}.type", "unsupported_content_part")
+    return parts
+
+
+def _turns(messages: list, limits: Limits, sampling_rate: int) -> tuple[list[Turn], float]:
+    """The messages as turns (consecutive messages of one role form one turn), and the seconds of audio."""
     turns: list[Turn] = []
-    n_audio, seconds = 0, 0.0
+    audio = {"parts": 0, "seconds": 0.0}
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -292,47 +321,17 @@ def parse_chat_request(body: Any, limits: Limits, sampling_rate: int) -> ChatReq
             role = "system"
         if role not in ("system", "user", "assistant"):
             raise APIError(400, f"{where}.role must be system, user or assistant, got {role!r}", f"{where}.role")
-        content = m.get("content")
-        parts: list = []
-        if isinstance(content, str):
-            parts = [TextPart(_unicode(content, f"{where}.content"))]
-        elif isinstance(content, list):
-            for j, part in enumerate(content):
-                pw = f"{where}.content[{j}]"
-                if not isinstance(part, dict):
-                    raise APIError(400, f"{pw} must be an object", pw)
-                kind = part.get("type", "audio_url" if "audio_url" in part else None)
-                if kind == "text":
-                    if not isinstance(part.get("text"), str):
-                        raise APIError(400, f"{pw}.text must be a string", pw)
-                    parts.append(TextPart(_unicode(part["text"], f"{pw}.text")))
-                elif kind in ("input_audio", "audio_url"):
-                    if role != "user":
-                        raise APIError(400, f"{pw}: audio is accepted in user messages only", pw)
-                    n_audio += 1
-                    if n_audio > limits.max_audio_parts:
-                        raise APIError(413, f"{pw}: more than {limits.max_audio_parts} audio parts in one request",
-                                       pw, "too_many_audio_parts")
-                    audio = _audio_part(part, pw, limits, sampling_rate)
-                    seconds += audio.duration
-                    if seconds > limits.max_audio_seconds_per_request:
-                        raise APIError(413, f"{pw}: {seconds:.1f} s of audio in this request is over the limit of "
-                                            f"{limits.max_audio_seconds_per_request:g} s", pw, "audio_too_long")
-                    parts.append(audio)
-                else:
-                    raise APIError(400, f"{pw}: content part type {kind!r} is not supported; use text, input_audio "
-                                        "or audio_url", f"{pw}.type", "unsupported_content_part")
-        elif content is None and role == "assistant":
-            parts = [TextPart("")]
-        else:
-            raise APIError(400, f"{where}.content must be a string or a list of content parts", f"{where}.content")
+        parts = _message_parts(m, role, where, limits, sampling_rate, audio)
         if turns and turns[-1].role == role and role != "system":
-            turns[-1].parts.extend(parts)  # consecutive messages of one role form one turn
+            turns[-1].parts.extend(parts)
         else:
             turns.append(Turn(role=role, parts=parts))
     if turns[-1].role != "user":
         raise APIError(400, "the last message must be from the user (the model answers it)", "messages")
+    return turns, audio["seconds"]
 
+
+def _sampling(body: dict, limits: Limits) -> SamplingParams:
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = min(256, limits.max_new_tokens) if max_tokens is None else max_tokens
     if not isinstance(max_tokens, int) or max_tokens < 1:
@@ -354,6 +353,24 @@ def parse_chat_request(body: Any, limits: Limits, sampling_rate: int) -> ChatReq
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
         raise APIError(400, f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]", "seed")
+    return SamplingParams(max_tokens, float(temperature), float(top_p), stop, seed)
+
+
+def parse_chat_request(body: Any, limits: Limits, sampling_rate: int) -> ChatRequest:
+    """An OpenAI Chat Completions body -> `ChatRequest`, audio decoded at `sampling_rate` (the model's
+    `config.sampling_rate`). Raises `APIError` (4xx) naming the field at fault."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list", "messages")
+    if len(messages) > limits.max_turns:
+        raise APIError(413, f"{len(messages)} messages is over the limit of {limits.max_turns}", "messages",
+                       "too_many_messages")
+    if body.get("n", 1) != 1:
+        raise APIError(400, "only n=1 is supported", "n")
+    turns, seconds = _turns(messages, limits, sampling_rate)
+    params = _sampling(body, limits)
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise APIError(400, "stream_options must be an object", "stream_options")
@@ -362,7 +379,7 @@ def parse_chat_request(body: Any, limits: Limits, sampling_rate: int) -> ChatReq
         raise APIError(400, "model must be a string", "model")
     return ChatRequest(
         model=model, conversation=Conversation(turns),
-        params=SamplingParams(max_tokens, float(temperature), float(top_p), stop, seed),
+        params=params,
         stream=bool(body.get("stream", False)), include_usage=bool(stream_options.get("include_usage", False)),
         audio_seconds=seconds,
     )
