@@ -135,7 +135,7 @@ def test_seeds_table_puts_each_seeds_numbers_and_checks_side_by_side(tmp_path):
 
 
 def test_comparison_table_marks_the_best_of_each_column_by_its_direction():
-    from jobs.compare import comparison_table
+    from jobs.evaluation.compare import comparison_table
 
     rows = [("a", {"eval/s/asr/wer": 0.3, "eval/s/text/answer_loss": 0.7, "eval/s/text/exact_match": 0.5}),
             ("b", {"eval/s/asr/wer": 0.5, "eval/s/text/answer_loss": 0.6, "eval/s/text/exact_match": 0.4})]

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.evaluate import load_suite
+from jobs.config_files import ConfigError
+from jobs.evaluation.suite import load_suite
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,16 +30,17 @@ def test_shipped_suites_load(path):
 def test_bad_suites_are_refused_by_name(tmp_path, tasks, message):
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump({"name": "s", "uris": ["x"], "tasks": tasks}))
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ConfigError) as e:  # library code raises; only the entrypoint exits
         load_suite(str(path))
-    assert f"{path} is not a valid suite" in str(e.value) and message in str(e.value)
+    assert f"{path} is not a valid evaluation suite" in str(e.value) and message in str(e.value)
 
 
 def test_a_transcribe_task_asks_for_the_audio_as_training_asr_does_and_scores_against_what_it_says():
     import numpy as np
 
     from data_ops.importers import asr_conversation
-    from jobs.evaluate import EvalTask, Suite, score, transcription_request
+    from jobs.evaluation.run import score, transcription_request
+    from jobs.evaluation.suite import EvalTask, Suite
     from models.conversation import AudioPart, Conversation, Turn
 
     tone = np.zeros(1600, np.float32)

@@ -13,7 +13,7 @@ import pytest
 
 from data_ops.schema import conversation_to_cut
 from data_ops.shards import ShardWriter
-from jobs.evaluate import logged_samples
+from jobs.evaluation.run import logged_samples
 from models.conversation import AudioPart, Conversation, TextPart, Turn
 from tests.jobs.ray_jobs import submit
 

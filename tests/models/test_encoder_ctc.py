@@ -43,7 +43,7 @@ def test_ctc_loss_falls_when_training_encoder_and_head():
 
 
 def test_pretrained_encoder_is_what_the_speechlm_loads(tmp_path, tokenizer):
-    from jobs.pretrain_encoder import pretrain_encoder
+    from jobs.training.encoder_pretraining import pretrain_encoder
 
     texts = ["the number is seven", "today is monday", "my name is anna"]
     with ShardWriter(str(tmp_path / "corpus"), shard_size=4, progress=False) as w:
