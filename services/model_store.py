@@ -54,13 +54,7 @@ def resolve_model_dir(uri: str, tracking_uri: str | None = None, dst: str | None
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         if uri.startswith("models:/"):
-            rest = uri[len("models:/"):].rstrip("/")
-            if "@" in rest:
-                name, alias = rest.split("@", 1)
-                version = client.get_model_version_by_alias(name, alias)
-            else:
-                name, number = rest.rsplit("/", 1)
-                version = client.get_model_version(name, number)
+            version = registered_version(client, uri)
             source = client.get_model_version_download_uri(version.name, version.version)
         else:
             source = uri
@@ -71,6 +65,16 @@ def resolve_model_dir(uri: str, tracking_uri: str | None = None, dst: str | None
     if not (path / "speechlm_config.json").is_file():
         raise ModelNotFound(f"{uri} resolved to {path}, which holds no saved SpeechLM")
     return path
+
+
+def registered_version(client, uri: str):
+    """The MLflow `ModelVersion` a `models:/name@alias` or `models:/name/3` URI names."""
+    rest = uri.removeprefix("models:/").rstrip("/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, number = rest.rsplit("/", 1)
+    return client.get_model_version(name, number)
 
 
 def load_speechlm(uri: str, *, tracking_uri: str | None = None, device: str = "cpu", dtype=None):
@@ -223,11 +227,9 @@ class ModelStore:
 
 
 def process_rss_bytes() -> int:
-    """This process's resident memory (Linux; 0 elsewhere): a replica's leak shows in /v1/stats before it kills
+    """This process's resident memory: a replica's leak shows in /v1/stats before it kills
     the node. Here, not in the app module: Ray Serve pickles the deployment class, and helpers it calls must come
     from an imported module."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return 0
+    import psutil
+
+    return psutil.Process().memory_info().rss
