@@ -2,7 +2,7 @@
 # Both install first (idempotent: a second run only checks).
 PY := .venv/bin/python
 
-.PHONY: install demo test test-fast gpu-check ablation stack-up stack-down clean
+.PHONY: install demo test test-fast lint gpu-check ablation stack-up stack-down clean
 
 install:
 	bash infra/install.sh
@@ -18,6 +18,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest
+
+lint: install   # the house rules: ruff (style, function size, banned process-wide APIs), import contracts
+	.venv/bin/ruff check .
+	.venv/bin/lint-imports
 
 test-fast: install   # unit tests only, no services
 	$(PY) -m pytest -m "not integration"

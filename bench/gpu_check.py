@@ -222,7 +222,8 @@ def table(result: dict) -> str:
         lines.append(f"| {t['strategy']} | {t['workers']} | {f(t['tokens_per_s'], '.0f')} | "
                      f"{f(t['audio_s_per_s'], '.1f')} | {f(t['mfu'] and 100 * t['mfu'], '.1f')}% | "
                      f"{f(t['peak_gpu_gib'], '.1f')} | {t['job_s']:.0f} |")
-    lines += ["", "| serving: 10 s audio + prompt | TTFT median s | TTFT max s | decode tokens/s |", "|---|---|---|---|"]
+    lines += ["", "| serving: 10 s audio + prompt | TTFT median s | TTFT max s | decode tokens/s |",
+              "|---|---|---|---|"]
     for s in result["serving"].values():
         lines.append(f"| {s['clients']} client(s) | {s['ttft_s_median']:.3f} | {s['ttft_s_max']:.3f} | "
                      f"{s['tokens_per_s']:.1f} |")

@@ -79,7 +79,8 @@ def main() -> None:
     own = results["shared"]["own_params"] * 4  # float32 on CPU
     base = results["shared"]["base_params"] * 4
     print(f"\n3 fine-tunes of one base LM (hidden {args.lm_hidden}, {args.lm_layers} layers), CPU, float32")
-    print(f"one fine-tune's own weights (encoder + adapter + LoRA): {own / mib:.1f} MiB; the base LM: {base / mib:.1f} MiB")
+    print(f"one fine-tune's own weights (encoder + adapter + LoRA): {own / mib:.1f} MiB; "
+          f"the base LM: {base / mib:.1f} MiB")
     print(f"{'':28s}{'RSS 1 (MiB)':>12s}{'RSS 3 (MiB)':>12s}{'growth (MiB)':>14s}{'growth / own':>14s}")
     for way, label in (("whole", "whole copies (baseline)"), ("shared", "shared base (ModelStore)")):
         r = results[way]

@@ -4,9 +4,9 @@
 
 Starts the local stack (Ray), deploys the chat app with two tiny fine-tunes of one base LM (random init, saved
 locally), sends the same mixed-modal request (text + 1.5 s of audio + text) sequentially and then from N concurrent
-clients, then a mixed load (half of the requests streaming, half to the second fine-tune) from N clients, and prints requests/s,
-p50/p95 latency of each, the ratio to one client (batching's gain as a number) and the mean number of requests per
-`generate()` call the server reports.
+clients, then a mixed load (half of the requests streaming, half to the second fine-tune) from N clients, and prints
+requests/s, p50/p95 latency of each, the ratio to one client (batching's gain as a number) and the mean number of
+requests per `generate()` call the server reports.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def main() -> None:
         print(f"\ntiny model on CPU, {args.requests} requests of 1.5 s audio + text, max_tokens {args.max_tokens}")
         print(f"{'':40s}{'req/s':>8s}{'ratio':>7s}{'p50 ms':>9s}{'p95 ms':>9s}{'req/generate':>14s}")
         base_rps = None
-        for name, bodies, clients in (("1 client", [body], 1), (f"{args.clients} concurrent clients", [body], args.clients),
+        for name, bodies, clients in (("1 client", [body], 1),
+                                      (f"{args.clients} concurrent clients", [body], args.clients),
                                       (f"{args.clients} clients, mixed: stream + 2 fine-tunes", mixed, args.clients)):
             before = requests.get(base + "/v1/stats", timeout=10).json()
             rps, lat = run(base, bodies, args.requests, clients)

@@ -105,7 +105,8 @@ _TEMPLATES = [
     ({"en": "My name is {name}.", "de": "Ich heiße {name}.", "es": "Me llamo {name}.", "fr": "Je m'appelle {name}."},
      ("What is the speaker's name?", "The speaker's name is {name}.")),
 ]
-_WORDS = ["cat", "house", "river", "apple", "garden", "window", "music", "pencil", "orange", "planet", "bridge", "candle"]
+_WORDS = ["cat", "house", "river", "apple", "garden", "window", "music", "pencil", "orange", "planet", "bridge",
+          "candle"]
 
 
 def parallel_sentence(rng: np.random.Generator) -> tuple[dict[str, str], tuple[str, str]]:
@@ -250,7 +251,7 @@ def _spread(items: list, extra: list) -> list:
         return items
     every = (len(items) + len(extra)) / len(extra)
     out, e = [], 0
-    for i, item in enumerate(items):
+    for item in items:
         out.append(item)
         while e < len(extra) and (len(out) + 1) >= every * (e + 1):
             out.append(extra[e])

@@ -66,7 +66,8 @@ def make_mixed_modal(conv: Conversation, tts: TTSEngine, rng: np.random.Generato
     was done: position, span, spoken text, and the TTS engine's choices (voice, rate, pitch)."""
     users = [t for t in conv.turns if t.role == "user"]
     if len(users) != 1 or any(t.role not in ("system", "user", "assistant") for t in conv.turns):
-        raise SchemaError(f"mixed-modal generation needs a single-turn conversation; this one has {len(users)} user turns")
+        raise SchemaError(
+            f"mixed-modal generation needs a single-turn conversation; this one has {len(users)} user turns")
     user = users[0]
     if user.audio_parts:
         raise SchemaError("the user turn already has audio")
@@ -134,7 +135,8 @@ def mixed_modal_dataset(rows: list[dict], *, seed: int, concurrency: int = 2,
 
     ds = ray.data.from_items(rows)
     ds.context.execution_options.preserve_order = True  # same corpus order on every run: reproducible shards
-    return ds.map_batches(MixedModalMapper, fn_constructor_kwargs={"seed": seed, "tts_factory": tts_factory, "position": position},
+    return ds.map_batches(MixedModalMapper,
+                          fn_constructor_kwargs={"seed": seed, "tts_factory": tts_factory, "position": position},
                           batch_size=4, compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=1)
 
 

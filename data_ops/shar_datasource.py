@@ -78,7 +78,8 @@ def _good_row(cut, data_type: str, audio: np.ndarray | None, shard: str, index: 
     fill_conversation(cut.id, custom["conversation"], audio)  # raises SchemaError if it does not fit the audio
     if custom.get("data_type") != data_type:
         raise SchemaError(f"cut {cut.id}: data_type {custom.get('data_type')!r} in the {data_type!r} folder")
-    return {"id": cut.id, "data_type": data_type, "task": str(custom.get("task")), "langs": json.dumps(custom.get("langs")),
+    return {"id": cut.id, "data_type": data_type, "task": str(custom.get("task")),
+            "langs": json.dumps(custom.get("langs")),
             "conversation": json.dumps(custom["conversation"]),
             "audio": None if audio is None else audio.astype("<f4").tobytes(),
             "num_samples": 0 if audio is None else len(audio),
@@ -129,7 +130,8 @@ def iter_shard_rows(storage: Storage, shard: ShardInfo, data_type: str, start: i
                     if data_path.suffix != ".nodata":
                         audio = decode_audio(data)
                         expected = cut.recording.num_samples if cut.has_recording else None
-                        if expected is not None and cut.recording.sampling_rate == SAMPLING_RATE and len(audio) != expected:
+                        at_rate = expected is not None and cut.recording.sampling_rate == SAMPLING_RATE
+                        if at_rate and len(audio) != expected:
                             raise ValueError(f"audio has {len(audio)} samples, the cut says {expected}")
                 yield _good_row(cut, data_type, audio, name, index)
             except (ValueError, SchemaError) as e:

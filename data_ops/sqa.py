@@ -120,7 +120,8 @@ def load_results(work_uri: str, endpoint_url: str | None = None) -> dict[str, di
 
 
 def generate_sqa(items: Iterable[dict], endpoint: ChatEndpoint, work_uri: str, *, concurrency: int = 4,
-                 flush_every: int = 32, endpoint_url: str | None = None, progress: bool = True) -> tuple[SQASummary, dict[str, dict]]:
+                 flush_every: int = 32, endpoint_url: str | None = None,
+                 progress: bool = True) -> tuple[SQASummary, dict[str, dict]]:
     """Ask the endpoint for a QA pair per `{id, transcript}` item; returns the summary and the kept pairs by id.
 
     Results are flushed to `work_uri/results/part-*.jsonl` every `flush_every` items, so a crash loses at most that

@@ -60,7 +60,8 @@ class EspeakTTS:
                 "(infra/install.sh does this when run as root)"
             )
 
-    def synthesize(self, text: str, lang: str, rng: np.random.Generator, voice: str | None = None) -> tuple[np.ndarray, dict]:
+    def synthesize(self, text: str, lang: str, rng: np.random.Generator,
+                   voice: str | None = None) -> tuple[np.ndarray, dict]:
         if not text.strip():
             raise TTSError("cannot synthesize empty text")
         if voice is None:

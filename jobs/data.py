@@ -144,30 +144,7 @@ def cmd_info(a) -> None:
     print(read_manifest(a.uri, a.endpoint_url).to_json())
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jobs.data", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-
-    def command(name, fn, **kw):
-        c = sub.add_parser(name, **kw)
-        c.set_defaults(fn=fn)
-        c.add_argument("--endpoint-url", default=None, help="S3 endpoint (else AWS_ENDPOINT_URL)")
-        return c
-
-    def writer(c):
-        c.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
-        c.add_argument("--shard-size", type=int, default=500)
-
-    c = command("demo", cmd_demo, help="generate the self-contained demo corpus (all four types)")
-    writer(c)
-    c.add_argument("--size", default="small", choices=list(SIZES))
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--split", default="train", choices=["train", "eval"],
-                   help="eval: held-out voices and a spoken-instruction set (use another --seed than training)")
-    c.add_argument("--concurrency", type=int, default=2, help="TTS actors")
-
-    c = command("import-asr", cmd_import_asr, help="ASR/AST corpus -> asr_ast shards")
-    writer(c)
+def _import_asr_arguments(c) -> None:
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("--table", help="CSV/TSV: audio_path,text[,translation,lang,target_lang]")
     src.add_argument("--cuts", help="a Lhotse cuts manifest")
@@ -187,6 +164,32 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--translation-column")
     c.add_argument("--lang-column")
     c.add_argument("--id-column")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jobs.data", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def command(name, fn, **kw):
+        c = sub.add_parser(name, **kw)
+        c.set_defaults(fn=fn)
+        c.add_argument("--endpoint-url", default=None, help="S3 endpoint (else AWS_ENDPOINT_URL)")
+        return c
+
+    def writer(c):
+        c.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+        c.add_argument("--shard-size", type=int, default=500)
+        return c
+
+    c = command("demo", cmd_demo, help="generate the self-contained demo corpus (all four types)")
+    writer(c)
+    c.add_argument("--size", default="small", choices=list(SIZES))
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--split", default="train", choices=["train", "eval"],
+                   help="eval: held-out voices and a spoken-instruction set (use another --seed than training)")
+    c.add_argument("--concurrency", type=int, default=2, help="TTS actors")
+
+    _import_asr_arguments(writer(command("import-asr", cmd_import_asr, help="ASR/AST corpus -> asr_ast shards")))
 
     c = command("import-text", cmd_import_text, help="OpenAI-style messages (JSONL or a HF dataset) -> text shards")
     writer(c)

@@ -198,7 +198,8 @@ def _validate_audio(part: AudioPart, sampling_rate: int, where: str) -> None:
         raise ConversationError(f"{where}: audio samples are missing (source={part.source!r}); load them first")
     if part.sampling_rate != sampling_rate:
         raise ConversationError(
-            f"{where}: audio sample rate is {part.sampling_rate} Hz, the model needs {sampling_rate} Hz; resample it first"
+            f"{where}: audio sample rate is {part.sampling_rate} Hz, the model needs {sampling_rate} Hz; "
+            "resample it first"
         )
     a = part.audio
     shape = tuple(getattr(a, "shape", ()))

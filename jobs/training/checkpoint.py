@@ -1,8 +1,8 @@
 """What a training checkpoint holds and how it is written and read.
 
 A checkpoint folder: the trainable weights (frozen weights come from the base checkpoints), the optimizer state,
-and `TrainState` as JSON (step, stage, scheduler, every rank's stream positions and torch RNG: CPU and GPU), so a restart loses
-no step and repeats no sample beyond the checkpoint.
+and `TrainState` as JSON (step, stage, scheduler, every rank's stream positions and torch RNG: CPU and GPU), so a
+restart loses no step and repeats no sample beyond the checkpoint.
 
 Two layouts of the weights and optimizer state:
 - whole (DDP, one rank): `trainable.safetensors` + `optimizer.pt`, gathered and written by rank 0;

@@ -255,6 +255,17 @@ def prepare_model(job: WorkerJob, rank: int, world: int, device):
     return core, trainer, flops, peak
 
 
+def content_monitor(job: WorkerJob, ratios: dict[str, float], rank: int, sharded: bool):
+    """(probe conversations, `ContentMonitor`) of the content check; no probe when this rank takes no part or the
+    stage trains no ASR. Under FSDP every rank takes part (each forward gathers the shards)."""
+    from jobs.training.content import ContentMonitor, content_probe
+
+    asr_src = job.recipe.data.sources.get("asr_ast")
+    probe = (content_probe(asr_src.uris[:1], job.recipe.data.endpoint_url)
+             if (rank == 0 or sharded) and asr_src and ratios.get("asr_ast", 0) > 0 else [])
+    return probe, ContentMonitor(probe, job.recipe.train.warmup_steps, log=log if rank == 0 else lambda _: None)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train's per-worker function; `config["job"]` is the stage's `WorkerJob`."""
     import os
@@ -266,7 +277,6 @@ def train_loop_per_worker(config: dict) -> None:
     from data_ops.shar_datasource import row_to_conversation
     from jobs.training.batches import BatchPrefetcher
     from jobs.training.console import quiet_console, quiet_ray_data
-    from jobs.training.content import ContentMonitor, content_probe
     from jobs.training.metrics import MetricsWindow, MlflowRunLogger
     from models.processor import move_batch
 
@@ -287,12 +297,8 @@ def train_loop_per_worker(config: dict) -> None:
                                lambda rows: core.processor([row_to_conversation(r) for r in rows]),
                                start_step=trainer.step, grad_accum=tr.grad_accum)
 
-    asr_src = recipe.data.sources.get("asr_ast")
-    # the content check runs the model: under FSDP every rank takes part (each forward gathers the shards)
-    probe = (content_probe(asr_src.uris[:1], recipe.data.endpoint_url)
-             if (rank == 0 or sharded) and asr_src and ratios.get("asr_ast", 0) > 0 else [])
+    probe, check_content = content_monitor(job, ratios, rank, sharded)
     check_every = tr.content_check_every or tr.checkpoint_every
-    check_content = ContentMonitor(probe, tr.warmup_steps, log=log if rank == 0 else lambda _: None)
     sample_log = SampleLog(Path(job.sample_log_dir) / f"{stage.name}-rank{rank}.jsonl") if job.sample_log_dir else None
     logger = MlflowRunLogger(job.tracking_uri, job.mlflow_run_id, system_metrics=True) if rank == 0 else None
     window, progress = MetricsWindow(), Progress(trainer.step, stage.max_steps)
@@ -301,13 +307,10 @@ def train_loop_per_worker(config: dict) -> None:
         while trainer.step < stage.max_steps:
             micro_batches = [prefetch.next() for _ in range(tr.grad_accum)]
             batches = (move_batch(mb.batch, device) for mb in micro_batches)
-            micro_losses = []
-
-            def on_micro(i: int, loss) -> None:  # a device tensor: read when the window is logged
-                micro_losses.append(loss)
-                window.add_batch(micro_batches[i].stats(loss, flops))
-
-            step_loss = trainer.train_step(batches, on_micro=on_micro)
+            micro_losses = []  # device tensors: read when the window is logged
+            step_loss = trainer.train_step(batches, on_micro=lambda i, loss, out=micro_losses: out.append(loss))
+            for mb, loss in zip(micro_batches, micro_losses):
+                window.add_batch(mb.stats(loss, flops))
             window.add_step(step_loss)
             if sample_log:
                 sample_log.write(micro_batches, micro_losses)

@@ -99,7 +99,7 @@ def test_fsdp_equals_ddp_survives_an_s3_outage_and_a_killed_worker_resumes_exact
             snapshot = tmp_path / "runs/it-fsdp/checkpoint_manager_snapshot.json"
             killed, pids = [], []
 
-            def kill(steps):
+            def kill(steps, pids=pids, killed=killed, snapshot=snapshot):  # called within this iteration
                 if not pids and all(s is not None for s in steps):
                     pids.extend(_train_workers(stack.urls["ray"]))
                 if pids and snapshot.exists() and all(s is not None and s > CHECKPOINT_EVERY for s in steps):

@@ -100,7 +100,7 @@ def test_two_stage_run_on_two_nodes_survives_a_lost_node_and_registers(stack, ra
     for node in ("a (", "b ("):
         assert f"{node}" in str(refused.value) and f"lacks {tmp_path / 'only-on-my-laptop'}" in str(refused.value)
     try:
-        for attempt in range(6):  # right after start-up the head's job agent may not be registered yet
+        for _attempt in range(6):  # right after start-up the head's job agent may not be registered yet
             submit = subprocess.run(
                 [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", stack.urls["ray"],
                  "--no-wait", "--submission-id", job_id,
@@ -213,7 +213,7 @@ def test_two_stage_run_on_two_nodes_survives_a_lost_node_and_registers(stack, ra
 def _submit_and_wait(stack, env, path, timeout=400) -> str:
     """`ray job submit` of jobs.train with the recipe at `path`, waiting for it; returns the job's logs."""
     job_env = {k: env[k] for k in env if k != "RAY_ADDRESS"}
-    for attempt in range(6):  # right after start-up the head's job agent may not be registered yet
+    for _attempt in range(6):  # right after start-up the head's job agent may not be registered yet
         proc = subprocess.run(
             [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", stack.urls["ray"],
              "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": job_env}), "--",

@@ -73,8 +73,8 @@ def test_labels_cover_only_assistant_turns(make_model, audio):
     model = make_model()
     conv, _ = _multi_audio_conversation(audio)
     enc = model.processor.encode(conv)
-    labeled = [i for i, l in enumerate(enc.labels) if l != IGNORE_INDEX]
-    runs = _runs([l != IGNORE_INDEX for l in enc.labels])
+    labeled = [i for i, label in enumerate(enc.labels) if label != IGNORE_INDEX]
+    runs = _runs([label != IGNORE_INDEX for label in enc.labels])
     texts = [model.tokenizer.decode(enc.input_ids[s:e]) for s, e in runs]
     assert texts == ["answer one<end_of_turn>\n", "answer two<end_of_turn>\n"]
     assert all(enc.labels[i] == enc.input_ids[i] for i in labeled)
