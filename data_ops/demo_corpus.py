@@ -47,7 +47,6 @@ class CorpusSize:
     sentences: int = 0  # text tasks on the spoken sentences (`sentence_task`), added to the text SFT
     spoken_tasks: int = 0  # mixed-modal conversations from the other single-turn tasks (`spoken_task`), spoken whole
     instruction_speech: int = 0  # English ASR utterances of text-task user turns (`instruction_sentence`)
-    repeat_tasks: int = 0  # text tasks that repeat any text-task user turn verbatim (`repeat_task`)
 
 
 SIZES = {
@@ -60,15 +59,10 @@ SIZES = {
     # the miniature's current corpus (docs/ablation.md): mixed-modal data from every kind of single-turn task too,
     # as the paper speaks Alpaca's and Magpie's instructions of every kind
     "ablation-spoken-tasks": CorpusSize(text=8000, speech=1600, sqa=400, mixed=400, sentences=2000, spoken_tasks=800),
-    # the same with open-vocabulary ASR: the five templates alone teach the audio path a recognizer of those five
-    # sentences, which transcribes a spoken instruction as one of them; in one probe with it the model heard the
-    # instructions' form but not their numbers and words; no recipe uses it yet (docs/ablation.md)
+    # the same with open-vocabulary ASR: the five templates alone train a recognizer of those five sentences,
+    # which hears any spoken instruction as one of them; utterances of the text tasks' own sentences widen it
     "ablation-open-asr": CorpusSize(text=8000, speech=1600, sqa=400, mixed=400, sentences=2000, spoken_tasks=800,
                                     instruction_speech=1600),
-    # and with text tasks that repeat any task sentence (the miniature's LM otherwise repeats only the templates);
-    # in its one probe the audio was read no better; no recipe uses it (docs/ablation.md)
-    "ablation-open-asr-repeat": CorpusSize(text=8000, speech=1600, sqa=400, mixed=400, sentences=2000,
-                                           spoken_tasks=800, instruction_speech=1600, repeat_tasks=2000),
     "ablation-eval": CorpusSize(text=200, speech=160, sqa=40, mixed=100, sentences=50),
     "ablation-quick": CorpusSize(text=1200, speech=120, sqa=20, mixed=20),  # CI's shortened ablation
     # its suite scores ASR and text only: no mixed-modal or spoken-instruction sets (drawn after the rest, so the
@@ -210,17 +204,6 @@ def instruction_sentence(rng) -> str:
     return _TASK_MAKERS[int(rng.integers(len(_TASK_MAKERS)))](rng)[0][1]
 
 
-def repeat_task(rng) -> list[tuple[str, str]]:
-    """Repeat a text task's user turn (any kind) verbatim.
-
-    Why: the miniature's LM learns to repeat only what its data asks it to (`sentence_task` repeats the five
-    templates; asked to repeat "What is 8 times 0?" it says a template), and reading content out of audio
-    embeddings is copying too. Measured in one probe (docs/ablation.md): with these tasks the LM repeats any task
-    sentence, but the joint model reads the audio no better (spoken instructions 0.07 against 0.05)."""
-    sentence = instruction_sentence(rng)
-    return [("user", f"Repeat this sentence: {sentence}"), ("assistant", sentence)]
-
-
 def sentence_task(rng) -> list[tuple[str, str]]:
     """A text task on the spoken sentences' language: repeat a sentence, or translate it to or from English.
 
@@ -291,10 +274,7 @@ def build_demo_corpus(out_uri: str, size: str | CorpusSize = "tiny", *, seed: in
         sentence_rng = np.random.default_rng([seed, 1])
         sentence_cuts = [conversation_to_cut(_conversation(sentence_task(sentence_rng)), cut_id=f"sentence-{i:06d}",
                                              data_type="text", task="text", langs=["en"]) for i in range(sz.sentences)]
-        repeat_rng = np.random.default_rng([seed, 4])
-        repeat_cuts = [conversation_to_cut(_conversation(repeat_task(repeat_rng)), cut_id=f"repeat-{i:06d}",
-                                           data_type="text", task="text", langs=["en"]) for i in range(sz.repeat_tasks)]
-        writer.write("text", _spread(text_cuts, _spread(sentence_cuts, repeat_cuts)))
+        writer.write("text", _spread(text_cuts, sentence_cuts))
 
         # ASR / AST / SQA from spoken parallel sentences
         items, qa = [], {}

@@ -79,10 +79,10 @@ def test_demo_corpus_on_s3(s3_endpoint, ray_local):
     from data_ops.demo_corpus import SIZES, build_demo_corpus
 
     uri = "s3://vtb-test/demo"
-    size = dataclasses.replace(SIZES["tiny"], spoken_tasks=3, instruction_speech=4, repeat_tasks=3)
+    size = dataclasses.replace(SIZES["tiny"], spoken_tasks=3, instruction_speech=4)
     manifest = build_demo_corpus(uri, size, seed=3, shard_size=8, progress=False)
     counts = {n: t.num_cuts for n, t in manifest.types.items()}
-    assert counts["text"] == size.text + size.repeat_tasks and counts["mixed_modal"] == size.mixed + size.spoken_tasks
+    assert counts["text"] == size.text and counts["mixed_modal"] == size.mixed + size.spoken_tasks
     # ASR for each template utterance, AST for every other; ASR only for the spoken instructions
     assert counts["asr_ast"] == size.speech + size.speech // 2 + size.instruction_speech
     assert 0 < counts["sqa"] <= size.sqa
@@ -98,10 +98,6 @@ def test_demo_corpus_on_s3(s3_endpoint, ray_local):
             if r["id"].startswith("utt-instr-"):  # an instruction read out: English ASR of a text task's turn
                 assert r["task"] == "asr" and json.loads(r["langs"]) == ["en"]
                 assert not any(t in conv.turns[-1].text_only for t in ("The number is", "Today is", "My name is"))
-            if r["id"].startswith("repeat-"):  # a text task repeating a task sentence verbatim
-                (user,), (answer,) = ([t.text_only for t in conv.turns if t.role == role] for role in ("user", "assistant"))
-                assert user == f"Repeat this sentence: {answer}"
-                assert not any(t in answer for t in ("The number is", "Today is", "My name is"))
             if r["id"].startswith("mixed-task-"):  # a one-sentence task: its whole user turn is spoken
                 user = next(t for t in conv.turns if t.role == "user")
                 assert len(user.parts) == 1 and user.audio_parts, conv

@@ -45,6 +45,15 @@ def test_shipped_ablation_configs_load():
     assert load_recipe(ROOT / full.text_lm).data.ratios == {"text": 1.0}
 
 
+def test_a_role_naming_no_recipe_is_refused(tmp_path):
+    """A recipe key renamed in the YAML must not turn its checks into "not measured" unnoticed."""
+    bad = tmp_path / "renamed.yaml"
+    bad.write_text((ROOT / "jobs/ablations/table4_quick.yaml").read_text().replace(
+        "  b1-speech-only: jobs/recipes/mini/b1_speech_only.yaml", "  b1: jobs/recipes/mini/b1_speech_only.yaml"))
+    with pytest.raises(RecipeError, match="roles .'speech_only': 'b1-speech-only'. name no recipe"):
+        load_config(bad)
+
+
 def test_bad_ablation_config_names_the_problem(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nexperiment: y\ntext_lm: jobs/recipes/mini/text_lm.yaml\nspeech_steps: 0\n"
@@ -54,6 +63,9 @@ def test_bad_ablation_config_names_the_problem(tmp_path):
     bad.write_text(bad.read_text().replace("speech_steps: 0", "speech_steps: 5"))
     with pytest.raises(RecipeError, match="nope.yaml does not exist"):
         load_config(bad)
+
+
+ROLES = {"joint": "joint", "speech_only": "b1-speech-only", "frozen_lm": "b2-frozen-lm"}
 
 
 def test_claims_are_checked_on_the_numbers_not_assumed():
@@ -67,7 +79,7 @@ def test_claims_are_checked_on_the_numbers_not_assumed():
         return out
 
     paper = {c["claim"].split(":")[0]: c["holds"] for c in check_claims(
-        rows(text=(0.8, 0.75, 0.1, 0.8), wer=(1.0, 0.3, 0.28, 0.9), gap=(0.01, 1.2, 1.0, 0.6)), "s")}
+        rows(text=(0.8, 0.75, 0.1, 0.8), wer=(1.0, 0.3, 0.28, 0.9), gap=(0.01, 1.2, 1.0, 0.6)), "s", ROLES)}
     for claim in ("joint SFT transcribes held-out voices", "joint SFT's speech comes from the audio",
                   "joint SFT reaches speech quality close to B1", "B2 (frozen LM) is worse on speech",
                   "joint SFT keeps text accuracy", "B1 (speech-only SFT) forgets text",
@@ -77,8 +89,14 @@ def test_claims_are_checked_on_the_numbers_not_assumed():
                   "joint SFT follows spoken instructions"):
         assert paper[claim] is None, claim  # not measured here: reported as such, never assumed
     flipped = {c["claim"].split(":")[0]: c["holds"] for c in check_claims(
-        rows(text=(0.8, 0.2, 0.9, 0.8), wer=(0.9, 0.9, 0.3, 0.5), gap=(0.5, 0.0, 1.0, 0.6)), "s")}
+        rows(text=(0.8, 0.2, 0.9, 0.8), wer=(0.9, 0.9, 0.3, 0.5), gap=(0.5, 0.0, 1.0, 0.6)), "s", ROLES)}
     assert not any(v for v in flipped.values() if v is not None), flipped
+    # the checks follow the labels the config gives each role, whatever they are called
+    renamed = {{"joint": "mine", "b1-speech-only": "asr-only", "b2-frozen-lm": "frozen"}.get(k, k): v for k, v in
+               rows(text=(0.8, 0.75, 0.1, 0.8), wer=(1.0, 0.3, 0.28, 0.9), gap=(0.01, 1.2, 1.0, 0.6)).items()}
+    again = {c["claim"].split(":")[0]: c["holds"] for c in check_claims(
+        renamed, "s", {"joint": "mine", "speech_only": "asr-only", "frozen_lm": "frozen"})}
+    assert again == paper
 
 
 def test_spoken_instruction_checks_say_whether_their_samples_can_tell():
@@ -86,7 +104,7 @@ def test_spoken_instruction_checks_say_whether_their_samples_can_tell():
         ids = [f"spoken-{i:03d}" for i in range(100)]
         spoken = {label: {i: i in right for i in ids} for label, right in (("joint", joint), ("b1-speech-only", b1))}
         rows = {label: {"eval/s/spoken_instruction/exact_match": sum(v.values()) / 100} for label, v in spoken.items()}
-        found = {c["claim"].split(":")[0]: c for c in check_claims(rows, "s", spoken)}
+        found = {c["claim"].split(":")[0]: c for c in check_claims(rows, "s", ROLES, spoken)}
         return found["joint SFT follows spoken instructions better than B1"], found[
             "joint SFT follows spoken instructions"]
 
@@ -104,7 +122,7 @@ def test_spoken_instruction_checks_say_whether_their_samples_can_tell():
             {"eval/s/spoken_instruction/exact_match": 0.1}}
     mismatched = {"joint": {"a": True}, "b1-speech-only": {"b": False}}
     for spoken in (None, mismatched):
-        found = {c["claim"].split(":")[0]: c for c in check_claims(rows, "s", spoken)}
+        found = {c["claim"].split(":")[0]: c for c in check_claims(rows, "s", ROLES, spoken)}
         assert found["joint SFT follows spoken instructions better than B1"]["holds"] is True
         assert "ci95" not in found["joint SFT follows spoken instructions better than B1"]
 
@@ -121,7 +139,7 @@ def test_seeds_table_puts_each_seeds_numbers_and_checks_side_by_side(tmp_path):
         (tmp_path / f"seed-{seed}").mkdir()
         (tmp_path / f"seed-{seed}" / "result.json").write_text(json.dumps(
             {"seed": seed, "models": {"joint": "m1", "b1-speech-only": "m2"}, "metrics": metrics,
-             "claims": check_claims(metrics, "s", spoken)}))
+             "claims": check_claims(metrics, "s", ROLES, spoken)}))
     lines = seeds_table(tmp_path).splitlines()
     assert "| joint | spoken_instruction/exact_match | 0.070 | 0.400 | 0.330 |" in lines
     assert not any("samples" in line for line in lines)  # counts are not scores
@@ -155,13 +173,11 @@ def test_a_step_done_from_other_inputs_is_done_again_not_reported_as_the_new_con
 
     again = SeedState(path)  # the same command again: done, skipped
     assert again.current("models/joint", {"steps": 2000}) and again.current("encoder", {"steps": 800})
+    before = path.read_text()
     assert not again.current("models/joint", {"steps": 5000})  # the config asks for more steps now
-    assert "joint" not in again["models"] and again["encoder"] == {"wer": 0.1}
     assert not again.current("encoder", {"steps": 1600})
-    assert "encoder" not in SeedState(path).state  # forgotten on disk too: a crash now does not bring it back
-
-    # a state file written before fingerprints: its steps are taken as done from the inputs asked now
-    path.write_text('{"models": {"joint": "models:/mini-joint/1"}}')
-    legacy = SeedState(path)
-    assert legacy.current("models/joint", {"steps": 2000})
-    assert not SeedState(path).current("models/joint", {"steps": 5000})
+    assert path.read_text() == before  # asking writes nothing
+    # a crash before the step is done again does not bring the old output back as the new config's
+    assert not SeedState(path).current("encoder", {"steps": 1600})
+    again.record("encoder", {"wer": 0.2}, {"steps": 1600})
+    assert SeedState(path).current("encoder", {"steps": 1600}) and SeedState(path)["encoder"] == {"wer": 0.2}
