@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from data_ops.importers import ImportReport, read_audio_table, read_messages_jsonl
 from data_ops.schema import SchemaError
 
-FUZZ = settings(max_examples=int(os.environ.get("VTB_FUZZ_EXAMPLES", 150)), derandomize=True, deadline=None,
+FUZZ = settings(max_examples=int(os.environ.get("VTB_FUZZ_EXAMPLES", 100)), derandomize=True, deadline=None,
                 suppress_health_check=list(HealthCheck))
 odd = st.characters(categories=["Cs"]) | st.sampled_from(["\x00", "\u202e", "\ufeff", ",", "\t", "\"", "\n", "\r"])
 any_text = st.lists(st.characters(exclude_categories=()) | odd, max_size=16).map("".join)

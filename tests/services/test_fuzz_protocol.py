@@ -21,7 +21,7 @@ from models.conversation import ConversationError
 from services.chat_generation import prompt_tokens
 from services.openai_protocol import AUDIO_FORMATS, APIError, ChatRequest, Limits, parse_chat_request
 
-FUZZ = settings(max_examples=int(os.environ.get("VTB_FUZZ_EXAMPLES", 300)), derandomize=True, deadline=None,
+FUZZ = settings(max_examples=int(os.environ.get("VTB_FUZZ_EXAMPLES", 200)), derandomize=True, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 LIMITS = Limits(max_audio_seconds_per_part=2.0, max_audio_seconds_per_request=3.0, max_audio_parts=3, max_turns=6,
                 max_new_tokens=64)
