@@ -2,7 +2,7 @@
 # Both install first (idempotent: a second run only checks).
 PY := .venv/bin/python
 
-.PHONY: install demo test test-fast lint gpu-check ablation stack-up stack-down clean
+.PHONY: install demo test test-fast test-slow lint gpu-check ablation stack-up stack-down clean
 
 install:
 	bash infra/install.sh
@@ -22,6 +22,9 @@ test: install
 lint: install   # the house rules: ruff (style, function size, banned process-wide APIs), import contracts
 	.venv/bin/ruff check .
 	.venv/bin/lint-imports
+
+test-slow: install   # the tests too long for the suite: the shortened ablation miniature (~4.5 min)
+	$(PY) -m pytest -m slow
 
 test-fast: install   # unit tests only, no services
 	$(PY) -m pytest -m "not integration"

@@ -86,6 +86,8 @@ def ast_conversation(audio: np.ndarray, text: str, translation: str, source: str
 def speech_cuts(utt_id: str, audio: np.ndarray, text: str, lang: str, translation: str | None = None,
                 target_lang: str | None = None) -> list[MonoCut]:
     """The ASR cut of one utterance, plus its AST cut when a translation is given."""
+    if not isinstance(text, str) or (translation is not None and not isinstance(translation, str)):
+        raise SchemaError(f"{utt_id}: the transcript and the translation must be text")
     if not text.strip():
         raise SchemaError(f"{utt_id}: empty transcript")
     src = language_code(lang)
@@ -452,8 +454,8 @@ def read_nemo_tarred(manifest: str | Path, tars: str, *, text_key: str = "text",
     for where, obj in iter_jsonl(manifest):
         if isinstance(obj, SchemaError):
             bad.append(obj)
-        elif not obj.get("audio_filepath"):
-            bad.append(SchemaError(f"{where}: no audio_filepath"))
+        elif not isinstance(obj.get("audio_filepath"), str) or not obj["audio_filepath"]:
+            bad.append(SchemaError(f"{where}: no audio_filepath (a file name inside the tars)"))
         else:
             entries.setdefault(Path(obj["audio_filepath"]).name, []).append((where, obj))
     files = [Path(p) if Path(p).is_absolute() else manifest.parent / p for p in expand_nemo_shards(tars)]
@@ -465,16 +467,12 @@ def read_nemo_tarred(manifest: str | Path, tars: str, *, text_key: str = "text",
             if not tar_path.is_file():
                 yield SchemaError(f"{tar_path}: tar file does not exist")
                 continue
-            with tarfile.open(tar_path, "r|*") as tar:  # streamed: members in order, each read once
-                for member in tar:
-                    name = Path(member.name).name
-                    if not member.isfile() or name not in entries:
-                        continue
-                    data = tar.extractfile(member).read()
+            try:
+                for name, member_name, data in _tar_members(tar_path, set(entries)):
                     seen.add(name)
                     for where, obj in entries[name]:
                         try:
-                            audio = _decoded(data, f"{tar_path.name}:{member.name}")
+                            audio = _decoded(data, f"{tar_path.name}:{member_name}")
                             src = obj.get("source_lang") or obj.get("lang") or lang
                             if not src:
                                 raise SchemaError("no language: add source_lang/lang to the manifest or pass lang=")
@@ -486,11 +484,23 @@ def read_nemo_tarred(manifest: str | Path, tars: str, *, text_key: str = "text",
                             yield speech_cuts(utt, audio, str(obj.get(text_key) or ""), src, translation, tgt)
                         except SchemaError as e:
                             yield SchemaError(f"{where}: {e}")
+            except tarfile.TarError as e:  # not a tar, or cut short: its entries not yet read are reported below
+                yield SchemaError(f"{tar_path}: not a readable tar file ({e})")
         for name in sorted(set(entries) - seen):
             for where, _ in entries[name]:
                 yield SchemaError(f"{where}: {name} is in no tar file of {tars}")
 
     return _guard(items(), report)
+
+
+def _tar_members(tar_path: Path, wanted: set[str]) -> Iterator[tuple[str, str, bytes]]:
+    """(file name, member name, bytes) of the tar's files whose name is in `wanted`, streamed: members in order,
+    each read once, none held longer than its turn."""
+    with tarfile.open(tar_path, "r|*") as tar:
+        for member in tar:
+            name = Path(member.name).name
+            if member.isfile() and name in wanted:
+                yield name, member.name, tar.extractfile(member).read()
 
 
 def _decoded(data: bytes, where: str) -> np.ndarray:

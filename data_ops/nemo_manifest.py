@@ -35,13 +35,16 @@ def read_nemo_manifest(path: str | Path, *, data_type: str, task: str, langs: li
     for where, obj in iter_jsonl(path):
         if isinstance(obj, SchemaError):
             raise obj
-        if (obj.get("custom") or {}).get("_skipme"):
+        custom = obj.get("custom")
+        if isinstance(custom, dict) and custom.get("_skipme"):
             continue
         entries = obj.get("conversations")
         if not isinstance(entries, list) or not entries:
             raise SchemaError(f"{where}: needs a non-empty 'conversations' list")
         turns: list[Turn] = []
         for j, e in enumerate(entries):
+            if not isinstance(e, dict):
+                raise SchemaError(f"{where}: entry {j} must be an object with 'from', 'type' and 'value'")
             role = _ROLES.get(str(e.get("from", "")).lower())
             if role is None:
                 raise SchemaError(f"{where}: entry {j} 'from' must be User, Assistant or System, got {e.get('from')!r}")
@@ -49,7 +52,9 @@ def read_nemo_manifest(path: str | Path, *, data_type: str, task: str, langs: li
             if kind == "text":
                 part = TextPart(str(e.get("value", "")))
             elif kind == "audio":
-                audio_path = Path(e.get("value", ""))
+                if not isinstance(e.get("value"), str) or not e["value"]:
+                    raise SchemaError(f"{where}: entry {j} audio needs its file path as 'value'")
+                audio_path = Path(e["value"])
                 audio_path = audio_path if audio_path.is_absolute() else root / audio_path
                 if not audio_path.is_file():
                     raise SchemaError(f"{where}: entry {j} audio file {audio_path} does not exist")

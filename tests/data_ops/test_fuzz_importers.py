@@ -140,3 +140,111 @@ def test_what_the_fuzzing_found_is_named_not_a_traceback(tmp_path):
         raise AssertionError("a recipe that is not UTF-8 was read")
     except RecipeError as e:
         assert f"{recipe}: not UTF-8" in str(e)
+
+
+def _wav_bytes(seconds: float = 0.2) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(int(16000 * seconds), dtype=np.float32), 16000, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+nemo_entry = st.fixed_dictionaries({
+    "from": st.sampled_from(["User", "Assistant", "System", "Robot"]) | json_values,
+    "type": st.sampled_from(["text", "audio", "video"]) | json_values,
+    "value": st.sampled_from(["ok.wav", "missing.wav", "bad.wav"]) | any_text | json_values})
+
+
+@FUZZ
+@given(lines=st.lists(st.fixed_dictionaries({"conversations": st.lists(nemo_entry | json_values, max_size=3)
+                                             | json_values},
+                                            optional={"custom": json_values, "id": json_values}).map(_messages_line)
+                      | any_text, max_size=4))
+def test_a_nemo_manifest_imports_or_names_its_line(tmp_path_factory, lines):
+    from data_ops.nemo_manifest import read_nemo_manifest
+
+    folder = tmp_path_factory.mktemp("nemo")
+    _write(folder / "ok.wav", _wav_bytes())
+    _write(folder / "bad.wav", b"RIFF not a wave")
+    path = _write(folder / "m.jsonl", "\n".join(lines) + "\n")
+    try:
+        list(read_nemo_manifest(path, data_type="mixed_modal", task="t", langs=["en"]))
+    except SchemaError as e:  # the first bad line stops the import, named
+        assert str(path) in str(e), e
+
+
+@FUZZ
+@given(entries=st.lists(st.fixed_dictionaries(
+    {"audio_filepath": st.sampled_from(["a.wav", "b.wav", "c.wav"]) | json_values},
+    optional={"text": any_text | json_values, "lang": st.sampled_from(["en", "de"]) | json_values,
+              "target_lang": st.sampled_from(["en", "de"]) | json_values, "answer": any_text | json_values}),
+    max_size=4),
+       members=st.lists(st.tuples(st.sampled_from(["a.wav", "b.wav", "dir/c.wav"]), st.booleans()), max_size=3),
+       cut_at=st.none() | st.integers(0, 2000))
+def test_a_nemo_tarred_set_imports_or_names_its_entries(tmp_path_factory, entries, members, cut_at):
+    import io
+    import tarfile
+
+    from data_ops.importers import read_nemo_tarred
+
+    folder = tmp_path_factory.mktemp("tarred")
+    manifest = _write(folder / "manifest.json", "\n".join(_messages_line(e) for e in entries) + "\n")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, is_audio in members:
+            data = _wav_bytes() if is_audio else b"junk bytes"
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    tar_bytes = buf.getvalue() if cut_at is None else buf.getvalue()[:cut_at]  # cut short: a broken upload
+    _write(folder / "audio_0.tar", tar_bytes)
+    report = ImportReport()
+    cuts = list(read_nemo_tarred(manifest, "audio_0.tar", lang="en", report=report))
+    assert report.kept == len(cuts)
+    for message in report.skipped:  # each skipped entry names the manifest line or the tar
+        assert str(manifest) in message or str(folder / "audio_0.tar") in message, message
+
+
+@FUZZ
+@given(rows=st.lists(st.fixed_dictionaries({
+    "audio": st.fixed_dictionaries({"bytes": st.sampled_from([b"", b"junk"]) | st.just(None) | st.builds(_wav_bytes),
+                                    "path": st.sampled_from(["", "x.wav", "/nope.wav"]) | st.none()}),
+    "text": any_text | st.none(), "lang": st.sampled_from(["en", "de", ""]) | st.none()}), min_size=1, max_size=4))
+def test_a_hugging_face_parquet_imports_or_names_its_rows(tmp_path_factory, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_ops.importers import read_hf_speech_dataset
+
+    folder = tmp_path_factory.mktemp("hf")
+    audio = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    text = [None if r["text"] is None else r["text"].encode("utf-8", "replace").decode("utf-8") for r in rows]
+    table = pa.table({"audio": pa.array([r["audio"] for r in rows], type=audio), "text": pa.array(text),
+                      "lang": pa.array([r["lang"] for r in rows])})
+    pq.write_table(table, folder / "train.parquet")
+    report = ImportReport()
+    cuts = list(read_hf_speech_dataset(folder, lang_column="lang", report=report))
+    assert report.kept == len(cuts) and len(cuts) + len(report.skipped) >= 1
+    for message in report.skipped:
+        assert "train.parquet:" in message, message
+
+
+def test_a_tarred_entry_whose_translation_is_not_text_is_named(tmp_path):
+    """Found by the tarred fuzzing: `"answer": true` on a translation entry raised AttributeError."""
+    import io
+    import tarfile
+
+    from data_ops.importers import read_nemo_tarred
+
+    _write(tmp_path / "manifest.json", _messages_line({"audio_filepath": "a.wav", "text": "hi", "lang": "en",
+                                                       "target_lang": "de", "answer": True}) + "\n")
+    with tarfile.open(tmp_path / "audio_0.tar", "w") as tar:
+        data = _wav_bytes()
+        info = tarfile.TarInfo("a.wav")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    report = ImportReport()
+    assert list(read_nemo_tarred(tmp_path / "manifest.json", "audio_0.tar", report=report)) == []
+    assert report.skipped == [f"{tmp_path / 'manifest.json'}:1: manifest-1-a: the transcript and the translation "
+                              "must be text"]

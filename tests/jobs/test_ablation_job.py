@@ -21,7 +21,7 @@ import pytest
 
 from tests.jobs.ray_jobs import submit
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # about 4.5 minutes: `make test-slow`
 ROOT = Path(__file__).resolve().parents[2]
 # Reference answers' cross-entropy on held-out text (nats/token), measured as this test runs it on seeds 0/1/2
 # (docs/ablation/ci-quick): text LM 0.634/0.671/0.595 (an untrained LM: about 7), joint 0.695/0.738/0.678, B1
