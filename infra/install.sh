@@ -33,7 +33,8 @@ log() { printf '[install] %s\n' "$*"; }
 # espeak-ng: the default TTS engine for demo data and mixed-modal SFT; sox: audio inspection;
 # libsndfile1: soundfile's codec library (the wheel bundles one, the system one is a fallback);
 # chromium: the headless browser of the chat page's test (driven by playwright, which downloads no browser).
-APT_PKGS=(espeak-ng sox libsndfile1 chromium)
+# curl: the chat API test checks that a 413 reaches curl too.
+APT_PKGS=(espeak-ng sox libsndfile1 chromium curl)
 missing=()
 for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

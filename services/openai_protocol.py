@@ -139,6 +139,9 @@ async def read_body(chunks, declared_length: str | None, limit: int) -> bytes:
     return bytes(body)
 
 
+MIN_SAMPLING_TEMPERATURE = 1e-3
+
+
 @dataclasses.dataclass
 class SamplingParams:
     max_new_tokens: int
@@ -149,7 +152,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below this, sampling is greedy for every practical purpose, and dividing the logits by the temperature
+        # overflows to inf (5e-324 did: "probability tensor contains inf", found by the API fuzzing)
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
 
     def key(self) -> tuple:
         """Requests with equal keys can share one batched generate() call."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import subprocess
@@ -208,6 +209,14 @@ def test_requests_fuzzed_from_the_openapi_schema_never_get_a_5xx(server, client)
     assert r.choices[0].message.content == server["models"]["tiny"].generate([conv], max_new_tokens=12)[0]
 
 
+@pytest.mark.parametrize("temperature", [5e-324, 1e-6])
+def test_a_vanishing_temperature_answers_greedily(server, client, temperature):
+    """Found by the API fuzzing: temperature 5e-324 overflowed the logits to inf and the request got a 500."""
+    messages, conv = CASES["text_audio_text"]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=temperature)
+    assert r.choices[0].message.content == server["models"]["tiny"].generate([conv], max_new_tokens=8)[0]
+
+
 def test_streaming_matches_and_ends_with_usage_and_done(server, client):
     messages, conv = CASES["text_audio_text"]
     stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
@@ -345,6 +354,27 @@ def test_every_limit_answers_413_naming_it(server, case):
     r = send(server)
     assert r.status_code == 413, r.text
     assert message in r.json()["error"]["message"]
+
+
+def test_a_body_far_over_the_limit_gets_its_413_to_curl_requests_and_the_openai_client(server, client, tmp_path):
+    """5x the 1 MB limit: the server reads and drops the rest of the body before answering, so every client reads
+    the 413 and its message (answering mid-upload reset the connection under them)."""
+    import openai
+
+    huge = {"model": "tiny", "messages": [{"role": "user", "content": "x" * 5_000_000}]}
+    r = _post(server, huge)
+    assert r.status_code == 413 and "is over the limit of 1000000 bytes" in r.json()["error"]["message"]
+    with pytest.raises(openai.APIStatusError) as e:
+        client.chat.completions.create(**huge)
+    assert e.value.status_code == 413 and "over the limit" in str(e.value)
+    body = tmp_path / "huge.json"
+    body.write_text(json.dumps(huge))
+    curl = subprocess.run(["curl", "-sS", "-o", "-", "-w", "\\n%{http_code}", "-H", f"Authorization: Bearer {KEY}",
+                           "-H", "Content-Type: application/json", "--data-binary", f"@{body}",
+                           server["base"] + "/v1/chat/completions"], capture_output=True, text=True, timeout=60)
+    out, _, status = curl.stdout.rpartition("\n")
+    assert curl.returncode == 0 and status == "413", curl.stderr
+    assert "over the limit" in json.loads(out)["error"]["message"]
 
 
 def test_api_key_is_checked_on_every_route_but_health(server):
