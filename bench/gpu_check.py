@@ -122,9 +122,12 @@ def train(raw: dict, root: Path, env: dict, timeout_s: float) -> dict:
     for key, name in (("tokens_per_s", "throughput/tokens_per_s"), ("audio_s_per_s", "throughput/audio_s_per_s"),
                       ("mfu", "perf/mfu"), ("peak_gpu_gib", "gpu/max_memory_allocated_gib")):
         values = [m.value for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)]
-        out[key] = float(np.mean(values[1:] or values)) if values else None  # the first window holds the warm-up
-    if out["peak_gpu_gib"] is not None:
-        out["peak_gpu_gib"] = max(m.value for m in client.get_metric_history(run_id, "gpu/max_memory_allocated_gib"))
+        if not values:
+            out[key] = None
+        elif key == "peak_gpu_gib":
+            out[key] = max(values)
+        else:
+            out[key] = float(np.mean(values[1:] or values))  # the first window holds the warm-up
     return out
 
 
