@@ -207,8 +207,8 @@ def test_requests_fuzzed_from_the_openapi_schema_never_get_a_5xx(server, client)
                     assert r.json()["error"]["message"], r.text[:300]
 
             fuzz()
+        print(f"round {run}: fuzzed requests by status so far: {dict(sorted(statuses.items()))}", flush=True)
     assert sum(statuses.values()) >= FUZZ_EXAMPLES and statuses[200] > 0, statuses  # some were answered
-    print(f"fuzzed requests by status: {dict(sorted(statuses.items()))}")
     messages, conv = CASES["text_audio_text"]
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
     assert r.choices[0].message.content == server["models"]["tiny"].generate([conv], max_new_tokens=12)[0]
