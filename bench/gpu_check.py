@@ -118,7 +118,8 @@ def train(raw: dict, root: Path, env: dict, timeout_s: float) -> dict:
     run_id = re.search(r"\[train\] MLflow run (\w+)", proc.stdout).group(1)
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     out = {"strategy": raw["train"]["strategy"], "workers": raw["train"]["num_workers"], "job_s": time.time() - t0,
-           "run_id": run_id, "model": f"models:/{raw['run']['registered_model']}@candidate"}
+           # the version itself: a few dozen steps from a random init do not pass the promotion gate (no alias)
+           "run_id": run_id, "model": re.search(r"registered model: .*?(models:/[\w.-]+/\d+)", proc.stdout).group(1)}
     for key, name in (("tokens_per_s", "throughput/tokens_per_s"), ("audio_s_per_s", "throughput/audio_s_per_s"),
                       ("mfu", "perf/mfu"), ("peak_gpu_gib", "gpu/max_memory_allocated_gib")):
         values = [m.value for m in sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)]

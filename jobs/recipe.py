@@ -10,6 +10,8 @@
            content_check_every
     stages: optional list of stages run one after another (two-stage training, ablation B3): each names its
            steps and what it changes (lm_mode, ratios); a stage starts from the previous stage's weights
+    promote: the promotion gate after the last step (content gap, text retention against the starting LM):
+           the registry alias is set only when every gate passes
 
 `load_recipe(path)` returns a `Recipe` or raises `RecipeError` with one message listing every problem.
 `check_data(recipe)` opens every corpus manifest and checks that each listed shard exists and every sampled
@@ -181,6 +183,29 @@ class TrainSection(StrictModel):
                 "lm": self.lm_lr or self.lr}
 
 
+class PromoteSection(StrictModel):
+    """The promotion gate (`jobs/training/promotion.py`): after the last step the registered version gets
+    `run.alias` only when the audio path carries content and the LM kept its text skills; otherwise it is
+    registered without the alias and tagged with the failed gate. Off by default for text-only recipes, where
+    neither measure means anything."""
+
+    enabled: bool | None = None
+    """None: on when a stage samples a speech type."""
+    eval_uris: list[str] | None = None
+    """Corpora (written by jobs.data) to measure on: their first asr_ast cuts (content gap) and text cuts
+    (retention). Use held-out data, e.g. a `jobs.data demo --split eval` corpus; None: the recipe's own corpora
+    (samples the run trained on; the tags say so)."""
+    min_content_gap: float = 0.3
+    """Nats per answer token the right audio must save over another utterance of the same length
+    (`models.content_check`): a model that reads its audio is well above 0.3, one that ignores it within 0.1 of
+    zero."""
+    max_text_loss_increase: float = Field(0.15, ge=0)
+    """How much the answer loss on text-only conversations may rise against the LM the run started from, as a
+    fraction (0.15: at most 15% above it). Skipped when that LM is a random init (nothing to retain)."""
+    speech_samples: int = Field(32, ge=2)
+    text_samples: int = Field(64, ge=1)
+
+
 class StageSection(StrictModel):
     name: str
     max_steps: int = Field(ge=1)
@@ -194,6 +219,7 @@ class Recipe(StrictModel):
     data: DataSection
     train: TrainSection
     stages: list[StageSection] | None = None
+    promote: PromoteSection = Field(default_factory=PromoteSection)
 
     @model_validator(mode="after")
     def _stages(self) -> "Recipe":
@@ -211,10 +237,18 @@ class Recipe(StrictModel):
         """The stages to run; a recipe without `stages` is one stage of `train.max_steps`."""
         return self.stages or [StageSection(name="main", max_steps=self.train.max_steps)]
 
+    def first_speech_stage(self) -> int | None:
+        """Index of the first stage that samples a speech type (None: a text-only recipe)."""
+        for i, stage in enumerate(self.stage_list()):
+            if any(r > 0 for t, r in (stage.ratios or self.data.ratios).items() if t != "text"):
+                return i
+        return None
+
     def training_fingerprint(self) -> str:
         """What the weights of a checkpoint depend on: model, data, train, stages and seed. Not where the run is
-        stored or tracked, nor the storage endpoint: a resubmission elsewhere continues the same training."""
-        raw = self.model_dump(mode="json", exclude={"run": True, "data": {"endpoint_url"}})
+        stored or tracked, nor the storage endpoint, nor the promotion gate (it reads the weights, it makes none): a
+        resubmission elsewhere continues the same training."""
+        raw = self.model_dump(mode="json", exclude={"run": True, "promote": True, "data": {"endpoint_url"}})
         raw["seed"] = self.run.seed
         return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import signal
 import sys
 import time
 
@@ -18,6 +20,10 @@ from jobs.recipe import RecipeError, check_data, check_model, describe_model, lo
 from jobs.training.console import quiet_console
 from jobs.training.checkpoint import CheckpointMismatch
 from jobs.training.tracking import TrackingError
+
+
+def stopped(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,16 +52,25 @@ def main(argv: list[str] | None = None) -> int:
         from jobs.training.ray_run import run_training
 
         ray.init(log_to_driver=True)  # the cluster of RAY_ADDRESS (set by `ray job submit`), else a local one
-        out = run_training(recipe, env=dict(os.environ), sample_log_dir=args.sample_log_dir)
+        # `ray job stop` sends SIGTERM: end as a stop (the MLflow run is marked KILLED), not as a crash
+        signal.signal(signal.SIGTERM, stopped)
+        out = run_training(recipe, env=dict(os.environ), sample_log_dir=args.sample_log_dir,
+                           entrypoint="python -m jobs.train " + shlex.join(argv if argv is not None else sys.argv[1:]))
     except (RecipeError, TrackingError, CheckpointMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("[train] stopped; the MLflow run is marked KILLED, resubmit the same command to resume", file=sys.stderr)
+        return 130
     ui = out["tracking_uri"].rstrip("/")
     print(f"[train] done in {time.time() - t0:.0f} s")
     print(f"[train] MLflow run {out['run_id']}: {ui}/#/experiments (run name {recipe.run.name})")
-    if out["registered"]:
+    if out["registered"] and out["promoted"]:
         print(f"[train] registered model: models:/{recipe.run.registered_model}@{recipe.run.alias} "
               f"({out['registered']})")
+    elif out["registered"]:
+        print(f"[train] registered model: {out['registered']}, not promoted to @{recipe.run.alias} (the gate "
+              f"failed: {out['gate'].get('vtb.gate.failed')}; MLflow tags vtb.gate.* on the version say why)")
     print(f"[train] last checkpoint: {out['checkpoint']}")
     if os.environ.get("RAY_DASHBOARD_ADDRESS"):
         print(f"[train] Ray dashboard: {os.environ['RAY_DASHBOARD_ADDRESS']}")

@@ -6,7 +6,9 @@
    with the recipe as params; build the offline tokenizer when the LM names none;
 3. per stage: a `TorchTrainer` running `sft.train_loop_per_worker`; Ray Train restarts failed workers from the
    last checkpoint (`FailureConfig`); the next stage starts from this one's weights;
-4. register the run's `model` artifact with the recipe's alias.
+4. the promotion gate (jobs/training/promotion.py) on the logged model; register it, with the recipe's alias only
+   when every gate passed;
+5. end the MLflow run as FINISHED, or FAILED / KILLED (stopped) when it did not get there.
 
 The caller connects to Ray (`ray.init`) first: where the cluster is, is the entrypoint's business.
 
@@ -25,8 +27,8 @@ from pathlib import Path
 
 from jobs.recipe import Recipe, RecipeError, check_data, check_model, parse_recipe
 from jobs.training.console import WORKER_ENV
-from jobs.training.tracking import (RECIPE_TAG, RUN_TAG, client_for, find_or_create_run, log_params,
-                                   resolve_tracking_uri)
+from jobs.training.tracking import (RECIPE_TAG, RUN_TAG, client_for, end_status, find_or_create_run, log_metrics,
+                                   log_params, resolve_tracking_uri)
 
 # The environment a worker needs from the driver's (object storage and MLflow credentials, Ray's auth mode).
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
@@ -47,9 +49,12 @@ def flat_params(recipe: Recipe) -> dict[str, str]:
     return out
 
 
-def mlflow_run_for(recipe: Recipe, tracking_uri: str, data_summary: dict) -> str:
-    """The MLflow run of this run name and recipe: found by tags (a resubmission) or created with the recipe as
-    params."""
+def mlflow_run_for(recipe: Recipe, tracking_uri: str, data_summary: dict,
+                   entrypoint: str = "python -m jobs.train") -> str:
+    """The MLflow run of this run name and recipe: found by tags (a resubmission, set RUNNING again) or created with
+    the recipe as params; either way with this attempt's lineage (code version, datasets, recipe)."""
+    from jobs.training.lineage import log_lineage
+
     client = client_for(tracking_uri)
     run_id, created = find_or_create_run(client, recipe.run.experiment, recipe.run.name,
                                          identity={RECIPE_TAG: recipe.training_fingerprint()})
@@ -57,6 +62,9 @@ def mlflow_run_for(recipe: Recipe, tracking_uri: str, data_summary: dict) -> str
         params = flat_params(recipe)
         params.update({f"data_summary.{t}.{k}": str(v) for t, d in data_summary.items() for k, v in d.items()})
         log_params(client, run_id, params)
+    elif client.get_run(run_id).info.status != "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    log_lineage(client, run_id, recipe, entrypoint)
     return run_id
 
 
@@ -90,23 +98,51 @@ def ray_storage(path: str, endpoint_url: str | None):
     return path[len("s3://"):], fs
 
 
-def register_model(recipe: Recipe, tracking_uri: str, run_id: str) -> str | None:
-    """Register the run's `model` artifact as a new version of `run.registered_model` with `run.alias`; return
-    its URI `models:/name/version` (None without a registered_model)."""
+def promotion_verdict(recipe: Recipe, tokenizer_files: dict | None, tracking_uri: str, run_id: str, start_from,
+                      worker_env: dict):
+    """The promotion gate on the run's logged model, measured by one Ray task with a training worker's resources
+    (its GPU included); `Verdict(enabled=False)` when the recipe's gate is off."""
+    import ray
+
+    from jobs.training.promotion import Verdict, decide, measure
+
+    enabled = recipe.promote.enabled
+    if enabled is None:
+        enabled = recipe.first_speech_stage() is not None
+    if not enabled:
+        return Verdict((), "", enabled=False)
+    task = ray.remote(measure).options(
+        num_cpus=recipe.train.cpus_per_worker, num_gpus=1 if recipe.train.use_gpu else 0,
+        resources=recipe.train.resources_per_worker or None, runtime_env={"env_vars": worker_env}, max_retries=1)
+    measures = ray.get(task.remote(recipe, tokenizer_files, f"runs:/{run_id}/model", tracking_uri, start_from))
+    log_metrics(client_for(tracking_uri), run_id, {f"promote/{k}": v for k, v in measures.items()
+                                                    if isinstance(v, float)})
+    return decide(measures, recipe.promote)
+
+
+def register_model(recipe: Recipe, tracking_uri: str, run_id: str, verdict) -> str | None:
+    """Tag the run with the gate's verdict; register the run's `model` artifact as a new version of
+    `run.registered_model`, tagged the same, with `run.alias` only when the verdict passed (an alias that serving
+    follows keeps pointing at the last version that passed). Returns `models:/name/version` (None without a
+    registered_model)."""
     from mlflow.exceptions import MlflowException
 
+    client = client_for(tracking_uri)
+    tags = verdict.tags()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
     name = recipe.run.registered_model
     if not name:
         return None
-    client = client_for(tracking_uri)
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="VoiceTextBlender SpeechLM (vtblender)")
     run = client.get_run(run_id)
     version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run_id,
-                                          tags={RUN_TAG: recipe.run.name})
-    client.set_registered_model_alias(name, recipe.run.alias, version.version)
+                                          tags={RUN_TAG: recipe.run.name, **tags})
+    if verdict.passed:
+        client.set_registered_model_alias(name, recipe.run.alias, version.version)
     return f"models:/{name}/{version.version}"
 
 
@@ -192,16 +228,12 @@ def check_paths_on_every_node(paths: list[str]) -> None:
             "checkpoints by hub id")
 
 
-def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str | None = None, log=print) -> dict:
+def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str | None = None, log=print,
+                 entrypoint: str = "python -m jobs.train") -> dict:
     """Train `recipe` on the connected Ray cluster. `env`: the driver's environment (the MLflow server when the
-    recipe names none, storage credentials forwarded to the workers). Returns run id, tracking URI, registered
-    model URI and the last checkpoint's path."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from jobs.training.distributed import process_group_backend
-    from jobs.training.sft import WorkerJob, train_loop_per_worker
-
+    recipe names none, storage credentials forwarded to the workers); `entrypoint`: the command the run's source
+    tag names. Returns run id, tracking URI, registered model URI, the gate's verdict and the last checkpoint's
+    path. The MLflow run ends FINISHED, or FAILED / KILLED when an error or a stop (Ctrl-C, SIGTERM) ends it first."""
     env = dict(os.environ if env is None else env)
     recipe = absolute_paths(recipe)
     check_model(recipe)
@@ -210,13 +242,34 @@ def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str
     log(f"[train] recipe OK; data: {json.dumps(data_summary)}")
     storage_path, fs = ray_storage(recipe.run.storage_path, recipe.data.endpoint_url)
     check_resumable(recipe, storage_path, fs)
-    run_id = mlflow_run_for(recipe, tracking_uri, data_summary)
+    run_id = mlflow_run_for(recipe, tracking_uri, data_summary, entrypoint)
+    error: BaseException | None = None
+    try:
+        return _train_and_register(recipe, env, tracking_uri, run_id, storage_path, fs, sample_log_dir, log)
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        try:
+            client_for(tracking_uri).set_terminated(run_id, end_status(error))
+        except Exception as e:  # noqa: BLE001 - the run's own error, if any, is the one to report
+            log(f"[train] could not mark the MLflow run {run_id} {end_status(error)}: {e}")
+
+
+def _train_and_register(recipe: Recipe, env: dict, tracking_uri: str, run_id: str, storage_path: str, fs,
+                        sample_log_dir: str | None, log) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from jobs.training.distributed import process_group_backend
+    from jobs.training.sft import WorkerJob, train_loop_per_worker
+
     tokenizer_files = tokenizer_files_for(recipe)
     check_cluster_fits(recipe)
     check_paths_on_every_node(local_paths(recipe))
     worker_env = {k: env[k] for k in FORWARDED_ENV if k in env} | WORKER_ENV | {"MLFLOW_TRACKING_URI": tracking_uri}
     stages = recipe.stage_list()
-    init_from, offset, result = None, 0, None
+    init_from, offset, result, checkpoints = None, 0, None, []
     for i, stage in enumerate(stages):
         job = WorkerJob(recipe, stage, tokenizer_files, tracking_uri, run_id, init_from=init_from,
                         final=i == len(stages) - 1, step_offset=offset, sample_log_dir=sample_log_dir)
@@ -238,10 +291,18 @@ def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str
         if result.error:
             raise result.error
         offset += stage.max_steps
+        checkpoints.append(result.checkpoint)
         if i < len(stages) - 1:
             # the next stage starts from this one's weights: the checkpoint itself (under storage_path), which
             # each worker copies to its own node; a copy on the driver would not be there on another node
             init_from = result.checkpoint
-    registered = register_model(recipe, tracking_uri, run_id)
-    return {"run_id": run_id, "tracking_uri": tracking_uri, "registered": registered,
-            "checkpoint": result.checkpoint.path if result and result.checkpoint else None}
+    first_speech = recipe.first_speech_stage()
+    start_from = checkpoints[first_speech - 1] if first_speech else None
+    verdict = promotion_verdict(recipe, tokenizer_files, tracking_uri, run_id, start_from, worker_env)
+    registered = register_model(recipe, tracking_uri, run_id, verdict)
+    if verdict.enabled:
+        where = (f"{registered} {'with' if verdict.passed else 'WITHOUT'} the alias @{recipe.run.alias}"
+                 if registered else "no registered_model")
+        log(f"[train] promotion gate {verdict.summary()}; {where}")
+    return {"run_id": run_id, "tracking_uri": tracking_uri, "registered": registered, "promoted": verdict.passed,
+            "gate": verdict.tags(), "checkpoint": result.checkpoint.path if result and result.checkpoint else None}

@@ -47,10 +47,19 @@ def client_for(tracking_uri: str):
     return MlflowClient(tracking_uri, registry_uri=tracking_uri)
 
 
+# MLflow 3's UI opens an experiment by its kind; an untagged one opens on the GenAI traces overview (empty here).
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 def experiment_id(client, name: str) -> str:
-    """The experiment's id, created when it does not exist yet."""
+    """The experiment's id, created when it does not exist yet; tagged as model training (its runs, datasets and
+    sources are what the UI shows first)."""
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else client.create_experiment(name)
+    if exp is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # made by an older version, or by hand
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    return exp.experiment_id
 
 
 def find_or_create_run(client, experiment: str, run_name: str, identity: dict[str, str] | None = None
@@ -68,6 +77,14 @@ def find_or_create_run(client, experiment: str, run_name: str, identity: dict[st
     if found:
         return found[0].info.run_id, False
     return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id, True
+
+
+def end_status(error: BaseException | None) -> str:
+    """MLflow's run status for how the work ended: FINISHED, KILLED (stopped: Ctrl-C, `ray job stop`'s SIGTERM),
+    or FAILED."""
+    if error is None:
+        return "FINISHED"
+    return "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED"
 
 
 def create_run(client, experiment: str, run_name: str, tags: dict | None = None) -> str:

@@ -145,7 +145,8 @@ def test_two_stage_run_on_two_nodes_survives_a_lost_node_and_registers(stack, ra
         stack.remove_node(*added, timeout=10)
     assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-4000:]
     assert "resumed stage lora at step" in logs  # the restarted workers continued from the checkpoint
-    assert "registered model: models:/it-main-model@candidate" in logs
+    # 30 steps from a random init: the audio path carries nothing yet, and the promotion gate says so
+    assert "promotion gate FAILED: content gap" in logs and "models:/it-main-model/1 WITHOUT the alias @candidate" in logs
 
     # MLflow: one run with the recipe as params, decreasing loss, per-type losses, artifacts, a registered version
     tracking = env["MLFLOW_TRACKING_URI"]
@@ -171,13 +172,20 @@ def test_two_stage_run_on_two_nodes_survives_a_lost_node_and_registers(stack, ra
     assert {"model", "probe_logits.npy"} <= artifacts
     model_files = {a.path.split("/")[-1] for a in mc.list_artifacts(run.info.run_id, "model")}
     assert {"speechlm_config.json", "encoder.safetensors", "adapter.safetensors", "lm_adapter", "tokenizer"} <= model_files
-    version = mc.get_model_version_by_alias("it-main-model", "candidate")
+    version = mc.get_model_version("it-main-model", "1")
     assert version.run_id == run.info.run_id
+    assert mc.get_registered_model("it-main-model").aliases == {}  # registered, not promoted
+    assert version.tags["vtb.gate"] == "failed" and version.tags["vtb.gate.failed"] == "content_gap"
+    gap = float(version.tags["vtb.gate.content_gap"].split()[2])
+    assert gap < 0.1 and run.data.metrics["promote/content_gap"] == pytest.approx(gap, abs=1e-3)
+    # retention has no meaning from a random-init LM: not a failure, and said so
+    assert "does not apply" in version.tags["vtb.gate.text_retention"] and run.data.tags["vtb.gate"] == "failed"
+    _check_lineage(mc, run, exp, corpus_conversations)
 
     import mlflow
     import torch
 
-    model = load_speechlm("models:/it-main-model@candidate", tracking_uri=tracking)
+    model = load_speechlm("models:/it-main-model/1", tracking_uri=tracking)
     mlflow.set_tracking_uri(tracking)
     ref = np.load(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/probe_logits.npy",
                                                       dst_path=str(tmp_path / "probe")))
@@ -208,6 +216,29 @@ def test_two_stage_run_on_two_nodes_survives_a_lost_node_and_registers(stack, ra
                 assert last[(step, 0)]["ids"] == [r["id"] for r in streams[t].next_batch()], (stage.name, rank, step)
     # the node was lost after a checkpoint of the second stage: some of its steps ran twice, none of the first's
     assert reruns["lora"] > 0 and reruns["frozen-lm"] == 0, reruns
+
+
+def _check_lineage(mc, run, exp, corpus_conversations) -> None:
+    """What MLflow's run page shows: FINISHED with a duration, the commit this code is at (and whether the tree
+    differs from it), the corpora as training dataset inputs with their counts, the recipe; the experiment opens
+    on its runs (a model-training experiment)."""
+    assert run.info.status == "FINISHED" and run.info.end_time > run.info.start_time
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip() != ""
+    assert run.data.tags["mlflow.source.git.commit"] == head
+    assert run.data.tags["mlflow.source.git.dirty"] == str(dirty).lower()
+    assert run.data.tags["mlflow.source.name"].startswith("python -m jobs.train --config")
+    inputs = {d.dataset.name.split()[0]: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"text", "asr_ast", "sqa", "mixed_modal"}
+    for dtype, d in inputs.items():
+        assert {t.key: t.value for t in d.tags} == {"mlflow.data.context": "training"}
+        assert json.loads(d.dataset.source) == {"uris": ["s3://vtb-it/corpus"]} and len(d.dataset.digest) == 16
+        expected = sum(1 for t, _ in corpus_conversations.values() if t == dtype)
+        assert json.loads(d.dataset.profile)["num_cuts"] == expected, (dtype, d.dataset.profile)
+    recipe = yaml.safe_load(mc.download_artifacts(run.info.run_id, "recipe.yaml"))
+    assert recipe["run"]["name"] == "it-main" and recipe["stages"][1]["name"] == "lora"
+    assert mc.get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def _submit_and_wait(stack, env, path, timeout=400) -> str:
@@ -327,3 +358,62 @@ def test_non_gemma_lms_train_on_imported_data_and_change_only_what_the_recipe_tr
             assert any("lora_B" in n for n in changed_lm), lm
         t_enc = dict(trained.encoder.named_parameters())
         assert any(not torch.equal(p, t_enc[n]) for n, p in initial.encoder.named_parameters()), f"{lm}: encoder"
+
+
+def test_a_stopped_run_reads_killed_and_a_failed_one_failed(stack, corpus_conversations, tmp_path):
+    """MLflow's run status says how a training run ended: `ray job stop` (SIGTERM to the driver) -> KILLED; a
+    run whose workers fail (an LM checkpoint whose weights file is cut short, found only when loaded) -> FAILED.
+    Neither stays RUNNING."""
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.models.lm_families import save_family_checkpoint
+
+    env = stack.env()
+    corpus = str(tmp_path / "corpus")
+    _write_corpus(corpus, corpus_conversations, {})
+    lm = save_family_checkpoint("llama", tmp_path)
+    tracking = env["MLFLOW_TRACKING_URI"]
+    mc = MlflowClient(tracking)
+    procs, paths = {}, {}
+    for name in ("it-stopped", "it-failing"):
+        raw = _recipe(corpus, str(tmp_path / "runs"), name, max_steps=100000, num_workers=1, max_failures=0)
+        raw["model"].update(lm_pretrained=str(lm))
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(yaml.safe_dump(raw))
+
+    def start(name):
+        return subprocess.Popen([sys.executable, "-m", "jobs.train", "--config", str(paths[name])], cwd=ROOT,
+                                env={"PATH": os.environ["PATH"], "HOME": os.environ["HOME"], **env},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def run_of(name):
+        exp = mc.get_experiment_by_name("it")  # made by the job (the first of the session's tests to run)
+        runs = exp and mc.search_runs([exp.experiment_id], filter_string=f"tags.`vtb.run_name` = '{name}'")
+        return runs[0] if runs else None
+
+    try:
+        procs["it-stopped"] = start("it-stopped")
+        deadline = time.time() + 180
+        while not ((run := run_of("it-stopped")) and "loss" in run.data.metrics):  # training, not starting up
+            assert procs["it-stopped"].poll() is None, procs["it-stopped"].communicate()[0][-3000:]
+            assert time.time() < deadline, "no training step logged in 180 s"
+            time.sleep(1)
+        assert run.info.status == "RUNNING"
+        procs["it-stopped"].send_signal(signal.SIGTERM)
+        out = procs["it-stopped"].communicate(timeout=120)[0]
+        assert procs["it-stopped"].returncode == 130 and "marked KILLED" in out, out[-3000:]
+        stopped = mc.get_run(run.info.run_id)
+        assert stopped.info.status == "KILLED" and stopped.info.end_time >= stopped.info.start_time
+
+        weights = next(lm.glob("*.safetensors"))
+        weights.write_bytes(weights.read_bytes()[:1000])  # a download cut short: the config still reads fine
+        procs["it-failing"] = start("it-failing")
+        out = procs["it-failing"].communicate(timeout=300)[0]
+        assert procs["it-failing"].returncode != 0, out[-3000:]
+        assert run_of("it-failing").info.status == "FAILED", out[-3000:]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
