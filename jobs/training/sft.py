@@ -194,6 +194,7 @@ def log_final_model(job: WorkerJob, core, rank: int, logger, stream_states: dict
         logger.log_artifacts(str(out), "model")
         with torch.no_grad():
             batch = move_batch(core.processor([probe_conversation()]), core.device)
+            batch.pop("labels")  # with labels the model computes the loss, not the logits
             logits = core(**batch).logits.float().cpu().numpy()
         np.save(Path(d) / "probe_logits.npy", logits)
         logger.log_artifact(str(Path(d) / "probe_logits.npy"))
