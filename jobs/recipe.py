@@ -6,6 +6,7 @@
     data:  per data type: uris (corpora written by jobs.data), ratio, batch_size; bucket_batches; endpoint_url
     train: max_steps, grad_accum, optimizer (Adam, lr and per-module encoder_lr / adapter_lr / lm_lr,
            weight_decay, betas), warmup_steps, schedule, clipping (global or per module), precision,
+           activation_checkpointing,
            strategy (ddp | fsdp), num_workers, use_gpu, checkpoint_every, max_failures, log_every,
            content_check_every
     stages: optional list of stages run one after another (two-stage training, ablation B3): each names its
@@ -160,6 +161,10 @@ class TrainSection(StrictModel):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(3, ge=0)
     log_every: int = Field(10, ge=1)
+    activation_checkpointing: bool = False
+    """Recompute each layer (LM, encoder, adapter) in the backward instead of keeping its activations: much less
+    memory for about one more forward of compute (`models.activation_checkpointing`). Loss and gradients are
+    unchanged, so a run may resume with it switched on or off."""
     content_check_every: int | None = Field(None, ge=1)
     """Every this many steps, measure whether the audio path carries content (`models.content_check`: loss on
     the right audio vs. on another utterance of the same length, and time-reversed) and log `speech/content_gap`;
@@ -213,8 +218,10 @@ class Recipe(StrictModel):
 
     def training_fingerprint(self) -> str:
         """What the weights of a checkpoint depend on: model, data, train, stages and seed. Not where the run is
-        stored or tracked, nor the storage endpoint: a resubmission elsewhere continues the same training."""
-        raw = self.model_dump(mode="json", exclude={"run": True, "data": {"endpoint_url"}})
+        stored or tracked, nor the storage endpoint: a resubmission elsewhere continues the same training; nor
+        activation checkpointing, which changes memory, not weights (a run out of memory resumes with it on)."""
+        raw = self.model_dump(mode="json", exclude={"run": True, "data": {"endpoint_url"},
+                                                    "train": {"activation_checkpointing"}})
         raw["seed"] = self.run.seed
         return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 

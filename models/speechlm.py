@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -163,6 +164,7 @@ class ConformerLayer(nn.Module):
         self.final_norm = nn.LayerNorm(hidden)
         self.dropout = nn.Dropout(dropout)
         self.attn_dropout = dropout
+        self.checkpointing = False  # recompute in the backward instead of keeping activations (train-time memory)
 
     @staticmethod
     def _ff(hidden: int, mult: int, dropout: float) -> nn.Sequential:
@@ -173,6 +175,12 @@ class ConformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x (N, T', H), mask (N, T') True on valid frames -> (N, T', H)."""
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            # within forward, not around the call: module hooks (FSDP's gathers) stay out of the recompute
+            return checkpoint(self._block, x, mask, use_reentrant=False)
+        return self._block(x, mask)
+
+    def _block(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = x + 0.5 * self.ff1(x)
         n, t, h = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(n, t, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)

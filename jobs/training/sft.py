@@ -245,6 +245,10 @@ def prepare_model(job: WorkerJob, rank: int, world: int, device):
     from jobs.training.flops import count_forward_flops, peak_flops_per_s
 
     core = build_model(job.recipe, job.stage, job.tokenizer_files, device)
+    if job.recipe.train.activation_checkpointing:
+        from models.activation_checkpointing import enable_activation_checkpointing
+
+        enable_activation_checkpointing(core)  # before sharding: FSDP's hooks then sit outside each recompute
     if job.init_from is not None:
         with job.init_from.as_directory() as init_dir:  # a local copy on this worker's node
             load_initial_weights(core, Path(init_dir))
