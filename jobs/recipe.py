@@ -3,9 +3,11 @@
     run:   name, experiment, storage_path, tracking_uri, registered_model, alias, seed
     model: size (tiny | mini | vtblender_3b) + lm_mode / encoder_train / adapter_train / lora / pretrained paths,
            or `config:` a whole SpeechLMConfig
-    data:  per data type: uris (corpora written by jobs.data), ratio, batch_size; bucket_batches; endpoint_url
+    data:  per data type: uris (corpora written by jobs.data), ratio, batch_size; bucket_batches; endpoint_url;
+           max_sample_audio_s, max_sample_tokens (samples over a cap are skipped and counted)
     train: max_steps, grad_accum, optimizer (Adam, lr and per-module encoder_lr / adapter_lr / lm_lr,
            weight_decay, betas), warmup_steps, schedule, clipping (global or per module), precision,
+           activation_checkpointing,
            strategy (ddp | fsdp), num_workers, use_gpu, checkpoint_every, max_failures, log_every,
            content_check_every
     stages: optional list of stages run one after another (two-stage training, ablation B3): each names its
@@ -108,6 +110,12 @@ class DataSection(StrictModel):
     """Duration grouping: rows of this many batches are sorted by duration and cut into batches."""
     endpoint_url: str | None = None
     """S3 endpoint for the corpora; default $AWS_ENDPOINT_URL."""
+    max_sample_audio_s: float | None = Field(None, gt=0)
+    """Skip samples with more audio than this (seconds, all of a sample's audio); None: no cap. Skipped as the
+    streams read them, before batching, and counted per type in the log and as `data/skipped/...` metrics."""
+    max_sample_tokens: int | None = Field(None, ge=1)
+    """Skip samples longer than this many LM positions (chat-templated text tokens + audio positions, counted with
+    the model's processor); None: no cap."""
 
     @model_validator(mode="after")
     def _types_and_ratios(self) -> "DataSection":
@@ -162,6 +170,10 @@ class TrainSection(StrictModel):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(3, ge=0)
     log_every: int = Field(10, ge=1)
+    activation_checkpointing: bool = False
+    """Recompute each layer (LM, encoder, adapter) in the backward instead of keeping its activations: much less
+    memory for about one more forward of compute (`models.activation_checkpointing`). Loss and gradients are
+    unchanged, so a run may resume with it switched on or off."""
     content_check_every: int | None = Field(None, ge=1)
     """Every this many steps, measure whether the audio path carries content (`models.content_check`: loss on
     the right audio vs. on another utterance of the same length, and time-reversed) and log `speech/content_gap`;
@@ -246,9 +258,11 @@ class Recipe(StrictModel):
 
     def training_fingerprint(self) -> str:
         """What the weights of a checkpoint depend on: model, data, train, stages and seed. Not where the run is
-        stored or tracked, nor the storage endpoint, nor the promotion gate (it reads the weights, it makes none): a
-        resubmission elsewhere continues the same training."""
-        raw = self.model_dump(mode="json", exclude={"run": True, "promote": True, "data": {"endpoint_url"}})
+        stored or tracked, nor the storage endpoint: a resubmission elsewhere continues the same training; nor
+        the promotion gate, which reads the weights and makes none; nor activation checkpointing, which changes
+        memory, not weights (a run out of memory resumes with it on)."""
+        raw = self.model_dump(mode="json", exclude={"run": True, "promote": True, "data": {"endpoint_url"},
+                                                    "train": {"activation_checkpointing"}})
         raw["seed"] = self.run.seed
         return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -274,7 +288,8 @@ def check_model(recipe: Recipe) -> None:
 
 def check_data(recipe: Recipe) -> dict[str, dict]:
     """Open every corpus manifest; every listed shard must exist and every sampled type must have data.
-    Returns per type: cuts, hours, shards. Raises RecipeError naming every problem."""
+    Returns per type: cuts, hours, shards, and with `data.max_sample_audio_s` the cuts over it
+    (`over_max_sample_audio_s`). Raises RecipeError naming every problem."""
     from data_ops.shards import ManifestError, read_manifest
     from data_ops.storage import open_storage
 
@@ -307,9 +322,22 @@ def check_data(recipe: Recipe) -> dict[str, dict]:
         if ratios[dtype] > 0 and cuts == 0 and not any(dtype in p for p in problems):
             problems.append(f"  data.sources.{dtype}: sampled with ratio {ratios[dtype]} but has no data")
         summary[dtype] = {"cuts": cuts, "hours": round(hours, 4), "shards": shards}
+        if recipe.data.max_sample_audio_s is not None and not problems:
+            summary[dtype]["over_max_sample_audio_s"] = _cuts_over(src.uris, dtype, recipe.data.max_sample_audio_s,
+                                                                   recipe.data.endpoint_url)
     if problems:
         raise RecipeError("the recipe's data cannot be used:\n" + "\n".join(problems))
     return summary
+
+
+def _cuts_over(uris: list[str], dtype: str, max_audio_s: float, endpoint_url: str | None) -> int:
+    """Cuts whose audio is longer than `max_audio_s`, from the cut manifests alone (no audio is read; one pass over
+    the cuts files, only when the cap is set). The token cap is not counted here: it needs the model's tokenizer,
+    which for random-init LMs is only built from the corpora when training starts."""
+    from data_ops.shar_datasource import iter_cut_dicts
+
+    return sum(1 for uri in uris for cut in iter_cut_dicts(uri, dtype, endpoint_url=endpoint_url)
+               if float(cut.get("duration") or 0.0) > max_audio_s)
 
 
 def config_only(cfg: SpeechLMConfig) -> SpeechLMConfig:

@@ -23,10 +23,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from models.conversation import AudioPart, Conversation, Turn
-from models.processor import IGNORE_INDEX, move_batch
+from models.processor import move_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +93,8 @@ def answer_token_losses(model, conversations: Sequence[Conversation], batch_size
     out: list[tuple[float, int]] = []
     for i in range(0, len(conversations), batch_size):
         batch = model.processor(conversations[i:i + batch_size])
-        batch = move_batch(batch, model.device)
-        labels = batch.pop("labels")
-        logits = model(**batch).logits.float()  # (B, L, V)
-        target = labels[:, 1:]
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
-        out += [(float(s), int(n)) for s, n in zip(nll.sum(dim=1), (target != IGNORE_INDEX).sum(dim=1))]
+        sums, counts = model.answer_nll(**move_batch(batch, model.device))  # logits at answer positions only
+        out += [(float(s), int(n)) for s, n in zip(sums.tolist(), counts.tolist())]
     return out
 
 

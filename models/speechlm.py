@@ -25,11 +25,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from models.config import SpeechLMConfig
 from models.conversation import Conversation, ConversationError
 from models.features import FastConformerFeatures, WhisperFeatures
+from models.loss import answer_loss, answer_nll_per_row, logit_softcap
 from models.processor import ConversationProcessor, move_batch
 
 CONFIG_FILE = "speechlm_config.json"
@@ -161,6 +164,7 @@ class ConformerLayer(nn.Module):
         self.final_norm = nn.LayerNorm(hidden)
         self.dropout = nn.Dropout(dropout)
         self.attn_dropout = dropout
+        self.checkpointing = False  # recompute in the backward instead of keeping activations (train-time memory)
 
     @staticmethod
     def _ff(hidden: int, mult: int, dropout: float) -> nn.Sequential:
@@ -171,6 +175,12 @@ class ConformerLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x (N, T', H), mask (N, T') True on valid frames -> (N, T', H)."""
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            # within forward, not around the call: module hooks (FSDP's gathers) stay out of the recompute
+            return checkpoint(self._block, x, mask, use_reentrant=False)
+        return self._block(x, mask)
+
+    def _block(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = x + 0.5 * self.ff1(x)
         n, t, h = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(n, t, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
@@ -277,11 +287,27 @@ class SpeechLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, audio_mask: torch.Tensor,
                 audio: torch.Tensor | None = None, audio_lens: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None):
-        """Batch from `ConversationProcessor.collate` -> the LM's CausalLMOutput (loss when labels are given:
-        mean cross-entropy over assistant tokens)."""
+                labels: torch.Tensor | None = None) -> CausalLMOutputWithPast:
+        """Batch from `ConversationProcessor.collate` -> with `labels`: `.loss`, the mean cross-entropy over label
+        (assistant) tokens, logits computed there only (`models.loss`); without: the LM's `.logits` (B, L, V)."""
         embeds = self.embed_inputs(input_ids, audio_mask, audio, audio_lens)
-        return self.lm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
+        if labels is None:
+            return self.lm(inputs_embeds=embeds, attention_mask=attention_mask)
+        return CausalLMOutputWithPast(loss=answer_loss(self._hidden(embeds, attention_mask), labels, *self._head()))
+
+    def answer_nll(self, input_ids, attention_mask, audio_mask, audio=None, audio_lens=None, labels=None):
+        """The same batch -> per conversation: summed cross-entropy over its label tokens (B,), their number (B,)."""
+        hidden = self._hidden(self.embed_inputs(input_ids, audio_mask, audio, audio_lens), attention_mask)
+        return answer_nll_per_row(hidden, labels, *self._head())
+
+    def _hidden(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) embeddings -> the LM's final hidden states (B, L, D), before the output projection. Through
+        PEFT too: its wrapper hands these calls to the transformers model, whose layers carry the LoRA weights."""
+        decoder = self.lm.get_decoder()
+        return decoder(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def _head(self) -> tuple[nn.Module, float | None]:
+        return self.lm.get_output_embeddings(), logit_softcap(self.lm.config)
 
     # -- generation ---------------------------------------------------------------------------------------------
     def stop_token_ids(self) -> list[int]:

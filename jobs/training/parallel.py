@@ -37,11 +37,13 @@ def wrap_model(core: nn.Module, strategy: Strategy, world: int) -> nn.Module:
     import ray.train.torch
 
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         for unit in fsdp_units(core):
             fully_shard(unit)
         fully_shard(core)
+        # the content check's per-conversation answer loss enters the model there, not through forward
+        register_fsdp_forward_method(core, "answer_nll")
         return core
     if world == 1:
         return core

@@ -64,14 +64,41 @@ def probe_conversation():
                          Turn.text("assistant", "A tone.")])
 
 
-def open_streams(recipe: Recipe, ratios: dict[str, float], rank: int, world: int) -> dict:
+def open_streams(recipe: Recipe, ratios: dict[str, float], rank: int, world: int, processor=None) -> dict:
+    """This rank's stream of each sampled type. `processor` (the model's) counts a row's LM positions for
+    `data.max_sample_tokens`: in the prefetch thread, a second encoding of the rows that pass (the batch's own
+    comes after), which is cheap next to a training step."""
     from data_ops.mix_sampler import TypeStream
-    from data_ops.shar_datasource import reads_dataset
+    from data_ops.shar_datasource import reads_dataset, row_to_conversation
 
+    d = recipe.data
+    count = (lambda row: len(processor.encode(row_to_conversation(row)))) if d.max_sample_tokens else None
     return {t: TypeStream(src.uris, t, src.batch_size, seed=recipe.run.seed, rank=rank, world_size=world,
-                          bucket_batches=recipe.data.bucket_batches, endpoint_url=recipe.data.endpoint_url,
-                          open_rows=lambda reads: reads_dataset(reads).iter_rows())
-            for t, src in recipe.data.sources.items() if ratios.get(t, 0) > 0}
+                          bucket_batches=d.bucket_batches, endpoint_url=d.endpoint_url,
+                          open_rows=lambda reads: reads_dataset(reads).iter_rows(),
+                          max_audio_s=d.max_sample_audio_s, max_tokens=d.max_sample_tokens, count_tokens=count)
+            for t, src in d.sources.items() if ratios.get(t, 0) > 0}
+
+
+def skipped_samples(job: WorkerJob, prefetch, world: int, device, logged: dict | None) -> dict[str, float]:
+    """Collective when a cap is set: samples skipped over `data.max_sample_*` by the stage's streams, per type and
+    cap, summed over the ranks, as metrics `data/skipped/<type>/<cap>`. With `logged` (rank 0): one log line for
+    each count that grew since the counts in `logged`, which is updated."""
+    from jobs.training.distributed import reduce_over_ranks
+
+    d = job.recipe.data
+    caps = {name: v for name, v in (("max_sample_audio_s", d.max_sample_audio_s),
+                                    ("max_sample_tokens", d.max_sample_tokens)) if v is not None}
+    keys = [(t, cap) for t in sorted(prefetch.consumed) for cap in caps]  # the same on every rank
+    if not keys:
+        return {}
+    mine = [float(prefetch.consumed[t].get("skipped", {}).get(cap, 0)) for t, cap in keys]
+    totals = [round(v * world) for v in reduce_over_ranks(mine, world, device)]  # mean * ranks = sum
+    for (t, cap), n in zip(keys, totals):
+        if logged is not None and n > logged.get((t, cap), 0):
+            log(f"skipped {n - logged.get((t, cap), 0)} {t} samples over {cap}={caps[cap]:g} ({n} in all)")
+            logged[(t, cap)] = n
+    return {f"data/skipped/{t}/{cap}": float(n) for (t, cap), n in zip(keys, totals)}
 
 
 def build_trainer(job: WorkerJob, core, device, world: int):
@@ -140,14 +167,15 @@ def report_checkpoint(trainer, stage: str, stream_states: dict, loss: float, ran
 
 
 def log_window(window, job: WorkerJob, trainer, prefetch, rank: int, world: int, logger, progress,
-               peak_flops: float | None = None, device="cpu") -> None:
-    """Collective (the loss is averaged over ranks, GPU memory maxed); rank 0 logs the window to MLflow and one
-    console line."""
+               peak_flops: float | None = None, device="cpu", skips_logged: dict | None = None) -> None:
+    """Collective (the loss is averaged over ranks, GPU memory maxed, skipped samples summed); rank 0 logs the
+    window to MLflow and one console line (and one per grown count of samples skipped over a cap)."""
     import torch
 
     from jobs.training.distributed import reduce_over_ranks
 
     (loss,) = reduce_over_ranks([window.mean_loss], world, device)
+    skipped = skipped_samples(job, prefetch, world, device, skips_logged if rank == 0 else None)
     gpu_gib = None
     if torch.device(device).type == "cuda":
         (gpu_gib,) = reduce_over_ranks([torch.cuda.max_memory_allocated(device) / 2**30], world, device, op="max")
@@ -161,6 +189,7 @@ def log_window(window, job: WorkerJob, trainer, prefetch, rank: int, world: int,
         metrics["gpu/max_memory_allocated_gib"] = gpu_gib  # the largest of any rank
     metrics[f"{prefix}lr"] = trainer.scheduler.get_last_lr()[0]
     metrics["data/error_rows"] = float(prefetch.error_rows())
+    metrics.update(skipped)
     logger.log_metrics(metrics, step=trainer.step + job.step_offset)
     by_type = ", ".join(f"{t} {metrics[f'{prefix}loss/{t}']:.3f}" for t in sorted(window.by_type))
     log(f"{job.stage.name} step {trainer.step}/{job.stage.max_steps} loss {loss:.4f} ({by_type}) "
@@ -194,6 +223,7 @@ def log_final_model(job: WorkerJob, core, rank: int, logger, stream_states: dict
         logger.log_artifacts(str(out), "model")
         with torch.no_grad():
             batch = move_batch(core.processor([probe_conversation()]), core.device)
+            batch.pop("labels")  # with labels the model computes the loss, not the logits
             logits = core(**batch).logits.float().cpu().numpy()
         np.save(Path(d) / "probe_logits.npy", logits)
         logger.log_artifact(str(Path(d) / "probe_logits.npy"))
@@ -244,6 +274,10 @@ def prepare_model(job: WorkerJob, rank: int, world: int, device):
     from jobs.training.flops import count_forward_flops, peak_flops_per_s
 
     core = build_model(job.recipe, job.stage, job.tokenizer_files, device)
+    if job.recipe.train.activation_checkpointing:
+        from models.activation_checkpointing import enable_activation_checkpointing
+
+        enable_activation_checkpointing(core)  # before sharding: FSDP's hooks then sit outside each recompute
     if job.init_from is not None:
         with job.init_from.as_directory() as init_dir:  # a local copy on this worker's node
             load_initial_weights(core, Path(init_dir))
@@ -291,7 +325,7 @@ def train_loop_per_worker(config: dict) -> None:
     core, trainer, flops, peak = prepare_model(job, rank, world, device)
     sharded, fingerprint = tr.strategy == "fsdp", recipe.training_fingerprint()  # checkpoints say which recipe
     ratios = stage.ratios or recipe.data.ratios
-    streams = open_streams(recipe, ratios, rank, world)
+    streams = open_streams(recipe, ratios, rank, world, core.processor)
     resume(trainer, streams, rank, fingerprint, device)
     prefetch = BatchPrefetcher(streams, mix_sampler(ratios, recipe.run.seed),
                                lambda rows: core.processor([row_to_conversation(r) for r in rows]),
@@ -302,6 +336,7 @@ def train_loop_per_worker(config: dict) -> None:
     sample_log = SampleLog(Path(job.sample_log_dir) / f"{stage.name}-rank{rank}.jsonl") if job.sample_log_dir else None
     logger = MlflowRunLogger(job.tracking_uri, job.mlflow_run_id, system_metrics=True) if rank == 0 else None
     window, progress = MetricsWindow(), Progress(trainer.step, stage.max_steps)
+    skips_logged: dict = {}  # (type, cap) -> skipped samples already in the log
     trainer.model.train()
     try:
         while trainer.step < stage.max_steps:
@@ -316,7 +351,7 @@ def train_loop_per_worker(config: dict) -> None:
                 sample_log.write(micro_batches, micro_losses)
             step, last = trainer.step, trainer.step == stage.max_steps
             if step % tr.log_every == 0 or last:
-                log_window(window, job, trainer, prefetch, rank, world, logger, progress, peak, device)
+                log_window(window, job, trainer, prefetch, rank, world, logger, progress, peak, device, skips_logged)
                 window = MetricsWindow()
             if probe and (step % check_every == 0 or last):
                 content = check_content(core, step)

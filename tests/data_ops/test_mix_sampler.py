@@ -101,3 +101,71 @@ def test_ray_data_stream_equals_plain_stream(corpus, ray_local):
                             open_rows=lambda reads: reads_dataset(reads).iter_rows())
     assert _ids(ray_stream, 14) == _ids(plain, 14)
     assert ray_stream.epoch >= 2
+
+
+@pytest.fixture
+def capped_corpus(tmp_path, pcm_audio):
+    """12 short utterances, one of 2 s audio and one with a long answer, in 3 shards of 5, 5, 4."""
+    rng = np.random.default_rng(1)
+    convs = {f"u{i:02d}": (float(rng.uniform(0.1, 0.6)), f"u{i}") for i in range(12)}
+    convs["long-audio"] = (2.0, "a")
+    convs["long-text"] = (0.3, " ".join(["hello world"] * 40))
+    order = sorted(convs)  # the long ones sit between short ones, in the middle of a shard
+    order.insert(6, order.pop(order.index("long-audio")))
+    cuts = [conversation_to_cut(
+        Conversation([Turn("user", [AudioPart(pcm_audio(convs[k][0], i)), TextPart("T.")]),
+                      Turn.text("assistant", convs[k][1])]),
+        cut_id=k, data_type="asr_ast", task="asr", langs=["en"]) for i, k in enumerate(order)]
+    with ShardWriter(str(tmp_path), shard_size=5, progress=False) as w:
+        w.write("asr_ast", cuts)
+    return str(tmp_path)
+
+
+def _epoch(stream) -> list[list[str]]:
+    """The ids of the batches of the stream's current epoch, from its start."""
+    out, epoch = [], stream.epoch
+    while True:
+        batch = stream.next_batch()
+        if stream.epoch != epoch:
+            stream.pending.insert(0, batch)  # the next epoch's first batch: give it back
+            return out
+        out.append([r["id"] for r in batch])
+
+
+def test_samples_over_a_cap_are_skipped_before_batching_counted_and_resume_exactly(capped_corpus, make_model):
+    from data_ops.shar_datasource import iter_corpus_rows, row_to_conversation
+
+    processor = make_model().processor  # LM positions as the model will see them: chat template + audio frames
+    tokens = {r["id"]: len(processor.encode(row_to_conversation(r))) for r in iter_corpus_rows(capped_corpus, "asr_ast")}
+    cap = max(n for k, n in tokens.items() if k != "long-text") + 1
+    assert tokens["long-text"] > cap
+    kw = dict(seed=3, max_audio_s=1.0, max_tokens=cap,
+              count_tokens=lambda row: len(processor.encode(row_to_conversation(row))))
+
+    capped = TypeStream([capped_corpus], "asr_ast", 3, bucket_batches=5, **kw)  # one fill reads the whole epoch
+    epoch = [[r["id"] for r in capped.next_batch()]]
+    assert capped.skipped == {"max_sample_audio_s": 1, "max_sample_tokens": 1}
+    assert capped.state_dict()["skipped"] == {"max_sample_audio_s": 1, "max_sample_tokens": 1}
+    epoch += _epoch(capped)
+    assert sorted(i for b in epoch for i in b) == sorted(k for k in tokens if not k.startswith("long"))  # once
+    assert [len(b) for b in epoch] == [3, 3, 3, 3]  # batches keep their size: the skipped rows left no hole
+
+    kw["bucket_batches"] = 2  # batches pending across fills, and checkpoints between them
+    reference = TypeStream([capped_corpus], "asr_ast", 3, **kw)
+    want = _ids(reference, 12)  # into the third epoch
+    first = TypeStream([capped_corpus], "asr_ast", 3, **kw)
+    head = _ids(first, 5)
+    state = first.state_dict()
+    _ids(first, 2)  # lost with the crash
+    resumed = TypeStream([capped_corpus], "asr_ast", 3, **kw)
+    resumed.load_state_dict(state)
+    assert head + _ids(resumed, 7) == want
+    assert resumed.skipped == reference.skipped and reference.skipped["max_sample_audio_s"] >= 2  # counted per epoch
+
+
+def test_a_cap_that_leaves_nothing_fails_clearly_instead_of_spinning(capped_corpus):
+    stream = TypeStream([capped_corpus], "asr_ast", 3, seed=0, max_audio_s=0.01)
+    with pytest.raises(RuntimeError, match="no usable rows.*max_sample_audio_s"):
+        stream.next_batch()
+    with pytest.raises(ValueError, match="needs count_tokens"):
+        TypeStream([capped_corpus], "asr_ast", 3, seed=0, max_tokens=10)

@@ -190,7 +190,9 @@ def test_two_stage_run_on_two_nodes_survives_a_lost_node_and_registers(stack, ra
     ref = np.load(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/probe_logits.npy",
                                                       dst_path=str(tmp_path / "probe")))
     with torch.no_grad():
-        logits = model(**model.processor([probe_conversation()])).logits.numpy()
+        batch = model.processor([probe_conversation()])
+        batch.pop("labels")  # with labels the model returns the loss, not the logits
+        logits = model(**batch).logits.numpy()
     np.testing.assert_allclose(logits, ref, atol=1e-5)
 
     # Samples: in each stage, for each rank, the last attempt of every step (steps after the checkpoint ran twice)

@@ -36,6 +36,7 @@ def _conversations():
 
 def _logits(model, convs):
     batch = model.processor(convs, for_generation=True)
+    batch.pop("labels")
     with torch.no_grad():
         return model(**batch).logits
 
