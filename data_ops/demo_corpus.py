@@ -52,8 +52,10 @@ class CorpusSize:
 SIZES = {
     "tiny": CorpusSize(text=24, speech=16, sqa=6, mixed=6),
     "small": CorpusSize(text=300, speech=240, sqa=60, mixed=80),
-    "demo": CorpusSize(text=2000, speech=2400, sqa=600, mixed=600),
-    "demo-probe": CorpusSize(text=1500, speech=800, sqa=100, mixed=150),
+    # `make demo` (jobs/recipes/demo.yaml): sentence tasks, so that the text LM has written every word it will hear
+    "demo": CorpusSize(text=1000, speech=800, sqa=100, mixed=150, sentences=1500),
+    # the demo's held-out corpus (other voices): utterances to transcribe, the promotion gate's samples
+    "demo-eval": CorpusSize(text=64, speech=32, sqa=4, mixed=8),
     # the ablation miniature (jobs/ablation.py): enough text for its LM to learn the tasks (~80% exact match)
     # and sentence tasks, so that its LM knows the languages it will hear, as the paper's Gemma does
     "ablation": CorpusSize(text=8000, speech=1600, sqa=400, mixed=400, sentences=2000),

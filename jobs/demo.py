@@ -1,20 +1,19 @@
-"""Demo: the whole slice on the embedded default (local filesystem), end to end.
+"""Demo: the whole slice on the embedded default (local filesystem), end to end, ending with a model that hears.
 
     make demo        # = python -m infra.stack up; eval "$(python -m infra.stack env)"; python -m jobs.demo; ... down
 
 1. takes the Ray cluster and MLflow server from RAY_ADDRESS and MLFLOW_TRACKING_URI (`make demo` starts the local
    stack on 127.0.0.1 and sets them; point them at your own cluster and server to run the same demo there);
-2. `ray job submit`s the demo corpus job: all four data types made here (espeak-ng voices in En/De/Es/Fr) and
-   written as Shar shards with a manifest under .stack/corpus;
-3. `ray job submit`s the training job with the tiny recipe (jobs/recipes/tiny.yaml, 2 workers): the run, its
-   metrics and the model land in MLflow and the model is registered as `vtblender-tiny@candidate`;
-4. deploys that registered model with Ray Serve as the README does (`serve deploy services/serve_config.yaml`) and
-   asks the endpoint one mixed-modal chat turn [text, speech] with the `openai` client;
+2. `ray job submit`s the corpus jobs: the demo corpus (all four data types, espeak-ng voices in En/De/Es/Fr) and a
+   held-out corpus spoken by voices no training sample uses, as Shar shards with manifests under .stack/;
+3. `ray job submit`s the encoder's CTC pretraining (the stand-in for the paper's pretrained Canary encoder) and
+   then the training job with jobs/recipes/demo.yaml (2 workers): a text LM stage, then the paper's joint
+   speech-text SFT; the promotion gate measures the content gap and text retention on the held-out corpus, and
+   the model is registered as `vtblender-demo`, with the alias `@candidate` only if it passed;
+4. deploys `models:/vtblender-demo@candidate` with Ray Serve as the README does (`serve deploy
+   services/serve_config.yaml`), asks the endpoint with the `openai` client to transcribe the held-out utterances
+   (reference and answer side by side, the WER) and one mixed-modal chat turn [text, speech];
 5. prints where to look: the endpoint, MLflow UI, run, Ray dashboard.
-
-The tiny model (about 1M parameters, random init, offline tokenizer) trains for a couple of minutes on 2 CPU cores:
-its answer shows the plumbing (shards -> Ray Data -> Ray Train -> MLflow registry -> generation), not a model that
-has learned much. The same commands with `jobs/recipes/vtblender_3b.yaml` and real corpora train the paper's model.
 """
 
 from __future__ import annotations
@@ -70,29 +69,45 @@ def submit_and_follow(client, entrypoint: list[str], env: dict, name: str, timeo
     return logs
 
 
-def ensure_corpus(client, root: Path, size: str, job_env: dict) -> Path:
-    """The demo corpus under `root/corpus`, made by a `jobs.data demo` Ray job unless it is there."""
-    corpus = root / "corpus"
+def ensure_corpus(client, corpus: Path, size: str, job_env: dict, split: str = "train", seed: int = 0) -> Path:
+    """The corpus at `corpus`, made by a `jobs.data demo` Ray job unless it is there."""
     if not (corpus / "manifest.json").exists():
-        submit_and_follow(client, ["python", "-m", "jobs.data", "demo", "--out", str(corpus), "--size", size],
-                          job_env, "demo-corpus", timeout_s=1200)
+        submit_and_follow(client, ["python", "-m", "jobs.data", "demo", "--out", str(corpus), "--size", size,
+                                   "--split", split, "--seed", str(seed)], job_env, f"demo-corpus-{split}",
+                          timeout_s=1200)
     else:
         print(f"[demo] reusing the corpus at {corpus}")
     manifest = json.loads((corpus / "manifest.json").read_text())
-    print("[demo] corpus: " + ", ".join(f"{t} {v['num_cuts']} cuts / {v['hours'] * 60:.1f} min"
-                                        for t, v in manifest["types"].items()))
+    print(f"[demo] {split} corpus: " + ", ".join(f"{t} {v['num_cuts']} cuts / {v['hours'] * 60:.1f} min"
+                                                 for t, v in manifest["types"].items()))
     return corpus
 
 
-def demo_recipe(root: Path, corpus: Path, steps: int) -> tuple[dict, Path]:
-    """jobs/recipes/tiny.yaml on the demo corpus, `steps` per stage, a fresh run name; written under `root`."""
-    recipe = yaml.safe_load((ROOT / "jobs" / "recipes" / "tiny.yaml").read_text())
-    run_name = f"tiny-demo-{time.strftime('%Y%m%d-%H%M%S')}"
+def ensure_encoder(client, root: Path, corpus: Path, steps: int, job_env: dict) -> Path:
+    """The demo's speech encoder, CTC-pretrained on the corpus by a `jobs.pretrain_encoder` Ray job unless it is
+    there (a folder per step count: a changed --encoder-steps trains anew)."""
+    out = root / f"encoder-ctc-{steps}"
+    if not out.is_dir():
+        submit_and_follow(client, ["python", "-m", "jobs.pretrain_encoder", "--corpus", str(corpus), "--size", "mini",
+                                   "--steps", str(steps), "--out", str(out), "--experiment", "vtblender-demo"],
+                          job_env, "demo-encoder", timeout_s=1800)
+    else:
+        print(f"[demo] reusing the CTC-pretrained encoder at {out}")
+    return out
+
+
+def demo_recipe(root: Path, corpus: Path, eval_corpus: Path, encoder: Path, joint_steps: int) -> tuple[dict, Path]:
+    """jobs/recipes/demo.yaml on the demo corpora and encoder, `joint_steps` of joint SFT, a fresh run name;
+    written under `root`."""
+    recipe = yaml.safe_load((ROOT / "jobs" / "recipes" / "demo.yaml").read_text())
+    run_name = f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     recipe["run"].update(name=run_name, storage_path=str(root / "runs"))
-    for stage in recipe.get("stages") or []:
-        stage["max_steps"] = steps
+    recipe["model"]["encoder_pretrained"] = str(encoder)
+    recipe["stages"][-1]["max_steps"] = joint_steps
+    recipe["train"]["max_steps"] = sum(st["max_steps"] for st in recipe["stages"])
     for src in recipe["data"]["sources"].values():
         src["uris"] = [str(corpus)]
+    recipe["promote"] = {**recipe.get("promote", {}), "eval_uris": [str(eval_corpus)]}
     path = root / "recipes" / f"{run_name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -126,53 +141,91 @@ def deploy_chat_app(env: dict) -> str:
     raise RuntimeError(f"the Serve app did not answer on {base} within 300 s:\n{status.stdout[-2000:]}")
 
 
-def chat_turn(recipe: dict, tracking_uri: str, steps: int, base: str) -> str:
-    """Ask the Serve endpoint one turn of text + speech with the `openai` client; print the answer and the run's
-    loss."""
+def _wav_base64(audio: np.ndarray) -> str:
     import base64
     import io
 
     import soundfile as sf
-    from mlflow.tracking import MlflowClient
-    from openai import OpenAI
 
+    from data_ops.schema import SAMPLING_RATE
+
+    wav = io.BytesIO()
+    sf.write(wav, audio, SAMPLING_RATE, format="WAV")
+    return base64.b64encode(wav.getvalue()).decode()
+
+
+def transcribe_held_out(client, eval_corpus: Path, limit: int) -> float:
+    """Ask the endpoint to transcribe the held-out corpus's ASR utterances (voices no training sample used), with
+    the instruction training used; print reference and answer side by side; return the WER (Whisper's
+    normalizers, per language, pooled)."""
+    from data_ops.importers import asr_instruction
+    from data_ops.scoring import wer
+    from data_ops.shar_datasource import iter_corpus_rows, row_to_conversation
+
+    rows = [r for r in iter_corpus_rows(str(eval_corpus), "asr_ast") if r["task"] == "asr"][:limit]
+    refs, hyps, langs = [], [], []
+    from data_ops.tts import HELD_OUT_VOICES
+
+    print(f"[demo] transcribing {len(rows)} held-out utterances through the endpoint (espeak-ng voices no training "
+          f"sample uses: {', '.join(v for voices in HELD_OUT_VOICES.values() for v in voices)})")
+    for row in rows:
+        conv = row_to_conversation(row)
+        lang = json.loads(row["langs"])[0]
+        audio = conv.audio_parts[0]
+        reply = client.chat.completions.create(model="vtblender", temperature=0, max_tokens=40, messages=[
+            {"role": "user", "content": [
+                {"type": "input_audio", "input_audio": {"data": _wav_base64(audio.audio), "format": "wav"}},
+                {"type": "text", "text": asr_instruction(lang)}]}])
+        refs.append(audio.transcript)
+        hyps.append(reply.choices[0].message.content or "")
+        langs.append(lang)
+        print(f"    [{lang}] {audio.transcript!r:48} -> {hyps[-1]!r}")
+    by_lang = {lang: wer([r for r, g in zip(refs, langs) if g == lang], [h for h, g in zip(hyps, langs) if g == lang],
+                         lang) for lang in sorted(set(langs))}
+    total = wer(refs, hyps, "multi")
+    print(f"[demo] held-out WER {total:.3f} over {len(rows)} utterances ("
+          + ", ".join(f"{lang} {v:.3f}" for lang, v in by_lang.items()) + ")")
+    return total
+
+
+def chat_turn(client) -> str:
+    """One turn of text + speech through the endpoint."""
     from data_ops.schema import SAMPLING_RATE
     from data_ops.tts import EspeakTTS
 
     question = "How many apples do I have now?"
     audio, tts = EspeakTTS().synthesize(question, "en", np.random.default_rng(0), voice="en-us")
-    wav = io.BytesIO()
-    sf.write(wav, audio, SAMPLING_RATE, format="WAV")
-    client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=2, timeout=120)
     reply = client.chat.completions.create(model="vtblender", temperature=0, max_tokens=24, messages=[
         {"role": "user", "content": [
             {"type": "text", "text": "I have 6 apples. My friend gives me 3 more."},
-            {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav.getvalue()).decode(),
-                                                    "format": "wav"}}]}])
+            {"type": "input_audio", "input_audio": {"data": _wav_base64(audio), "format": "wav"}}]}])
     answer = reply.choices[0].message.content
-    model_uri = f"models:/{recipe['run']['registered_model']}@{recipe['run']['alias']}"
+    print(f"[demo] chat turn: user = [text 'I have 6 apples. My friend gives me 3 more.', speech '{question}' "
+          f"({len(audio) / SAMPLING_RATE:.1f} s, espeak-ng {tts['voice']})] -> {answer!r}")
+    return answer
+
+
+def report_run(recipe: dict, tracking_uri: str) -> dict:
+    """The run's gate verdict and numbers from MLflow; prints where the run and the registry are."""
+    from mlflow.tracking import MlflowClient
+
     mc = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     run = mc.search_runs([mc.get_experiment_by_name(recipe["run"]["experiment"]).experiment_id],
                          filter_string=f"tags.`vtb.run_name` = '{recipe['run']['name']}'")[0]
-    last_stage = recipe["stages"][-1]["name"] if recipe.get("stages") else None
-    loss = mc.get_metric_history(run.info.run_id, f"{last_stage}/loss" if last_stage else "loss")
-    print(f"[demo] chat turn: user = [text 'I have 6 apples. My friend gives me 3 more.', "
-          f"speech '{question}' ({len(audio) / SAMPLING_RATE:.1f} s, espeak-ng {tts['voice']})]")
-    print(f"[demo] {model_uri}, served at {base}/v1/chat/completions, answers: {answer!r} "
-          f"({reply.usage.prompt_tokens} prompt tokens, {reply.usage.completion_tokens} generated)")
-    print(f"[demo] training loss {loss[0].value:.3f} (step {loss[0].step}) -> {loss[-1].value:.3f} "
-          f"(step {loss[-1].step}) in the joint stage; a tiny random-init model, {steps} steps per stage on CPU")
-    print(f"[demo] MLflow run {run.info.run_id}: {tracking_uri}/#/experiments/{run.info.experiment_id}/runs/"
-          f"{run.info.run_id}")
+    print(f"[demo] MLflow run {run.info.run_id} ({run.info.status}): {tracking_uri}/#/experiments/"
+          f"{run.info.experiment_id}/runs/{run.info.run_id}")
     print(f"[demo] MLflow model registry: {tracking_uri}/#/models/{recipe['run']['registered_model']}")
-    return answer
+    return {"gate": run.data.tags.get("vtb.gate"), "failed": run.data.tags.get("vtb.gate.failed"),
+            "content_gap": run.data.metrics.get("promote/content_gap")}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="small", choices=["tiny", "small", "demo"], help="demo corpus size")
-    ap.add_argument("--steps", type=int, default=150, help="steps per stage of the tiny recipe")
-    ap.add_argument("--work-dir", default=".stack", help="where the corpus, recipe and checkpoints go")
+    ap.add_argument("--size", default="demo", choices=["tiny", "small", "demo"], help="demo corpus size")
+    ap.add_argument("--encoder-steps", type=int, default=600, help="CTC pretraining steps of the encoder")
+    ap.add_argument("--joint-steps", type=int, default=1600, help="steps of joint speech-text SFT")
+    ap.add_argument("--transcribe", type=int, default=24, help="held-out utterances to transcribe at the end")
+    ap.add_argument("--work-dir", default=".stack", help="where the corpora, encoder, recipe and checkpoints go")
     args = ap.parse_args(argv)
     env = dict(os.environ)
     missing = [k for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI") if not env.get(k)]
@@ -183,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import logging
 
+    from openai import OpenAI
     from ray.job_submission import JobSubmissionClient
 
     from data_ops.tts import TTSError
@@ -197,13 +251,25 @@ def main(argv: list[str] | None = None) -> int:
         # what the jobs need of this environment (MLflow, S3 and Ray auth settings), not the cluster address
         job_env = {k: v for k, v in env.items() if k.startswith(("MLFLOW_", "AWS_", "RAY_AUTH"))}
         root = Path(args.work_dir).resolve()
-        corpus = ensure_corpus(client, root, args.size, job_env)
-        recipe, recipe_path = demo_recipe(root, corpus, args.steps)
+        corpus = ensure_corpus(client, root / f"corpus-{args.size}", args.size, job_env)
+        eval_corpus = ensure_corpus(client, root / "corpus-held-out", "demo-eval", job_env, split="eval", seed=1000)
+        encoder = ensure_encoder(client, root, corpus, args.encoder_steps, job_env)
+        recipe, recipe_path = demo_recipe(root, corpus, eval_corpus, encoder, args.joint_steps)
         submit_and_follow(client, ["python", "-m", "jobs.train", "--config", str(recipe_path)], job_env, "train",
-                          timeout_s=1800)
+                          timeout_s=3600)
+        run = report_run(recipe, env["MLFLOW_TRACKING_URI"])
+        if run["gate"] != "passed":
+            print(f"[demo] error: the model did not pass the promotion gate ({run['failed']}), so it was not given "
+                  "@candidate and is not served; the run's vtb.gate.* tags say why", file=sys.stderr)
+            return 1
         base = deploy_chat_app(env)
-        chat_turn(recipe, env["MLFLOW_TRACKING_URI"], args.steps, base)
-        print(f"[demo] chat endpoint: {base}/v1 (OpenAI Chat Completions, model 'vtblender'; README \"Serving\")")
+        openai = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=2, timeout=120)
+        held_out_wer = transcribe_held_out(openai, eval_corpus, args.transcribe)
+        chat_turn(openai)
+        print(f"[demo] models:/{recipe['run']['registered_model']}@{recipe['run']['alias']}: held-out WER "
+              f"{held_out_wer:.3f}, content gap {run['content_gap']:.3f} nats/token, promotion gate passed")
+        print(f"[demo] chat endpoint: {base}/v1 (OpenAI Chat Completions, model 'vtblender'; README \"Serving\"); "
+              f"chat page: {base}/")
         print(f"[demo] Ray dashboard: {env.get('RAY_DASHBOARD_ADDRESS') or env['RAY_ADDRESS']}")
         print(f"[demo] done in {time.time() - t0:.0f} s")
         return 0

@@ -1,6 +1,6 @@
 """Evaluate a trained SpeechLM on a suite of shard sets and log the paper's metrics to MLflow.
 
-    ray job submit --working-dir . -- python -m jobs.evaluate --model models:/vtblender-tiny@candidate \
+    ray job submit --working-dir . -- python -m jobs.evaluate --model models:/vtblender-demo@candidate \
         --suite jobs/suites/demo.yaml
 
 1. read the suite (tasks: which shards, which rows, which metric; an optional LLM judge);

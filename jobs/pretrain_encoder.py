@@ -1,9 +1,10 @@
 """CTC pretraining of a speech encoder built from a config: the ablation miniature's stand-in for Canary.
 
-    python -m jobs.pretrain_encoder --corpus .stack/ablation/corpus --size mini --tokenizer DIR --out DIR \
+    python -m jobs.pretrain_encoder --corpus .stack/ablation/corpus --size mini --out DIR [--tokenizer DIR] \
         [--steps 800 --batch-size 16 --lr 1e-3 --eval-corpus DIR --tracking-uri URI --experiment NAME]
 
-The paper's encoder comes pretrained (Canary-1B); real recipes load one with `encoder_pretrained`. Encoders built
+The paper's encoder comes pretrained (Canary-1B); real recipes load one with `encoder_pretrained`; the demo and the
+ablation miniature make theirs with this job. Encoders built
 here from configs start random, and one trained only through the LM learns acoustics slowly (models/encoder_ctc.py
 says why), so this job first trains it with CTC on a corpus's ASR cuts (targets: the LM tokenizer's tokens) and
 writes it as a Hugging Face checkpoint that `encoder_pretrained` loads. One process: the encoders this is for are
@@ -27,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.pretrain_encoder", description=__doc__.split("\n\n")[0])
     ap.add_argument("--corpus", required=True, help="a corpus written by jobs.data (its asr_ast shards)")
     ap.add_argument("--size", default="mini", choices=["tiny", "mini"], help="the named size whose encoder to build")
-    ap.add_argument("--tokenizer", required=True, help="the LM's tokenizer (folder or id): CTC targets are its tokens")
+    ap.add_argument("--tokenizer", help="the LM's tokenizer (folder or id): CTC targets are its tokens; default: the "
+                    "offline tokenizer a training run on this corpus builds for an LM that names none")
+    ap.add_argument("--tokenizer-vocab-size", type=int, default=1024,
+                    help="the default tokenizer's vocabulary (a recipe's model.tokenizer_vocab_size)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -49,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():
         print(f"error: {out} exists; give a new folder", file=sys.stderr)
         return 2
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    if args.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    else:  # the encoder keeps no trace of the tokenizer (its CTC head is dropped); any tokenization of the text works
+        from jobs.training.tokenizer import corpus_tokenizer_files, load_tokenizer
+
+        tokenizer = load_tokenizer(corpus_tokenizer_files([args.corpus], args.tokenizer_vocab_size))
     log = client = run_id = None
     if args.tracking_uri:
         from jobs.training.tracking import client_for, create_run, log_metrics, log_params

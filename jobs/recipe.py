@@ -223,6 +223,14 @@ class StageSection(StrictModel):
     max_steps: int = Field(ge=1)
     lm_mode: Literal["lora", "frozen", "full"] | None = None
     ratios: dict[str, float] | None = None
+    lr: float | None = Field(None, gt=0)
+    """Peak lr of every module in this stage (instead of train.lr and the per-module lrs): a text-only stage that
+    trains a whole LM wants another lr than LoRA and a fresh adapter do."""
+    batch_sizes: dict[str, int] | None = None
+    """Per-type batch sizes of this stage (instead of data.sources.<type>.batch_size)."""
+
+    def module_lrs(self, train: "TrainSection") -> dict[str, float]:
+        return {k: self.lr for k in train.module_lrs()} if self.lr else train.module_lrs()
 
 
 class Recipe(StrictModel):
@@ -243,6 +251,10 @@ class Recipe(StrictModel):
                 if abs(sum(st.ratios.values()) - 1.0) > 1e-6:
                     total = sum(st.ratios.values())
                     raise ValueError(f"stage {st.name}: ratios must sum to 1, they sum to {total:.6f}")
+            unknown = set(st.batch_sizes or {}) - set(self.data.sources)
+            if unknown or any(b < 1 for b in (st.batch_sizes or {}).values()):
+                raise ValueError(f"stage {st.name}: batch_sizes must be >= 1 and name types with sources "
+                                 f"{sorted(self.data.sources)}, got {st.batch_sizes}")
         return self
 
     def stage_list(self) -> list[StageSection]:

@@ -1,7 +1,7 @@
 """Mixed-modal chat on Ray Serve, speaking OpenAI's Chat Completions API (with audio input).
 
     serve run services/serve_config.yaml                 # or: serve deploy services/serve_config.yaml
-    serve run services.chat_app:build_app model=models:/vtblender-tiny@candidate
+    serve run services.chat_app:build_app model=models:/vtblender-demo@candidate
 
 Routes: `POST /v1/chat/completions` (streaming with SSE), `GET /v1/models`, `GET /v1/stats`, `GET /health` (no
 auth) and `GET /` (no auth): a chat page (`services/chat_page.html`) that records from the microphone or takes an

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from jobs.recipe import Recipe, RecipeError, check_data, check_model, parse_recipe
 from jobs.training.console import WORKER_ENV
+from jobs.training.lineage import log_lineage
 from jobs.training.tracking import (RECIPE_TAG, RUN_TAG, client_for, end_status, find_or_create_run, log_metrics,
                                    log_params, resolve_tracking_uri)
 
@@ -49,12 +50,9 @@ def flat_params(recipe: Recipe) -> dict[str, str]:
     return out
 
 
-def mlflow_run_for(recipe: Recipe, tracking_uri: str, data_summary: dict,
-                   entrypoint: str = "python -m jobs.train") -> str:
+def mlflow_run_for(recipe: Recipe, tracking_uri: str, data_summary: dict) -> str:
     """The MLflow run of this run name and recipe: found by tags (a resubmission, set RUNNING again) or created with
-    the recipe as params; either way with this attempt's lineage (code version, datasets, recipe)."""
-    from jobs.training.lineage import log_lineage
-
+    the recipe as params."""
     client = client_for(tracking_uri)
     run_id, created = find_or_create_run(client, recipe.run.experiment, recipe.run.name,
                                          identity={RECIPE_TAG: recipe.training_fingerprint()})
@@ -64,7 +62,6 @@ def mlflow_run_for(recipe: Recipe, tracking_uri: str, data_summary: dict,
         log_params(client, run_id, params)
     elif client.get_run(run_id).info.status != "RUNNING":
         client.update_run(run_id, status="RUNNING")
-    log_lineage(client, run_id, recipe, entrypoint)
     return run_id
 
 
@@ -242,9 +239,10 @@ def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str
     log(f"[train] recipe OK; data: {json.dumps(data_summary)}")
     storage_path, fs = ray_storage(recipe.run.storage_path, recipe.data.endpoint_url)
     check_resumable(recipe, storage_path, fs)
-    run_id = mlflow_run_for(recipe, tracking_uri, data_summary, entrypoint)
+    run_id = mlflow_run_for(recipe, tracking_uri, data_summary)
     error: BaseException | None = None
     try:
+        log_lineage(client_for(tracking_uri), run_id, recipe, entrypoint)  # this attempt's code, data and recipe
         return _train_and_register(recipe, env, tracking_uri, run_id, storage_path, fs, sample_log_dir, log)
     except BaseException as e:
         error = e

@@ -64,7 +64,8 @@ def probe_conversation():
                          Turn.text("assistant", "A tone.")])
 
 
-def open_streams(recipe: Recipe, ratios: dict[str, float], rank: int, world: int, processor=None) -> dict:
+def open_streams(recipe: Recipe, ratios: dict[str, float], rank: int, world: int, processor=None,
+                 batch_sizes: dict[str, int] | None = None) -> dict:
     """This rank's stream of each sampled type. `processor` (the model's) counts a row's LM positions for
     `data.max_sample_tokens`: in the prefetch thread, a second encoding of the rows that pass (the batch's own
     comes after), which is cheap next to a training step."""
@@ -73,7 +74,8 @@ def open_streams(recipe: Recipe, ratios: dict[str, float], rank: int, world: int
 
     d = recipe.data
     count = (lambda row: len(processor.encode(row_to_conversation(row)))) if d.max_sample_tokens else None
-    return {t: TypeStream(src.uris, t, src.batch_size, seed=recipe.run.seed, rank=rank, world_size=world,
+    return {t: TypeStream(src.uris, t, (batch_sizes or {}).get(t, src.batch_size), seed=recipe.run.seed,
+                          rank=rank, world_size=world,
                           bucket_batches=d.bucket_batches, endpoint_url=d.endpoint_url,
                           open_rows=lambda reads: reads_dataset(reads).iter_rows(),
                           max_audio_s=d.max_sample_audio_s, max_tokens=d.max_sample_tokens, count_tokens=count)
@@ -112,8 +114,8 @@ def build_trainer(job: WorkerJob, core, device, world: int):
     tr = job.recipe.train
     autocast_dtype = training_autocast_dtype(device, tr.precision)  # refuses bf16 on a GPU without it, first
     model = wrap_model(core, tr.strategy, world)
-    optimizer = build_optimizer(module_param_groups(core, tr.module_lrs()), lr=tr.lr, betas=tr.betas,
-                                weight_decay=tr.weight_decay)
+    optimizer = build_optimizer(module_param_groups(core, job.stage.module_lrs(tr)), lr=job.stage.lr or tr.lr,
+                                betas=tr.betas, weight_decay=tr.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=tr.warmup_steps, total_steps=job.stage.max_steps,
                                 schedule=tr.schedule, min_lr_ratio=tr.min_lr_ratio)
     return Trainer(model, optimizer, scheduler, grad_accum=tr.grad_accum, max_grad_norm=tr.max_grad_norm,
@@ -325,7 +327,7 @@ def train_loop_per_worker(config: dict) -> None:
     core, trainer, flops, peak = prepare_model(job, rank, world, device)
     sharded, fingerprint = tr.strategy == "fsdp", recipe.training_fingerprint()  # checkpoints say which recipe
     ratios = stage.ratios or recipe.data.ratios
-    streams = open_streams(recipe, ratios, rank, world, core.processor)
+    streams = open_streams(recipe, ratios, rank, world, core.processor, stage.batch_sizes)
     resume(trainer, streams, rank, fingerprint, device)
     prefetch = BatchPrefetcher(streams, mix_sampler(ratios, recipe.run.seed),
                                lambda rows: core.processor([row_to_conversation(r) for r in rows]),
