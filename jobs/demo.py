@@ -55,7 +55,7 @@ def submit_and_follow(client, entrypoint: list[str], env: dict, name: str, timeo
         logs = client.get_job_logs(job_id)
         for line in logs[shown:].splitlines():
             text = RAY_PREFIX.sub("", line.strip())  # "(RayTrainWorker pid=123) [train] ..." -> "[train] ..."
-            if text.startswith(("[train]", "[data]", "error", "Traceback")):
+            if text.startswith(("[train]", "[data]", "[pretrain_encoder]", "error", "Traceback")):
                 print(f"    {text[:220]}", flush=True)
         shown = len(logs)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
