@@ -388,10 +388,11 @@ def describe_plan(plan: Plan, mode: Mode, strategy: str, world: int, checkpointi
 
 def recipe_mode(recipe) -> Mode:
     """The step's dtypes as the recipe asks them: bf16 for `precision: bf16`, and for `auto` on GPU workers (where
-    `models.precision.training_autocast_dtype` picks bf16 on any GPU with native bf16, which the plan assumes)."""
+    `models.precision.training_autocast_dtype` picks bf16 on any GPU with native bf16, which the plan assumes).
+    Under autocast the training job holds the frozen weights in bf16 (jobs/training/sft.py `prepare_model`)."""
     tr = recipe.train
     autocast = tr.precision == "bf16" or (tr.precision == "auto" and tr.use_gpu)
-    return Mode(autocast=autocast, frozen_bf16=False)
+    return Mode(autocast=autocast, frozen_bf16=autocast)
 
 
 def meta_model(recipe, lm_mode: str | None = None):
