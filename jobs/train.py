@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="recipe YAML (jobs/recipes/*.yaml)")
     ap.add_argument("--name", help="override run.name (resubmitting with the same name resumes)")
     ap.add_argument("--tracking-uri", help="MLflow server (overrides run.tracking_uri and $MLFLOW_TRACKING_URI)")
-    ap.add_argument("--check", action="store_true", help="validate the recipe and its data, then stop")
+    ap.add_argument("--check", action="store_true",
+                    help="validate the recipe and its data, print the model and its memory plan per GPU, then stop")
     ap.add_argument("--sample-log-dir",
                     help="write every micro-batch's sample ids and loss per rank here (audit of mixing/resume)")
     args = ap.parse_args(argv)
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
             check_model(recipe)
             print(describe_model(recipe.model.speechlm_config()))
             print(json.dumps(check_data(recipe), indent=1))
+            from jobs.training.memory_plan import recipe_plan
+
+            print(recipe_plan(recipe)[1])
             return 0
         import ray
 

@@ -4,7 +4,8 @@ and serving all make.
 - Inference (`inference_dtype`): bf16 on a GPU that computes it natively, fp16 on one that does not (V100, T4:
   `torch.cuda.is_bf16_supported()` is False there, and their bf16 is emulated, slow), fp32 on CPU; any of them can
   be asked for by name (`bf16` on CPU is how the suite tests the GPU's dtype path).
-- Training (`training_autocast_dtype`): bf16 autocast over fp32 weights, or none (fp32). bf16 is refused on a GPU
+- Training (`training_autocast_dtype`): bf16 autocast over fp32 trainable weights, the frozen ones held in bf16
+  (`cast_frozen_weights`), or none (fp32). bf16 is refused on a GPU
   without native bf16, naming the GPU: fp16 training would need loss scaling, which this product does not do.
 """
 
@@ -54,7 +55,8 @@ def inference_dtype(device: str | torch.device, precision: Precision = "auto") -
 
 
 def training_autocast_dtype(device: str | torch.device, precision: Precision = "auto") -> torch.dtype | None:
-    """The autocast dtype of a training step on `device` (None: fp32 throughout). Weights stay fp32 either way."""
+    """The autocast dtype of a training step on `device` (None: fp32 throughout). Trainable weights stay fp32
+    either way; with an autocast dtype the training job holds the frozen ones in it (`cast_frozen_weights`)."""
     device = torch.device(device)
     if precision == "fp16":
         raise PrecisionError("fp16 training needs loss scaling, which this product does not do: use bf16 or fp32")
@@ -68,3 +70,23 @@ def training_autocast_dtype(device: str | torch.device, precision: Precision = "
         return torch.bfloat16
     # auto: bf16 where the GPU has it natively, fp32 elsewhere (CPU, V100, T4)
     return torch.bfloat16 if device.type == "cuda" and native_bf16(device) else None
+
+
+def cast_frozen_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Hold every weight that does not train (`requires_grad` False: the LM's base under LoRA or frozen, a frozen
+    encoder or adapter) in `dtype`; trainable weights, and with them the optimizer's state, stay as they are (fp32).
+    Returns how many values were cast.
+
+    Why: under bf16 autocast every matmul casts its weight to bf16 anyway, and the backward keeps that cast: fp32
+    frozen weights cost their fp32 copy plus a bf16 one (6 bytes a weight, ~15 GB for the paper's Gemma 2B) for
+    nothing but the ops autocast leaves in fp32 (embedding lookups, norm weights). In bf16 they cost 2 bytes.
+
+    Parameters only: buffers keep their dtype (the mel filterbank and window of `models.features.Fp32Buffers`,
+    BatchNorm's running statistics). `p.data` is replaced, not the Parameter, so tied weights stay tied and every
+    reference (PEFT's wrappers, an optimizer) still holds the same parameter. Undo with `dtype=torch.float32`."""
+    cast = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            cast += p.numel()
+    return cast

@@ -113,7 +113,7 @@ def build_trainer(job: WorkerJob, core, device, world: int):
 
     tr = job.recipe.train
     autocast_dtype = training_autocast_dtype(device, tr.precision)  # refuses bf16 on a GPU without it, first
-    model = wrap_model(core, tr.strategy, world)
+    model = wrap_model(core, tr.strategy, world, autocast_dtype)
     optimizer = build_optimizer(module_param_groups(core, job.stage.module_lrs(tr)), lr=job.stage.lr or tr.lr,
                                 betas=tr.betas, weight_decay=tr.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=tr.warmup_steps, total_steps=job.stage.max_steps,
@@ -210,14 +210,19 @@ def log_final_model(job: WorkerJob, core, rank: int, logger, stream_states: dict
     from jobs.training.parallel import full_state_dict, is_sharded
     from models.processor import move_batch
 
+    from models.precision import cast_frozen_weights
+
     if is_sharded(core):
         weights = full_state_dict(core)
         if rank != 0:
             return
         core = build_model(job.recipe, job.stage, job.tokenizer_files)
-        core.load_state_dict(weights)
+        core.load_state_dict(weights)  # into fp32 weights: bf16 frozen ones are widened
     elif rank != 0:
         return
+    # the saved model is fp32 throughout, as every loader expects, and its probe logits are an fp32 model's (the
+    # frozen weights trained in bf16: widening them is exact)
+    cast_frozen_weights(core, torch.float32)
     core.eval()
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "model"
@@ -275,7 +280,13 @@ def prepare_model(job: WorkerJob, rank: int, world: int, device):
     from jobs.training.distributed import worker_seed
     from jobs.training.flops import count_forward_flops, peak_flops_per_s
 
+    from models.precision import cast_frozen_weights, training_autocast_dtype
+
     core = build_model(job.recipe, job.stage, job.tokenizer_files, device)
+    autocast_dtype = training_autocast_dtype(device, job.recipe.train.precision)
+    if autocast_dtype is not None:
+        # frozen weights in the compute dtype (half the memory, no per-step casts); trainable ones and Adam stay fp32
+        cast_frozen_weights(core, autocast_dtype)
     if job.recipe.train.activation_checkpointing:
         from models.activation_checkpointing import enable_activation_checkpointing
 

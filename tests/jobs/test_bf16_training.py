@@ -47,3 +47,49 @@ def test_bf16_autocast_training_tracks_fp32(kind, tokenizer, audio):
     assert abs(bf16[-5:].mean() - fp32[-5:].mean()) < LAST_STEPS_TOLERANCE, (bf16[-5:], fp32[-5:])
 
 
+
+
+def test_frozen_weights_in_bf16_train_like_fp32_and_halve_their_memory(tokenizer, audio, tmp_path):
+    """What the training job does under bf16 autocast (jobs/training/sft.py `prepare_model`): the frozen LM base
+    held in bf16, LoRA, adapter, encoder and Adam in fp32. It tracks bf16 autocast over fp32 weights within the
+    tolerances above (which bound bf16 against fp32; rounding the frozen weights once, as autocast did at every
+    matmul, is a smaller change), the
+    plan counts 2 bytes a frozen weight, and the model saved after widening them back loads as a plain fp32 model."""
+    from jobs.training.memory_plan import Mode, fixed_bytes, model_shapes
+    from models.precision import cast_frozen_weights
+    from models.speechlm import SpeechLM
+
+    convs = conversations(audio, n=8)
+    losses, models = {}, {}
+    for frozen_bf16 in (False, True):
+        torch.manual_seed(0)
+        model = build_speechlm(tiny(), tokenizer=tokenizer)
+        if frozen_bf16:
+            assert cast_frozen_weights(model, torch.bfloat16) == model.parameter_counts()["lm"]
+        batches = [move_batch(model.processor(convs[i:i + 2]), "cpu") for i in range(0, 8, 2)]
+        losses[frozen_bf16] = np.array(_train(model, batches, torch.bfloat16, 10))
+        models[frozen_bf16] = model
+    model = models[True]
+    dtypes = {(n.split(".", 1)[0] if "lora_" not in n else "lora", p.dtype) for n, p in model.named_parameters()}
+    assert dtypes == {("lm", torch.bfloat16), ("lora", torch.float32), ("adapter", torch.float32),
+                      ("encoder", torch.float32)}
+    assert model.encoder.features.mel_fb.dtype == torch.float32  # buffers stay fp32
+    fp32, bf16 = losses[False], losses[True]  # fp32 weights vs frozen weights in bf16, both under autocast
+    assert np.abs(bf16 - fp32).mean() < MEAN_STEP_TOLERANCE, np.abs(bf16 - fp32)
+    assert abs(bf16[-5:].mean() - fp32[-5:].mean()) < LAST_STEPS_TOLERANCE, (bf16[-5:], fp32[-5:])
+
+    shapes = model_shapes(model)
+    frozen = shapes.total - sum(shapes.trainable.values())
+    fp32_weights = fixed_bytes(shapes, Mode(autocast=True), "ddp", 1)
+    bf16_weights = fixed_bytes(shapes, Mode(autocast=True, frozen_bf16=True), "ddp", 1)
+    assert fp32_weights["weights"] - bf16_weights["weights"] == 2 * frozen
+    assert bf16_weights["weight casts"] < fp32_weights["weight casts"]
+
+    cast_frozen_weights(model, torch.float32)  # as log_final_model does before saving
+    model.eval().save_pretrained(tmp_path / "m")
+    loaded = SpeechLM.from_pretrained(tmp_path / "m")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    batch = move_batch(model.processor(convs[:2]), "cpu")
+    batch.pop("labels")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
