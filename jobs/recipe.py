@@ -242,6 +242,14 @@ class Recipe(StrictModel):
     promote: PromoteSection = Field(default_factory=PromoteSection)
 
     @model_validator(mode="after")
+    def _gate_needs_speech(self) -> "Recipe":
+        if self.promote.enabled and self.first_speech_stage() is None:
+            raise ValueError("promote.enabled: true, but no stage samples a speech type: the gate measures the audio "
+                             "path and the text kept since the first speech stage; leave it unset (off) for text-only "
+                             "recipes")
+        return self
+
+    @model_validator(mode="after")
     def _stages(self) -> "Recipe":
         for st in self.stages or []:
             if st.ratios is not None:
@@ -275,6 +283,13 @@ class Recipe(StrictModel):
         memory, not weights (a run out of memory resumes with it on)."""
         raw = self.model_dump(mode="json", exclude={"run": True, "promote": True, "data": {"endpoint_url"},
                                                     "train": {"activation_checkpointing"}})
+        # settings added since runs were first fingerprinted count only when set: a run checkpointed before they
+        # existed resumes under the new code
+        for section, keys in ((raw["data"], ("max_sample_audio_s", "max_sample_tokens")),
+                              *((st, ("lr", "batch_sizes")) for st in raw.get("stages") or [])):
+            for key in keys:
+                if section.get(key) is None:
+                    section.pop(key, None)
         raw["seed"] = self.run.seed
         return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -44,7 +44,10 @@ def source_version(entrypoint: str, repo: Path = REPO) -> tuple[dict[str, str], 
         tags[MLFLOW_GIT_BRANCH] = branch
     if remote:
         tags[MLFLOW_GIT_REPO_URL] = remote
-    diff = _git("diff", "HEAD", cwd=repo) if status.strip() else None
+    try:
+        diff = _git("diff", "HEAD", cwd=repo) if status.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        diff = None
     return tags, diff
 
 
@@ -84,7 +87,7 @@ def log_lineage(client, run_id: str, recipe, entrypoint: str) -> None:
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     if diff:
-        client.log_text(run_id, diff[:MAX_DIFF_BYTES], DIFF_ARTIFACT)
+        client.log_text(run_id, diff.encode()[:MAX_DIFF_BYTES].decode(errors="ignore"), DIFF_ARTIFACT)
     endpoint = recipe.data.endpoint_url
     inputs = corpus_datasets({t: src.uris for t, src in recipe.data.sources.items()}, endpoint, "training")
     if recipe.promote.eval_uris:

@@ -457,7 +457,9 @@ def largest_batches(recipe, model) -> list[BatchShape]:
             # audio cannot take more positions than the cap either
             frame_s = audio_s / audio_positions if audio_positions else 0.0
             audio_s = min(audio_s, positions * frame_s)
-        out.append(BatchShape(dtype, src.batch_size, positions, round(audio_s, 3)))
+        # the largest batch of this type in any stage (a stage may set its own, e.g. the demo's text-LM stage)
+        batch = max([src.batch_size] + [(st.batch_sizes or {}).get(dtype, 0) for st in recipe.stage_list()])
+        out.append(BatchShape(dtype, batch, positions, round(audio_s, 3)))
     return out
 
 

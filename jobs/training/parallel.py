@@ -31,22 +31,22 @@ def fsdp_units(core: nn.Module) -> list[nn.Module]:
     return [m for m in core.modules() if type(m).__name__ in layer_classes or isinstance(m, ConformerLayer)]
 
 
-def wrap_model(core: nn.Module, strategy: Strategy, world: int,
-               autocast_dtype: torch.dtype | None = None) -> nn.Module:
+def wrap_model(core: nn.Module, strategy: Strategy, world: int) -> nn.Module:
     """What the forward and backward run through: `core` itself (one rank), a DDP wrapper, or `core` sharded in
     place (FSDP: the same module object, its parameters now DTensors).
 
-    FSDP with an autocast dtype gathers the weights in it and reduces gradients in fp32 (`MixedPrecisionPolicy`):
-    half the all-gather traffic, and the trainable fp32 weights compute as autocast would have them. A unit may
-    hold bf16 frozen weights next to fp32 trainable ones (`models.precision.cast_frozen_weights`): FSDP2 asks one
-    dtype only of the trainable parameters of a unit."""
+    Under bf16 autocast the frozen weights, the bulk of the model, are held in bf16 already
+    (`models.precision.cast_frozen_weights`), so FSDP gathers them in bf16: half the all-gather traffic. Trainable
+    weights are gathered as they are (fp32; autocast casts them for each matmul) and gradients reduced in fp32. No
+    `param_dtype` in the policy: it would also cast the forward's float inputs (the raw waveform) to bf16 before
+    the features, and make FSDP compute differently from DDP. A unit may hold bf16 frozen weights next to fp32
+    trainable ones: FSDP2 asks one dtype only of the trainable parameters of a unit."""
     import ray.train.torch
 
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-        mp = (MixedPrecisionPolicy(param_dtype=autocast_dtype, reduce_dtype=torch.float32) if autocast_dtype
-              else MixedPrecisionPolicy())
+        mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
         for unit in fsdp_units(core):
             fully_shard(unit, mp_policy=mp)
         fully_shard(core, mp_policy=mp)

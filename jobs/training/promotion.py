@@ -38,10 +38,12 @@ class Verdict:
     gates: tuple[Gate, ...]
     eval_set: str
     enabled: bool = True
+    error: str | None = None
+    """The measurement itself failed (a corpus that cannot be read, out of memory): not promoted, and said why."""
 
     @property
     def passed(self) -> bool:
-        return not self.enabled or all(g.passed is not False for g in self.gates)
+        return not self.enabled or (self.error is None and all(g.passed is not False for g in self.gates))
 
     @property
     def failed(self) -> list[Gate]:
@@ -50,6 +52,8 @@ class Verdict:
     def summary(self) -> str:
         if not self.enabled:
             return "off (a text-only recipe: no audio path to check, no starting LM to compare with)"
+        if self.error:
+            return f"ERROR, not measured: {self.error}"
         word = "passed" if self.passed else "FAILED"
         return f"{word}: " + "; ".join(g.detail for g in self.gates) + f" (on {self.eval_set})"
 
@@ -57,6 +61,8 @@ class Verdict:
         """For the run and the model version: the verdict, each gate's number and threshold, which failed."""
         if not self.enabled:
             return {GATE_TAG: "off"}
+        if self.error:
+            return {GATE_TAG: "error", f"{GATE_TAG}.error": self.error[:5000]}
         tags = {GATE_TAG: "passed" if self.passed else "failed", f"{GATE_TAG}.eval_set": self.eval_set}
         for g in self.gates:
             tags[f"{GATE_TAG}.{g.name}"] = g.detail
@@ -136,7 +142,8 @@ def measure(recipe, tokenizer_files: dict | None, model_uri: str, tracking_uri: 
     text = _rows(uris, "text", settings.text_samples, endpoint)
     random_start = start_from is None and not recipe.model.speechlm_config().lm.pretrained
     with torch.no_grad():
-        model = load_for_inference(model_uri, tracking_uri, "auto")
+        # fp32 like the starting model (built as training builds it): the retention compares weights, not dtypes
+        model = load_for_inference(model_uri, tracking_uri, "fp32")
         if len(speech) >= 2:
             out["content_gap"] = content_gap(model, speech).gap
         else:

@@ -111,7 +111,10 @@ def promotion_verdict(recipe: Recipe, tokenizer_files: dict | None, tracking_uri
     task = ray.remote(measure).options(
         num_cpus=recipe.train.cpus_per_worker, num_gpus=1 if recipe.train.use_gpu else 0,
         resources=recipe.train.resources_per_worker or None, runtime_env={"env_vars": worker_env}, max_retries=1)
-    measures = ray.get(task.remote(recipe, tokenizer_files, f"runs:/{run_id}/model", tracking_uri, start_from))
+    try:
+        measures = ray.get(task.remote(recipe, tokenizer_files, f"runs:/{run_id}/model", tracking_uri, start_from))
+    except Exception as e:  # noqa: BLE001 - the trained model is kept (registered, not promoted), the error named
+        return Verdict((), "", error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:500]}")
     log_metrics(client_for(tracking_uri), run_id, {f"promote/{k}": v for k, v in measures.items()
                                                     if isinstance(v, float)})
     return decide(measures, recipe.promote)
@@ -173,6 +176,8 @@ def absolute_paths(recipe: Recipe) -> Recipe:
             obj["model"][key] = fix(obj["model"][key])
     for src in obj["data"]["sources"].values():
         src["uris"] = [fix(u) for u in src["uris"]]
+    if obj["promote"].get("eval_uris"):
+        obj["promote"]["eval_uris"] = [fix(u) for u in obj["promote"]["eval_uris"]]
     return parse_recipe(obj)
 
 
@@ -193,6 +198,7 @@ def local_paths(recipe: Recipe) -> list[str]:
     """The recipe's local files and folders that every worker reads: corpora and pretrained checkpoints named by a
     path (hub ids and s3:// are not local)."""
     paths = [u for src in recipe.data.sources.values() for u in src.uris if "://" not in u]
+    paths += [u for u in recipe.promote.eval_uris or [] if "://" not in u]
     cfg = recipe.model.speechlm_config()
     paths += [p for p in (cfg.lm.pretrained, cfg.lm.tokenizer, cfg.encoder.pretrained) if p and Path(p).exists()]
     return sorted(set(paths))
@@ -242,7 +248,10 @@ def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str
     run_id = mlflow_run_for(recipe, tracking_uri, data_summary)
     error: BaseException | None = None
     try:
-        log_lineage(client_for(tracking_uri), run_id, recipe, entrypoint)  # this attempt's code, data and recipe
+        try:  # this attempt's code, data and recipe; a failure to record them is reported, not fatal
+            log_lineage(client_for(tracking_uri), run_id, recipe, entrypoint)
+        except Exception as e:  # noqa: BLE001
+            log(f"[train] WARNING: the run's lineage (source version, dataset inputs, recipe) was not recorded: {e}")
         return _train_and_register(recipe, env, tracking_uri, run_id, storage_path, fs, sample_log_dir, log)
     except BaseException as e:
         error = e

@@ -53,6 +53,11 @@ def _base(uri="/nonexistent"):
      r"unknown data type\(s\) \['speech'\]"),
     (lambda r: r["model"].update(lm_mode="partial"), r"model.lm_mode"),
     (lambda r: r["train"].update(max_steps=0), r"train.max_steps"),
+    (lambda r: r.update(promote={"enabled": True}, stages=[
+        {"name": "text-only", "max_steps": 3, "ratios": {"text": 1.0, "asr_ast": 0.0}}]),
+     r"promote.enabled: true, but no stage samples a speech type"),
+    (lambda r: r.update(stages=[{"name": "s", "max_steps": 3, "batch_sizes": {"sqa": 4}}]),
+     r"stage s: batch_sizes must be >= 1 and name types with sources"),
 ])
 def test_invalid_recipes_name_the_problem(mutate, message):
     r = _base()

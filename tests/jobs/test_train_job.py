@@ -177,7 +177,7 @@ def test_two_stage_run_on_two_nodes_survives_a_lost_node_and_registers(stack, ra
     assert mc.get_registered_model("it-main-model").aliases == {}  # registered, not promoted
     assert version.tags["vtb.gate"] == "failed" and version.tags["vtb.gate.failed"] == "content_gap"
     gap = float(version.tags["vtb.gate.content_gap"].split()[2])
-    assert gap < 0.1 and run.data.metrics["promote/content_gap"] == pytest.approx(gap, abs=1e-3)
+    assert gap < 0.3 and run.data.metrics["promote/content_gap"] == pytest.approx(gap, abs=1e-3)
     # retention has no meaning from a random-init LM: not a failure, and said so
     assert "does not apply" in version.tags["vtb.gate.text_retention"] and run.data.tags["vtb.gate"] == "failed"
     _check_lineage(mc, run, exp, corpus_conversations)
@@ -405,7 +405,8 @@ def test_a_stopped_run_reads_killed_and_a_failed_one_failed(stack, ray_local, co
     stopped = mc.get_run(run.info.run_id)
     assert stopped.info.status == "KILLED" and stopped.info.end_time >= stopped.info.start_time
 
-    raw = _recipe(corpus, str(tmp_path / "runs"), "it-failing", num_workers=6)  # the stack has 6 CPUs
+    # as many one-CPU workers as the cluster has CPUs: nothing left for Ray Data's readers
+    raw = _recipe(corpus, str(tmp_path / "runs"), "it-failing", num_workers=int(ray_local.cluster_resources()["CPU"]))
     with pytest.raises(RecipeError, match="leaving none for the Ray Data tasks"):
         run_training(parse_recipe(raw), env=env)
     assert run_of("it-failing").info.status == "FAILED"
