@@ -69,6 +69,21 @@ def submit_and_follow(client, entrypoint: list[str], env: dict, name: str, timeo
     return logs
 
 
+def git_version() -> dict[str, str]:
+    """VTB_GIT_COMMIT / VTB_GIT_DIRTY of this checkout for the jobs' environment: `ray job submit` uploads the
+    working directory without `.git`, so the training run learns its commit from these (jobs/training/lineage.py)."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"VTB_GIT_COMMIT": commit, "VTB_GIT_DIRTY": str(dirty).lower()}
+
+
 def ensure_corpus(client, corpus: Path, size: str, job_env: dict, split: str = "train", seed: int = 0) -> Path:
     """The corpus at `corpus`, made by a `jobs.data demo` Ray job unless it is there."""
     if not (corpus / "manifest.json").exists():
@@ -249,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = JobSubmissionClient(env.get("RAY_API_SERVER_ADDRESS") or env["RAY_ADDRESS"])
         # what the jobs need of this environment (MLflow, S3 and Ray auth settings), not the cluster address
-        job_env = {k: v for k, v in env.items() if k.startswith(("MLFLOW_", "AWS_", "RAY_AUTH"))}
+        job_env = {k: v for k, v in env.items() if k.startswith(("MLFLOW_", "AWS_", "RAY_AUTH"))} | git_version()
         root = Path(args.work_dir).resolve()
         corpus = ensure_corpus(client, root / f"corpus-{args.size}", args.size, job_env)
         eval_corpus = ensure_corpus(client, root / "corpus-held-out", "demo-eval", job_env, split="eval", seed=1000)

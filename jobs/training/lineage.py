@@ -1,13 +1,14 @@
 """What made a model, recorded on its MLflow run where the MLflow UI shows it: the code version (MLflow's own
-`mlflow.source.*` tags, so the run page's "Source" names the commit), the corpora as dataset inputs (name, source
-URI, digest, counts per type, with MLflow's `mlflow.data.context` tag: training or evaluation), and the recipe
-file as an artifact.
+`mlflow.source.*` tags, so the run page's "Source" names the commit; a digest of the code beside it), the corpora as
+dataset inputs (name, source URI, digest, counts per type, with MLflow's `mlflow.data.context` tag: training or
+evaluation), and the recipe file as an artifact.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from mlflow.utils.mlflow_tags import (MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFL
                                       MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE)
 
 REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("jobs", "models", "data_ops", "services")
 SOURCE_UNKNOWN_TAG = "vtb.source.unknown"
+SOURCE_DIGEST_TAG = "vtb.source.digest"
 DIFF_ARTIFACT = "source/uncommitted.diff"
 MAX_DIFF_BYTES = 5 * 1024 * 1024
 
@@ -24,10 +27,25 @@ def _git(*args: str, cwd: Path) -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=30).stdout
 
 
-def source_version(entrypoint: str, repo: Path = REPO) -> tuple[dict[str, str], str | None]:
-    """(tags, uncommitted diff or None) of the code this process runs. Without git or a repository (a job
-    submitted without its `.git`) the tags say that instead of naming no version silently."""
-    tags = {MLFLOW_SOURCE_NAME: entrypoint, MLFLOW_SOURCE_TYPE: "JOB"}
+def source_digest(repo: Path = REPO) -> str:
+    """A digest of the code this process runs (the packages' Python and YAML files and pyproject.toml): names the
+    version even where git cannot, and tells apart two runs of one commit with different uncommitted changes."""
+    h = hashlib.sha256()
+    files = [repo / "pyproject.toml"] + sorted(p for pkg in PACKAGES for ext in ("*.py", "*.yaml")
+                                               for p in (repo / pkg).rglob(ext))
+    for path in files:
+        if path.is_file():
+            h.update(str(path.relative_to(repo)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def source_version(entrypoint: str, repo: Path = REPO, env: dict | None = None) -> tuple[dict[str, str], str | None]:
+    """(tags, uncommitted diff or None) of the code this process runs. `ray job submit` uploads the working
+    directory without its `.git`, so a job's driver finds no repository: then the submitter's `VTB_GIT_COMMIT` (and
+    `VTB_GIT_DIRTY`) name the commit (`jobs.demo` sets them), else the tags say that none is known. The code's
+    digest is there either way."""
+    env = os.environ if env is None else env
+    tags = {MLFLOW_SOURCE_NAME: entrypoint, MLFLOW_SOURCE_TYPE: "JOB", SOURCE_DIGEST_TAG: source_digest(repo)}
     try:
         commit = _git("rev-parse", "HEAD", cwd=repo).strip()
         # tracked files only: untracked ones (local corpora, notes) do not change what the code does
@@ -36,8 +54,13 @@ def source_version(entrypoint: str, repo: Path = REPO) -> tuple[dict[str, str], 
         remote = subprocess.run(["git", "remote", "get-url", "origin"], cwd=repo, capture_output=True, text=True,
                                 timeout=30).stdout.strip()
     except (OSError, subprocess.SubprocessError) as e:
+        if env.get("VTB_GIT_COMMIT"):
+            tags.update({MLFLOW_GIT_COMMIT: env["VTB_GIT_COMMIT"],
+                         MLFLOW_GIT_DIRTY: env.get("VTB_GIT_DIRTY", "unknown")})
+            return tags, None
         why = getattr(e, "stderr", None) or str(e)
-        tags[SOURCE_UNKNOWN_TAG] = f"no git version for {repo}: {why.strip()[:200]}"
+        tags[SOURCE_UNKNOWN_TAG] = (f"no git repository at {repo} ({why.strip()[:200]}) and no VTB_GIT_COMMIT in the "
+                                    "job's environment; vtb.source.digest names the code")
         return tags, None
     tags.update({MLFLOW_GIT_COMMIT: commit, MLFLOW_GIT_DIRTY: str(bool(status.strip())).lower()})
     if branch and branch != "HEAD":

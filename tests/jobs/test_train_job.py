@@ -86,7 +86,7 @@ def test_two_stage_run_on_two_nodes_survives_a_lost_node_and_registers(stack, ra
     path.write_text(yaml.safe_dump(recipe))
     samples = tmp_path / "samples"
     job_id = f"it-main-{int(time.time())}"
-    job_env = {k: env[k] for k in env if k != "RAY_ADDRESS"}
+    job_env = {k: env[k] for k in env if k != "RAY_ADDRESS"} | _git_version()  # as jobs.demo submits
     added = ["a", "b"]
     for name in added:  # both start at once
         stack.add_node(name, num_cpus=2, resources={"vtb_train_slot": 1}, wait=False)
@@ -220,6 +220,12 @@ def test_two_stage_run_on_two_nodes_survives_a_lost_node_and_registers(stack, ra
     assert reruns["lora"] > 0 and reruns["frozen-lm"] == 0, reruns
 
 
+def _git_version() -> dict[str, str]:
+    from jobs.demo import git_version
+
+    return git_version()
+
+
 def _check_lineage(mc, run, exp, corpus_conversations) -> None:
     """What MLflow's run page shows: FINISHED with a duration, the commit this code is at (and whether the tree
     differs from it), the corpora as training dataset inputs with their counts, the recipe; the experiment opens
@@ -231,6 +237,9 @@ def _check_lineage(mc, run, exp, corpus_conversations) -> None:
     assert run.data.tags["mlflow.source.git.commit"] == head
     assert run.data.tags["mlflow.source.git.dirty"] == str(dirty).lower()
     assert run.data.tags["mlflow.source.name"].startswith("python -m jobs.train --config")
+    from jobs.training.lineage import source_digest
+
+    assert run.data.tags["vtb.source.digest"] == source_digest()  # the uploaded working directory is this code
     inputs = {d.dataset.name.split()[0]: d for d in run.inputs.dataset_inputs}
     assert set(inputs) == {"text", "asr_ast", "sqa", "mixed_modal"}
     for dtype, d in inputs.items():
