@@ -208,10 +208,12 @@ def _missing(paths: list[str]) -> list[str]:
     return [p for p in paths if not Path(p).exists()]
 
 
-def check_paths_on_every_node(paths: list[str]) -> None:
+def check_paths_on_every_node(paths: list[str], log=print) -> None:
     """On a cluster of several nodes, local paths must be on every node that may run a worker (a shared filesystem);
     else refuse before any worker starts, naming the paths and the nodes that lack them, instead of a worker failing
-    on another node. One probe task per node (no CPU asked, so busy nodes answer too)."""
+    on another node. One probe task per node (no CPU asked, so busy nodes answer too). A node that dies meanwhile
+    (Ray lists a lost node as alive until its heartbeats time out) cannot run a worker either: it is named in the
+    log and not waited for."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -222,7 +224,17 @@ def check_paths_on_every_node(paths: list[str]) -> None:
     refs = {f"{n.get('NodeName') or n['NodeManagerHostname']} ({n['NodeID'][:8]})":
             probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(paths)
             for n in nodes}
-    lacking = {node: missing for node, missing in zip(refs, ray.get(list(refs.values()), timeout=120)) if missing}
+    lacking, unreachable = {}, []
+    for node, ref in refs.items():
+        try:
+            missing = ray.get(ref, timeout=120)
+        except ray.exceptions.RayError:  # the node died, or did not answer in time (GetTimeoutError)
+            unreachable.append(node)
+            continue
+        if missing:
+            lacking[node] = missing
+    if unreachable:
+        log(f"[train] nodes that did not answer the path check (lost or unreachable), not checked: {unreachable}")
     if lacking:
         raise RecipeError(
             f"the Ray cluster has {len(nodes)} nodes and local paths of the recipe are not on all of them: "
@@ -273,7 +285,7 @@ def _train_and_register(recipe: Recipe, env: dict, tracking_uri: str, run_id: st
 
     tokenizer_files = tokenizer_files_for(recipe)
     check_cluster_fits(recipe)
-    check_paths_on_every_node(local_paths(recipe))
+    check_paths_on_every_node(local_paths(recipe), log)
     worker_env = {k: env[k] for k in FORWARDED_ENV if k in env} | WORKER_ENV | {"MLFLOW_TRACKING_URI": tracking_uri}
     stages = recipe.stage_list()
     init_from, offset, result, checkpoints = None, 0, None, []

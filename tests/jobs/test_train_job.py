@@ -247,7 +247,7 @@ def _check_lineage(mc, run, exp, corpus_conversations) -> None:
         assert json.loads(d.dataset.source) == {"uris": ["s3://vtb-it/corpus"]} and len(d.dataset.digest) == 16
         expected = sum(1 for t, _ in corpus_conversations.values() if t == dtype)
         assert json.loads(d.dataset.profile)["num_cuts"] == expected, (dtype, d.dataset.profile)
-    recipe = yaml.safe_load(mc.download_artifacts(run.info.run_id, "recipe.yaml"))
+    recipe = yaml.safe_load(Path(mc.download_artifacts(run.info.run_id, "recipe.yaml")).read_text())
     assert recipe["run"]["name"] == "it-main" and recipe["stages"][1]["name"] == "lora"
     assert mc.get_experiment(exp.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
