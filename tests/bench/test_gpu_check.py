@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
+# `make test-slow`: about 90 s, which the suite's 15 minutes no longer had room for once the promotion gate,
+# lineage and memory tests came in (docs/testing.md)
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 
