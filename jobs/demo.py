@@ -72,16 +72,13 @@ def submit_and_follow(client, entrypoint: list[str], env: dict, name: str, timeo
 def git_version() -> dict[str, str]:
     """VTB_GIT_COMMIT / VTB_GIT_DIRTY of this checkout for the jobs' environment: `ray job submit` uploads the
     working directory without `.git`, so the training run learns its commit from these (jobs/training/lineage.py)."""
-    import subprocess
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_GIT_DIRTY
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip() != ""
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"VTB_GIT_COMMIT": commit, "VTB_GIT_DIRTY": str(dirty).lower()}
+    from jobs.training.lineage import source_version
+
+    tags, _ = source_version("jobs.demo", env={})
+    return ({"VTB_GIT_COMMIT": tags[MLFLOW_GIT_COMMIT], "VTB_GIT_DIRTY": tags[MLFLOW_GIT_DIRTY]}
+            if MLFLOW_GIT_COMMIT in tags else {})
 
 
 def ensure_corpus(client, corpus: Path, size: str, job_env: dict, split: str = "train", seed: int = 0) -> Path:

@@ -12,19 +12,30 @@ CONTENT_GAP_FLOOR = 0.05
 CONTENT_PROBE_SIZE = 16
 
 
+def first_conversations(corpus_uris: Sequence[str], data_type: str, size: int,
+                        endpoint_url: str | None = None) -> list:
+    """The first `size` good rows of `data_type` of the corpora, in manifest order, as conversations (corpora
+    without that type are passed over)."""
+    from data_ops.shar_datasource import is_error_row, iter_corpus_rows, row_to_conversation
+    from data_ops.shards import read_manifest
+
+    out: list = []
+    for uri in corpus_uris:
+        if data_type not in read_manifest(uri, endpoint_url).types:
+            continue
+        for row in iter_corpus_rows(uri, data_type, endpoint_url=endpoint_url):
+            if not is_error_row(row):
+                out.append(row_to_conversation(row))
+            if len(out) == size:
+                return out
+    return out
+
+
 def content_probe(corpus_uris: Sequence[str], endpoint_url: str | None = None,
                   size: int = CONTENT_PROBE_SIZE) -> list:
     """A fixed set of speech conversations: the first `size` ASR/AST rows of the corpora, in order (empty when
     they have fewer than two: the check swaps audio between conversations). Training and evaluation both use it."""
-    from data_ops.shar_datasource import is_error_row, iter_corpus_rows, row_to_conversation
-
-    probe: list = []
-    for uri in corpus_uris:
-        for row in iter_corpus_rows(uri, "asr_ast", endpoint_url=endpoint_url):
-            if not is_error_row(row):
-                probe.append(row_to_conversation(row))
-            if len(probe) == size:
-                return probe if size >= 2 else []
+    probe = first_conversations(corpus_uris, "asr_ast", size, endpoint_url)
     return probe if len(probe) >= 2 else []
 
 

@@ -95,22 +95,6 @@ def decide(measures: dict, settings) -> Verdict:
     return Verdict((content, retention), measures.get("eval_set", "?"))
 
 
-def _rows(uris, data_type: str, n: int, endpoint_url: str | None) -> list:
-    from data_ops.shar_datasource import is_error_row, iter_corpus_rows, row_to_conversation
-    from data_ops.shards import read_manifest
-
-    out: list = []
-    for uri in uris:
-        if data_type not in read_manifest(uri, endpoint_url).types:
-            continue
-        for row in iter_corpus_rows(uri, data_type, endpoint_url=endpoint_url):
-            if not is_error_row(row):
-                out.append(row_to_conversation(row))
-            if len(out) == n:
-                return out
-    return out
-
-
 def _starting_model(recipe, tokenizer_files: dict | None, start_from, device: str):
     """The model at the start of the first speech stage, in eval mode (LoRA freshly initialised adds nothing)."""
     from pathlib import Path
@@ -132,14 +116,15 @@ def measure(recipe, tokenizer_files: dict | None, model_uri: str, tracking_uri: 
     import torch
 
     from jobs.evaluation.run import load_for_inference
+    from jobs.training.content import first_conversations
     from models.content_check import answer_loss, content_gap
     from models.precision import resolve_device
 
     settings, endpoint = recipe.promote, recipe.data.endpoint_url
     uris = settings.eval_uris or sorted({u for src in recipe.data.sources.values() for u in src.uris})
     out: dict = {"eval_set": ", ".join(uris) + ("" if settings.eval_uris else " (the training corpora)")}
-    speech = _rows(uris, "asr_ast", settings.speech_samples, endpoint)
-    text = _rows(uris, "text", settings.text_samples, endpoint)
+    speech = first_conversations(uris, "asr_ast", settings.speech_samples, endpoint)
+    text = first_conversations(uris, "text", settings.text_samples, endpoint)
     random_start = start_from is None and not recipe.model.speechlm_config().lm.pretrained
     with torch.no_grad():
         # fp32 like the starting model (built as training builds it): the retention compares weights, not dtypes
