@@ -12,15 +12,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import requests
+import schemathesis
+import schemathesis.specs.openapi.schemas  # noqa: F401  (see below)
 import soundfile as sf
 import yaml
+from hypothesis import HealthCheck, given, seed, settings
+from schemathesis import GenerationMode
 
 from models.conversation import AudioPart, Conversation, TextPart, Turn
 from tests.services.serve_app import save_fine_tunes, wait_healthy
 
+# schemathesis is a pytest plugin, so pytest rewrites its modules' asserts on import, with `ast.parse`. CPython 3.11
+# keeps the AST builder's recursion counter per interpreter, not per thread: a parse while Ray's and Serve's client
+# threads run can fail with "AST constructor recursion depth mismatch" (python/cpython#106905). Importing the lazily
+# loaded OpenAPI modules here parses them at collection, before any test starts a thread.
 pytestmark = pytest.mark.integration
 KEY = "sk-serve-test"
 
@@ -184,12 +194,6 @@ def test_requests_fuzzed_from_the_openapi_schema_never_get_a_5xx(server, client)
     """schemathesis reads the app's OpenAPI document (the request body's JSON Schema) and generates bodies that fit
     it and bodies that break it, with arbitrary strings, numbers and base64. Every answer is a 2xx, or a 4xx with
     OpenAI's error body; never a 5xx, never a hang; the replica answers a normal request afterwards."""
-    from collections import Counter
-
-    import schemathesis
-    from hypothesis import HealthCheck, given, seed, settings
-    from schemathesis import GenerationMode
-
     schema = schemathesis.openapi.from_url(server["base"] + "/openapi.json")
     operation = schema["/v1/chat/completions"]["POST"]
     statuses: Counter = Counter()
