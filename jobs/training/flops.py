@@ -12,6 +12,11 @@ nothing trainable before it, forward only (1x). So the LM with LoRA counts 2x (i
 LoRA's own share is small), a frozen LM 2x on audio batches whose encoder or adapter trains and 1x on text batches.
 PaLM's convention (3x everything) would inflate MFU by up to 1.5x for this model family.
 
+The LM head is counted where it runs: training projects only the positions that predict a label onto the
+vocabulary (`models.loss`), so a step counts the LM's layers at every position and the head at the label positions
+only. With a 256k vocabulary the head is most of a small LM's per-position FLOPs, and an ASR batch has labels at
+5-20% of its positions: counting it everywhere would overstate MFU several times over.
+
 MFU = model FLOPs per second / the devices' peak dense bf16 FLOPs. The peak comes from the device's name
 (`PEAK_BF16_TFLOPS`) or the recipe (`train.peak_tflops`); without one, MFU is not logged (CPU runs).
 """
@@ -56,6 +61,8 @@ class ForwardFlops:
     lm_coef: tuple[float, float, float]
     encoder_coef: tuple[float, float, float]
     adapter_coef: tuple[float, float, float]
+    head: float = 0.0
+    """Forward FLOPs of the LM head (output projection) at one position; included in `lm(n)`."""
     encoder_trains: bool = True
     adapter_trains: bool = True
     lm_mode: str = "lora"
@@ -66,7 +73,12 @@ class ForwardFlops:
         return max(0.0, c0 + c1 * x + c2 * x ** 2)
 
     def lm(self, positions: int) -> float:
+        """The LM's forward with the head at every position (as generation's prefill runs it)."""
         return self._curve(self.lm_coef, positions)
+
+    def lm_layers(self, positions: int) -> float:
+        """The LM's forward without its head."""
+        return max(0.0, self.lm(positions) - self.head * positions)
 
     def encoder(self, samples: int) -> float:
         return self._curve(self.encoder_coef, samples)
@@ -90,10 +102,15 @@ class ForwardFlops:
 
     def train_step(self, batch: dict) -> float:
         """Model FLOPs (forward + backward) of one micro-batch of the processor's tensors (on the host)."""
+        from models.loss import IGNORE_INDEX
+
         rows = batch["attention_mask"].sum(dim=1).tolist()
         clips = batch["audio_lens"].tolist() if batch.get("audio_lens") is not None else []
+        labels = batch.get("labels")
+        # positions whose next token is a label: the ones `models.loss` projects onto the vocabulary
+        head_positions = int((labels[:, 1:] != IGNORE_INDEX).sum()) if labels is not None else sum(rows)
         k = self.passes(with_audio=bool(clips))
-        return (k["lm"] * sum(self.lm(n) for n in rows)
+        return (k["lm"] * (sum(self.lm_layers(n) for n in rows) + self.head * head_positions)
                 + sum(k["encoder"] * self.encoder(s) + k["adapter"] * self.adapter(s) for s in clips))
 
 
@@ -145,7 +162,8 @@ def _count(model, lm_lengths, clip_seconds, measure) -> ForwardFlops:
                for s in samples]
     speech = [measure(lambda s=s: model.encode_audio(torch.zeros(1, s, device=device), torch.tensor([s])))
               for s in samples]
+    head = measure(lambda: model.lm.get_output_embeddings()(torch.zeros(1, 1, width, device=device, dtype=dtype)))
     cfg = model.config
     return ForwardFlops(_quadratic(list(lm_lengths), lm), _quadratic(samples, encoder),
-                        _quadratic(samples, [b - a for a, b in zip(encoder, speech)]),
+                        _quadratic(samples, [b - a for a, b in zip(encoder, speech)]), head=head,
                         encoder_trains=cfg.encoder.train, adapter_trains=cfg.adapter.train, lm_mode=cfg.lm.mode)

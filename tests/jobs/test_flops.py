@@ -36,6 +36,7 @@ def test_lm_flops_equal_a_hand_computation(lm_mode):
     r = cfg.lm.lora.r if lm_mode == "lora" else None
     for n in (17, 50, 300):
         assert flops.lm(n) == pytest.approx(_hand_lm_forward_flops(cfg.lm.config, vocab, n, r), rel=1e-9)
+    assert flops.head == 2 * cfg.lm.config["hidden_size"] * vocab
 
 
 def test_speech_curve_predicts_a_direct_count_and_a_batch_is_counted_from_its_lengths():
@@ -54,9 +55,15 @@ def test_speech_curve_predicts_a_direct_count_and_a_batch_is_counted_from_its_le
                            Turn.text("assistant", "the answer is five")]) for s in (16000, 24000)]
     batch = model.processor(convs)
     rows = batch["attention_mask"].sum(1).tolist()
-    # LoRA: the LM's base weights get no gradient (2x forward); encoder and adapter train (3x)
-    want = 2 * (flops.lm(rows[0]) + flops.lm(rows[1])) + 3 * (flops.speech(16000) + flops.speech(24000))
+    answer = int((batch["labels"] != -100).sum())  # each answer token is predicted from the position before it
+    assert 0 < answer < sum(rows) / 2
+    # LoRA: the LM's base weights get no gradient (2x forward); encoder and adapter train (3x); the head runs
+    # at the positions that predict an answer token only
+    lm = sum(flops.lm(n) - n * flops.head for n in rows) + answer * flops.head
+    want = 2 * lm + 3 * (flops.speech(16000) + flops.speech(24000))
     assert flops.train_step(batch) == pytest.approx(want)
+    assert flops.train_step(batch) < 2 * (flops.lm(rows[0]) + flops.lm(rows[1])) + 3 * (
+        flops.speech(16000) + flops.speech(24000))
 
 
 @pytest.mark.parametrize("lm_mode,encoder_train,audio,want", [
