@@ -8,7 +8,7 @@
     train: max_steps, grad_accum, optimizer (Adam, lr and per-module encoder_lr / adapter_lr / lm_lr,
            weight_decay, betas), warmup_steps, schedule, clipping (global or per module), precision,
            activation_checkpointing,
-           strategy (ddp | fsdp), num_workers, use_gpu, checkpoint_every, max_failures, log_every,
+           strategy (ddp | fsdp), fsdp_shard_size, num_workers, use_gpu, checkpoint_every, max_failures, log_every,
            content_check_every
     stages: optional list of stages run one after another (two-stage training, ablation B3): each names its
            steps and what it changes (lm_mode, ratios); a stage starts from the previous stage's weights
@@ -157,6 +157,11 @@ class TrainSection(StrictModel):
     """bf16: bf16 autocast over fp32 weights (refused on a GPU without native bf16, e.g. V100, T4, naming it);
     auto: bf16 on GPUs that compute it natively, fp32 elsewhere (CPU, V100, T4); fp32: no autocast."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    fsdp_shard_size: int | None = Field(None, ge=1)
+    """FSDP only: shard over groups of this many consecutive ranks and replicate across the groups (hybrid
+    sharding, HSDP); None: shard over every rank. Ray Train numbers a node's workers consecutively, so the number
+    of GPUs per node keeps the all-gathers of every layer inside a node and sends only gradient all-reduces across
+    nodes."""
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
@@ -188,6 +193,15 @@ class TrainSection(StrictModel):
         if any(x <= 0 for x in v.values()):
             raise ValueError("every amount in resources_per_worker must be > 0")
         return v
+
+    @model_validator(mode="after")
+    def _shard_groups(self) -> "TrainSection":
+        n = self.fsdp_shard_size
+        if n is not None and self.strategy != "fsdp":
+            raise ValueError(f"fsdp_shard_size={n} needs strategy: fsdp (it is {self.strategy})")
+        if n is not None and self.num_workers % n:
+            raise ValueError(f"fsdp_shard_size={n} must divide num_workers={self.num_workers} into whole groups")
+        return self
 
     def module_lrs(self) -> dict[str, float]:
         """Peak lr per module (encoder, adapter, lm)."""
@@ -286,6 +300,7 @@ class Recipe(StrictModel):
         # settings added since runs were first fingerprinted count only when set: a run checkpointed before they
         # existed resumes under the new code
         for section, keys in ((raw["data"], ("max_sample_audio_s", "max_sample_tokens")),
+                              (raw["train"], ("fsdp_shard_size",)),
                               *((st, ("lr", "batch_sizes")) for st in raw.get("stages") or [])):
             for key in keys:
                 if section.get(key) is None:

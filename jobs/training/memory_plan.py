@@ -467,13 +467,16 @@ def recipe_plan(recipe) -> tuple[Plan, str]:
     """The recipe's plan and its table (`jobs.train --check`); the most memory-hungry stage's LM mode."""
     tr = recipe.train
     mode = recipe_mode(recipe)
+    # hybrid sharding: a worker holds 1/shard-size of the model, however many replicas there are
+    sharded_over = tr.fsdp_shard_size or tr.num_workers
     plans = []
     for lm_mode in dict.fromkeys(s.lm_mode for s in recipe.stage_list()):
         model = meta_model(recipe, lm_mode)
         shapes = model_shapes(model)
         cfg = recipe.model.speechlm_config(lm_mode)
         plans.append(plan_memory(shapes, largest_batches(recipe, model), mode, strategy=tr.strategy,
-                                 world=tr.num_workers, gpu=tr.use_gpu,
+                                 world=sharded_over, gpu=tr.use_gpu,
                                  pretrained=bool(cfg.lm.pretrained or cfg.encoder.pretrained)))
     plan = max(plans, key=lambda p: p.peak(tr.activation_checkpointing))
-    return plan, describe_plan(plan, mode, tr.strategy, tr.num_workers, tr.activation_checkpointing)
+    strategy = f"hsdp (shards of {sharded_over})" if tr.fsdp_shard_size else tr.strategy
+    return plan, describe_plan(plan, mode, strategy, tr.num_workers, tr.activation_checkpointing)

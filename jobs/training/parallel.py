@@ -11,6 +11,10 @@ Under FSDP the optimizer must be built after `wrap_model` (sharding replaces eac
 clipping sees the global norm (`torch.nn.utils.clip_grad_norm_` reduces DTensor gradients over the ranks),
 checkpoints are sharded (`jobs.training.checkpoint`, torch distributed checkpoint) and the final model is gathered
 in full (`full_state_dict`).
+
+Hybrid sharding (`train.fsdp_shard_size`): the ranks form a (replicas x shard size) device mesh; each group of
+`shard_size` consecutive ranks holds one sharded copy, and gradients are reduce-scattered within a group then
+all-reduced across groups. With one group per node the per-layer all-gathers stay on the node's fast links.
 """
 
 from __future__ import annotations
@@ -31,7 +35,20 @@ def fsdp_units(core: nn.Module) -> list[nn.Module]:
     return [m for m in core.modules() if type(m).__name__ in layer_classes or isinstance(m, ConformerLayer)]
 
 
-def wrap_model(core: nn.Module, strategy: Strategy, world: int) -> nn.Module:
+def shard_mesh(world: int, shard_size: int | None, device_type: str):
+    """The device mesh FSDP shards over: None (every rank, FSDP's default) or the 2-D (replicate, shard) mesh of
+    hybrid sharding."""
+    if shard_size is None or shard_size == world:
+        return None
+    if world % shard_size:
+        raise ValueError(f"fsdp_shard_size={shard_size} does not divide the {world} ranks into whole groups")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+
+
+def wrap_model(core: nn.Module, strategy: Strategy, world: int, shard_size: int | None = None,
+               device_type: str = "cpu") -> nn.Module:
     """What the forward and backward run through: `core` itself (one rank), a DDP wrapper, or `core` sharded in
     place (FSDP: the same module object, its parameters now DTensors).
 
@@ -47,9 +64,10 @@ def wrap_model(core: nn.Module, strategy: Strategy, world: int) -> nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+        mesh = shard_mesh(world, shard_size, device_type)
         for unit in fsdp_units(core):
-            fully_shard(unit, mp_policy=mp)
-        fully_shard(core, mp_policy=mp)
+            fully_shard(unit, mesh=mesh, mp_policy=mp)
+        fully_shard(core, mesh=mesh, mp_policy=mp)
         # the content check's per-conversation answer loss enters the model there, not through forward
         register_fsdp_forward_method(core, "answer_nll")
         return core

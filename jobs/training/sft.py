@@ -106,6 +106,8 @@ def skipped_samples(job: WorkerJob, prefetch, world: int, device, logged: dict |
 def build_trainer(job: WorkerJob, core, device, world: int):
     """The DDP / FSDP wrapper (`jobs.training.parallel`), then the optimizer (per-module groups) over the weights as
     they now are (FSDP replaces them with shards), transformers' schedule, and the `Trainer`."""
+    import torch
+
     from jobs.training.loop import Trainer
     from jobs.training.optim import build_optimizer, build_scheduler, module_param_groups
     from jobs.training.parallel import wrap_model
@@ -113,7 +115,7 @@ def build_trainer(job: WorkerJob, core, device, world: int):
 
     tr = job.recipe.train
     autocast_dtype = training_autocast_dtype(device, tr.precision)  # refuses bf16 on a GPU without it, first
-    model = wrap_model(core, tr.strategy, world)
+    model = wrap_model(core, tr.strategy, world, tr.fsdp_shard_size, torch.device(device).type)
     optimizer = build_optimizer(module_param_groups(core, job.stage.module_lrs(tr)), lr=job.stage.lr or tr.lr,
                                 betas=tr.betas, weight_decay=tr.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=tr.warmup_steps, total_steps=job.stage.max_steps,

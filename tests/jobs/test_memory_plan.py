@@ -81,6 +81,15 @@ def test_the_papers_fixed_memory_matches_the_gpu_readiness_estimates(corpus, tmp
     # the text batch: 1 x 2048 positions, much less than the speech batch
     assert plan.batches["text"]["off"] < plan.batches["asr_ast"]["off"] / 3
 
+    # FSDP over 16 workers vs hybrid sharding in groups of 8 (two nodes): a worker holds 1/16 vs 1/8 of the state
+    sharded = {}
+    for shard_size in (None, 8):
+        path = _paper_recipe(corpus, tmp_path, strategy="fsdp", num_workers=16, fsdp_shard_size=shard_size)
+        sharded[shard_size], table = recipe_plan(load_recipe(path))
+    assert "hsdp (shards of 8)" in table
+    for k in ("weights", "gradients", "optimizer"):
+        assert sharded[8].fixed[k] == pytest.approx(2 * sharded[None].fixed[k])
+
 
 def test_plan_is_within_25_percent_of_a_measured_training_step():
     # the benchmark's measurement of one size, in a fresh process (see bench/memory_plan.py for how and why)

@@ -58,6 +58,9 @@ def _base(uri="/nonexistent"):
      r"promote.enabled: true, but no stage samples a speech type"),
     (lambda r: r.update(stages=[{"name": "s", "max_steps": 3, "batch_sizes": {"sqa": 4}}]),
      r"stage s: batch_sizes must be >= 1 and name types with sources"),
+    (lambda r: r["train"].update(fsdp_shard_size=2, num_workers=4), r"fsdp_shard_size=2 needs strategy: fsdp"),
+    (lambda r: r["train"].update(fsdp_shard_size=4, num_workers=6, strategy="fsdp"),
+     r"fsdp_shard_size=4 must divide num_workers=6"),
 ])
 def test_invalid_recipes_name_the_problem(mutate, message):
     r = _base()
