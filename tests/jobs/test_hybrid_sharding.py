@@ -1,10 +1,12 @@
 """Hybrid sharding (`train.fsdp_shard_size`): four gloo ranks as two "nodes" of two, each pair holding one sharded
 copy of the model. Each parameter is sharded over its pair and replicated across pairs, and two optimizer steps on
-four different batches give the weights one process gets from the mean loss of the same four batches."""
+four different batches give the weights one process gets from the mean loss of the same four batches. The sharded
+checkpoint they write loads back into a freshly built model, hybrid-sharded or sharded over all four ranks."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +45,7 @@ def _rank(rank: int, store_path: str, out) -> None:
     import torch.distributed as dist
     from torch.distributed.tensor import Replicate, Shard
 
+    from jobs.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
     from jobs.training.parallel import full_state_dict, wrap_model
 
     dist.init_process_group("gloo", store=dist.FileStore(store_path, WORLD), rank=rank, world_size=WORLD)
@@ -56,9 +59,27 @@ def _rank(rank: int, store_path: str, out) -> None:
             opt.step()
             opt.zero_grad()
         full = full_state_dict(model)
+        ckpt = Path(store_path).parent / "ckpt"
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        save_checkpoint(ckpt, model, opt, TrainState(STEPS, "s", sched.state_dict()), rank == 0, sharded=True)
+        dist.barrier()
+        reloaded = {}
+        for shard_size in (SHARD, None):
+            torch.manual_seed(1)
+            fresh, _ = _model_and_batches()
+            with torch.no_grad():  # other weights than the checkpoint's, so loading it must change them
+                for p in fresh.parameters():
+                    if p.requires_grad:
+                        p.normal_()
+            wrap_model(fresh, "fsdp", WORLD, shard_size=shard_size, device_type="cpu")
+            fresh_opt = _optimizer(fresh)
+            load_checkpoint(ckpt, fresh, fresh_opt, torch.optim.lr_scheduler.LambdaLR(fresh_opt, lambda _: 1.0))
+            again = full_state_dict(fresh)
+            reloaded[shard_size] = rank != 0 or all(torch.equal(again[n], full[n]) for n in _trainable_names(model))
         # numpy, not tensors: torch's queue shares tensors through memory that goes with this process
         trained = {n: t.numpy() for n, t in full.items() if n in _trainable_names(model)} if rank == 0 else None
-        out.put((rank, {"placements": placements == {(Replicate(), Shard(0))}, "weights": trained}))
+        out.put((rank, {"placements": placements == {(Replicate(), Shard(0))}, "weights": trained,
+                        "reloaded": reloaded}))
     except Exception as e:  # reported to the test, which fails naming it
         out.put((rank, {"error": repr(e)}))
     finally:
@@ -85,6 +106,7 @@ def test_hybrid_sharding_trains_as_one_process_on_the_mean_loss(tmp_path):
                 os.kill(p.pid, 9)
     assert not any("error" in r for r in results.values()), results
     assert all(r["placements"] for r in results.values()), "a parameter is not (replicated, sharded) over the mesh"
+    assert results[0]["reloaded"] == {SHARD: True, None: True}, "the checkpoint did not load back"
 
     model, batches = _model_and_batches()
     opt = _optimizer(model)
