@@ -4,14 +4,15 @@
   by (seed, step, micro): the same on every rank without communication, and a resumed run draws exactly what the
   original would have (no sampler state to save).
 - `TypeStream` is one data type's endless stream of batches for one rank: epoch after epoch (seeded per-epoch
-  shard order, `plan_reads`), batches of that type's size, grouped by duration so that padding stays small, error
-  rows dropped and counted, rows over the per-sample caps (audio seconds, LM tokens) skipped and counted. Its
-  `state_dict()` is the exact stream position: epoch, per shard how far it was read, and which rows were read
-  but not yet handed out (the bucketing buffer). `load_state_dict()` continues from there: no row handed out
-  twice, none skipped that the uninterrupted stream would have handed out.
+  shard order, `plan_reads`), batches of that type's size (or filled up to its budget), grouped by duration so that
+  padding stays small, error rows dropped and counted, rows over the per-sample caps (audio seconds, LM tokens)
+  skipped and counted. Its `state_dict()` is the exact stream position: epoch, per shard how far it was read, and
+  which rows were read but not yet handed out (the bucketing buffer). `load_state_dict()` continues from there: no
+  row handed out twice, none skipped that the uninterrupted stream would have handed out.
 
-Caps apply as rows are read, before they are grouped into batches: every batch still has the type's batch size,
-and a skipped row counts as read (`read_upto`), so a restored stream neither re-reads nor re-counts it.
+Caps apply as rows are read, before they are grouped into batches: every batch still has the type's batch size (or,
+with a budget, what the budget allows), and a skipped row counts as read (`read_upto`), so a restored stream
+neither re-reads nor re-counts it.
 
 Duration grouping: rows are read into a buffer of `bucket_batches` batches, sorted by duration, cut into batches
 of neighbours, and those batches handed out in a seeded random order. This is the idea of Lhotse's
@@ -26,7 +27,12 @@ bucketing (audio duration x text tokens): duration bins `DURATION_BIN` wide (rel
 length, so neighbours are alike in both; batches are then filled greedily with neighbours in that order and handed
 out in the same seeded random order. A row whose cost alone is over a budget is skipped and counted, as the caps
 do (under `max_batch_audio_s` / `max_batch_tokens`): a batch of one over the budget would break what the plan
-relies on. The state is unchanged in form: pending batches are row-id lists, now of varying sizes.
+relies on. The state is unchanged in form: pending batches are row-id lists, now of varying sizes. The buffer still
+holds `bucket_batches` x `batch_size` rows: with `batch_size` raised to the most rows a budget batch may take, it
+sorts more rows per batch handed out, which is where much of the padding saved comes from (bench.train_throughput
+prints duration grouping over as many rows next to it). The LM length is the processor's count (`count_tokens`)
+where the caller gives one (a token cap or budget needs it); otherwise the characters of the row's text stand in,
+only to order rows within a duration bin, never to size a batch.
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ def padded_share(durations: list[float]) -> float:
 
 
 class TypeStream:
-    """Endless, resumable, duration-grouped batches of one data type for one rank.
+    """Endless, resumable, duration-grouped (or budget-filled) batches of one data type for one rank.
 
     `open_rows(reads)` turns planned shard reads into an iterator of rows: a Ray Data dataset in training
     (`reads_dataset(reads).iter_rows()`), plain `read.rows()` in a single process.

@@ -2,8 +2,8 @@
 GPU sizes it fits. `jobs.train --check` prints it.
 
     weights, their bf16 casts (autocast), gradients, Adam's two fp32 states, DDP's gradient buckets, activations of
-    the recipe's largest micro-batch (with and without activation checkpointing), the answer-only loss's chunk of
-    logits, the CUDA context; host RAM per worker
+    the recipe's largest micro-batch (with and without activation checkpointing; under a type's batch budget, the
+    largest the budget allows), the answer-only loss's chunk of logits, the CUDA context; host RAM per worker
 
 Everything is computed from shapes: parameter counts by module come from building the model on the `meta` device
 (no weight is read or allocated, so the paper's 3B model costs nothing), activations from the architecture's widths
