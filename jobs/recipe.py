@@ -3,8 +3,10 @@
     run:   name, experiment, storage_path, tracking_uri, registered_model, alias, seed
     model: size (tiny | mini | vtblender_3b) + lm_mode / encoder_train / adapter_train / lora / pretrained paths,
            or `config:` a whole SpeechLMConfig
-    data:  per data type: uris (corpora written by jobs.data), ratio, batch_size; bucket_batches; endpoint_url;
-           max_sample_audio_s, max_sample_tokens (samples over a cap are skipped and counted)
+    data:  per data type: uris (corpora written by jobs.data), ratio, batch_size, and optional budgets
+           max_batch_audio_s / max_batch_tokens (batches filled up to a padded budget, batch_size their most rows);
+           bucket_batches; endpoint_url; max_sample_audio_s, max_sample_tokens (samples over a cap are skipped and
+           counted)
     train: max_steps, grad_accum, optimizer (Adam, lr and per-module encoder_lr / adapter_lr / lm_lr,
            weight_decay, betas), warmup_steps, schedule, clipping (global or per module), precision,
            activation_checkpointing,
@@ -102,6 +104,16 @@ class TypeSource(StrictModel):
     """Corpora (folders or s3:// prefixes written by jobs.data) holding this type's shards."""
     ratio: float = Field(ge=0.0, le=1.0)
     batch_size: int = Field(ge=1)
+    """Rows per batch; with a budget below, the most rows a batch may have."""
+    max_batch_audio_s: float | None = Field(None, gt=0)
+    """Budget batches: fill each batch up to this many seconds of *padded* audio (rows x the batch's longest clip),
+    from buckets of alike duration and text length (`data_ops.mix_sampler`), so short clips travel in larger batches
+    and no batch holds more audio than this. A sample longer than the budget on its own is skipped and counted
+    (`data/skipped/<type>/max_batch_audio_s`). None: batches of `batch_size` rows, grouped by duration."""
+    max_batch_tokens: int | None = Field(None, ge=1)
+    """Budget batches in LM positions: rows x the batch's longest sample (chat-templated text tokens + audio
+    positions, counted with the model's processor) at most this; otherwise as `max_batch_audio_s`. None: no token
+    budget."""
 
 
 class DataSection(StrictModel):
@@ -122,6 +134,9 @@ class DataSection(StrictModel):
         unknown = set(self.sources) - set(DATA_TYPES)
         if unknown:
             raise ValueError(f"data.sources: unknown data type(s) {sorted(unknown)}; use {list(DATA_TYPES)}")
+        if self.sources.get("text") and self.sources["text"].max_batch_audio_s is not None:
+            raise ValueError("data.sources.text: max_batch_audio_s is a budget of audio seconds and text has none; "
+                             "use max_batch_tokens")
         total = sum(s.ratio for s in self.sources.values())
         if abs(total - 1.0) > 1e-6:
             ratios = {k: s.ratio for k, s in self.sources.items()}
@@ -301,6 +316,8 @@ class Recipe(StrictModel):
         # existed resumes under the new code
         for section, keys in ((raw["data"], ("max_sample_audio_s", "max_sample_tokens")),
                               (raw["train"], ("fsdp_shard_size",)),
+                              *((src, ("max_batch_audio_s", "max_batch_tokens"))
+                                for src in raw["data"]["sources"].values()),
                               *((st, ("lr", "batch_sizes")) for st in raw.get("stages") or [])):
             for key in keys:
                 if section.get(key) is None:

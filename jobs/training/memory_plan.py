@@ -2,8 +2,8 @@
 GPU sizes it fits. `jobs.train --check` prints it.
 
     weights, their bf16 casts (autocast), gradients, Adam's two fp32 states, DDP's gradient buckets, activations of
-    the recipe's largest micro-batch (with and without activation checkpointing), the answer-only loss's chunk of
-    logits, the CUDA context; host RAM per worker
+    the recipe's largest micro-batch (with and without activation checkpointing; under a type's batch budget, the
+    largest the budget allows), the answer-only loss's chunk of logits, the CUDA context; host RAM per worker
 
 Everything is computed from shapes: parameter counts by module come from building the model on the `meta` device
 (no weight is read or allocated, so the paper's 3B model costs nothing), activations from the architecture's widths
@@ -20,6 +20,7 @@ Legend: h hidden width, I MLP width, qd query heads x head dim, r LoRA rank, T f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -55,14 +56,20 @@ class Mode:
 @dataclass(frozen=True)
 class BatchShape:
     """The largest micro-batch of one data type: `batch_size` samples of `positions` LM positions each, of which
-    `audio_s` seconds of audio per sample."""
+    `audio_s` seconds of audio per sample. Under a batch budget the counts are the budget's share of the longest
+    sample (budget / longest) and may be fractional: count x longest is then the budget, which bounds every batch
+    the budget lets through (count x its longest <= budget), and count x longest^2 bounds the attention terms that
+    grow with a clip's length squared."""
 
     data_type: str
-    batch_size: int
+    batch_size: float
     positions: int
     audio_s: float = 0.0
     label_tokens: int | None = None
     """Positions with a label in the batch; None: every position may carry one (text SFT can)."""
+    audio_batch: float | None = None
+    """Clips of `audio_s` in the batch, for the encoder and the adapter; None: `batch_size`. (An audio budget bounds
+    the batch's audio, not its text: with one alone the LM still sees `batch_size` samples.)"""
 
 
 @dataclass
@@ -248,7 +255,7 @@ def activations(shapes: ModelShapes, batch: BatchShape, mode: Mode, checkpointin
     if batch.audio_s <= 0:
         return out
     enc_frames, positions = shapes.frames(int(batch.audio_s * sampling_rate))
-    n = batch.batch_size
+    n = batch.batch_size if batch.audio_batch is None else batch.audio_batch
     trains_below = shapes.trainable["encoder"] > 0
     if enc["kind"] == "fastconformer":
         layer, front = fastconformer_layer(enc, enc_frames, mode), fastconformer_front(enc, mode)
@@ -366,7 +373,9 @@ def describe_plan(plan: Plan, mode: Mode, strategy: str, world: int, checkpointi
     for t, b in plan.batches.items():
         s = b["shape"]
         audio = f", {s.audio_s:g} s audio" if s.audio_s else ""
-        lines.append(f"  {t}: {s.batch_size} x {s.positions} positions{audio}")
+        clips = f" ({s.audio_batch:.4g} clips in the encoder: budget)" \
+            if s.audio_batch not in (None, s.batch_size) and s.audio_s else ""
+        lines.append(f"  {t}: {s.batch_size:.4g} x {s.positions} positions{audio}{clips}")
         for part in ("lm", "encoder", "adapter", "backward"):
             if b["act_off"][part]:
                 lines.append(f"    {'activations ' + part:<32}{_gib(b['act_off'][part])} {_gib(b['act_on'][part])}")
@@ -421,7 +430,9 @@ def largest_batches(recipe, model) -> list[BatchShape]:
     recipe's caps where set (`data.max_sample_audio_s`, `data.max_sample_tokens`: the streams skip anything
     larger), else read from the corpora's cut manifests (one pass, no audio): the longest audio, and the longest
     text in tokens (the LM's tokenizer where the recipe names one; else its UTF-8 bytes, which bound the offline
-    byte-level BPE's count) plus `TURN_TOKENS` a turn."""
+    byte-level BPE's count) plus `TURN_TOKENS` a turn. A type's batch budget (`max_batch_tokens`,
+    `max_batch_audio_s`) bounds the sample (a longer one is skipped) and the batch: at most budget / longest
+    samples of the longest size (`BatchShape`), never more than its batch size."""
     from data_ops.shar_datasource import iter_cut_dicts
 
     d, cfg = recipe.data, recipe.model.speechlm_config()
@@ -459,8 +470,30 @@ def largest_batches(recipe, model) -> list[BatchShape]:
             audio_s = min(audio_s, positions * frame_s)
         # the largest batch of this type in any stage (a stage may set its own, e.g. the demo's text-LM stage)
         batch = max([src.batch_size] + [(st.batch_sizes or {}).get(dtype, 0) for st in recipe.stage_list()])
-        out.append(BatchShape(dtype, batch, positions, round(audio_s, 3)))
+        out.append(_within_budget(BatchShape(dtype, batch, positions, round(audio_s, 3)), src, model,
+                                  cfg.sampling_rate))
     return out
+
+
+def _within_budget(shape: BatchShape, src, model, sampling_rate: int) -> BatchShape:
+    """`shape` bounded by the type's batch budgets. A sample over a budget is skipped by the stream, so the longest
+    is at most the budget. The LM sees at most `max_batch_tokens` / longest samples of the longest; the encoder at
+    most as many clips of the longest audio as each budget allows (the token budget counts audio positions too).
+    Each is an upper bound, so the smallest is one; `positions` is not lowered with the audio (conservative)."""
+    n_lm, positions, audio_s = shape.batch_size, shape.positions, shape.audio_s
+    if src.max_batch_audio_s is None and src.max_batch_tokens is None:
+        return shape
+    bounds = [n_lm]
+    if src.max_batch_audio_s is not None and audio_s > 0:
+        audio_s = min(audio_s, src.max_batch_audio_s)
+        bounds.append(src.max_batch_audio_s / audio_s)
+    if src.max_batch_tokens is not None:
+        positions = min(positions, src.max_batch_tokens)
+        n_lm = min(n_lm, src.max_batch_tokens / positions)
+        if audio_s > 0:
+            bounds.append(src.max_batch_tokens / max(1, model.audio_token_count(int(audio_s * sampling_rate))))
+    return dataclasses.replace(shape, batch_size=n_lm, positions=positions, audio_s=round(audio_s, 3),
+                               audio_batch=min(bounds) if audio_s > 0 else None)
 
 
 def recipe_plan(recipe) -> tuple[Plan, str]:

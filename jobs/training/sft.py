@@ -67,38 +67,44 @@ def probe_conversation():
 def open_streams(recipe: Recipe, ratios: dict[str, float], rank: int, world: int, processor=None,
                  batch_sizes: dict[str, int] | None = None) -> dict:
     """This rank's stream of each sampled type. `processor` (the model's) counts a row's LM positions for
-    `data.max_sample_tokens`: in the prefetch thread, a second encoding of the rows that pass (the batch's own
-    comes after), which is cheap next to a training step."""
+    `data.max_sample_tokens` and the types' `max_batch_tokens` budgets: in the prefetch thread, a second encoding of
+    the rows that pass (the batch's own comes after), which is cheap next to a training step."""
     from data_ops.mix_sampler import TypeStream
     from data_ops.shar_datasource import reads_dataset, row_to_conversation
 
     d = recipe.data
-    count = (lambda row: len(processor.encode(row_to_conversation(row)))) if d.max_sample_tokens else None
+    counts = d.max_sample_tokens or any(src.max_batch_tokens for src in d.sources.values())
+    count = (lambda row: len(processor.encode(row_to_conversation(row)))) if counts else None
     return {t: TypeStream(src.uris, t, (batch_sizes or {}).get(t, src.batch_size), seed=recipe.run.seed,
                           rank=rank, world_size=world,
                           bucket_batches=d.bucket_batches, endpoint_url=d.endpoint_url,
                           open_rows=lambda reads: reads_dataset(reads).iter_rows(),
-                          max_audio_s=d.max_sample_audio_s, max_tokens=d.max_sample_tokens, count_tokens=count)
+                          max_audio_s=d.max_sample_audio_s, max_tokens=d.max_sample_tokens, count_tokens=count,
+                          max_batch_audio_s=src.max_batch_audio_s, max_batch_tokens=src.max_batch_tokens)
             for t, src in d.sources.items() if ratios.get(t, 0) > 0}
 
 
 def skipped_samples(job: WorkerJob, prefetch, world: int, device, logged: dict | None) -> dict[str, float]:
-    """Collective when a cap is set: samples skipped over `data.max_sample_*` by the stage's streams, per type and
-    cap, summed over the ranks, as metrics `data/skipped/<type>/<cap>`. With `logged` (rank 0): one log line for
-    each count that grew since the counts in `logged`, which is updated."""
+    """Collective when a cap or budget is set: samples skipped over `data.max_sample_*` or a type's
+    `max_batch_*` budget by the stage's streams, per type and limit, summed over the ranks, as metrics
+    `data/skipped/<type>/<limit>`. With `logged` (rank 0): one log line for each count that grew since the counts
+    in `logged`, which is updated."""
     from jobs.training.distributed import reduce_over_ranks
 
     d = job.recipe.data
     caps = {name: v for name, v in (("max_sample_audio_s", d.max_sample_audio_s),
                                     ("max_sample_tokens", d.max_sample_tokens)) if v is not None}
-    keys = [(t, cap) for t in sorted(prefetch.consumed) for cap in caps]  # the same on every rank
+    limits = {t: {**caps, **{name: v for name, v in (("max_batch_audio_s", d.sources[t].max_batch_audio_s),
+                                                      ("max_batch_tokens", d.sources[t].max_batch_tokens))
+                             if v is not None}} for t in prefetch.consumed}
+    keys = [(t, cap) for t in sorted(prefetch.consumed) for cap in limits[t]]  # the same on every rank
     if not keys:
         return {}
     mine = [float(prefetch.consumed[t].get("skipped", {}).get(cap, 0)) for t, cap in keys]
     totals = [round(v * world) for v in reduce_over_ranks(mine, world, device)]  # mean * ranks = sum
     for (t, cap), n in zip(keys, totals):
         if logged is not None and n > logged.get((t, cap), 0):
-            log(f"skipped {n - logged.get((t, cap), 0)} {t} samples over {cap}={caps[cap]:g} ({n} in all)")
+            log(f"skipped {n - logged.get((t, cap), 0)} {t} samples over {cap}={limits[t][cap]:g} ({n} in all)")
             logged[(t, cap)] = n
     return {f"data/skipped/{t}/{cap}": float(n) for (t, cap), n in zip(keys, totals)}
 

@@ -169,3 +169,75 @@ def test_a_cap_that_leaves_nothing_fails_clearly_instead_of_spinning(capped_corp
         stream.next_batch()
     with pytest.raises(ValueError, match="needs count_tokens"):
         TypeStream([capped_corpus], "asr_ast", 3, seed=0, max_tokens=10)
+
+
+# -- budget batches ------------------------------------------------------------------------------------------------
+
+def _budget_epoch(stream) -> list[list[dict]]:
+    """The rows of the batches of the stream's current epoch, from its start."""
+    out, epoch = [], stream.epoch
+    while True:
+        batch = stream.next_batch()
+        if stream.epoch != epoch:
+            stream.pending.insert(0, batch)
+            return out
+        out.append(batch)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_budget_batches_stay_within_the_budget_and_hand_out_every_row_once(corpus, world_size):
+    """Padded audio (count x longest clip) never over the budget, at most `batch_size` rows, sizes that follow the
+    clips' lengths, and every row once an epoch over the ranks."""
+    seen, sizes = Counter(), set()
+    for rank in range(world_size):
+        stream = TypeStream([corpus], "asr_ast", 6, seed=4, rank=rank, world_size=world_size, bucket_batches=3,
+                            max_batch_audio_s=1.5)
+        for batch in _budget_epoch(stream):
+            durations = [r["duration"] for r in batch]
+            assert len(batch) * max(durations) <= 1.5 and len(batch) <= 6, durations
+            sizes.add(len(batch))
+            seen.update(r["id"] for r in batch)
+    assert sorted(seen) == [f"u{i:02d}" for i in range(29)] and set(seen.values()) == {1}
+    assert len(sizes) >= 3, sizes  # short clips travel in larger batches than long ones
+
+
+@pytest.mark.parametrize("stop_after", [1, 4, 9, 15])
+def test_budget_batches_resume_exactly(corpus, stop_after):
+    """Pending batches of varying sizes restore as they were; across epoch boundaries too."""
+    kw = dict(seed=9, rank=1, world_size=2, bucket_batches=2, max_batch_audio_s=1.0)
+    reference = _ids(TypeStream([corpus], "asr_ast", 5, **kw), 24)
+    assert len({len(b) for b in reference}) >= 2
+    first = TypeStream([corpus], "asr_ast", 5, **kw)
+    head = _ids(first, stop_after)
+    state = first.state_dict()
+    _ids(first, 2)  # lost with the crash
+    resumed = TypeStream([corpus], "asr_ast", 5, **kw)
+    resumed.load_state_dict(state)
+    assert head + _ids(resumed, 24 - stop_after) == reference
+
+
+def test_a_sample_over_the_budget_alone_is_skipped_and_counted_as_the_caps_do(capped_corpus, make_model):
+    from data_ops.shar_datasource import iter_corpus_rows, row_to_conversation
+
+    processor = make_model().processor
+    count = lambda row: len(processor.encode(row_to_conversation(row)))  # noqa: E731
+    tokens = {r["id"]: count(r) for r in iter_corpus_rows(capped_corpus, "asr_ast")}
+    budget = 2 * max(n for k, n in tokens.items() if k != "long-text")
+    assert tokens["long-text"] > budget
+    stream = TypeStream([capped_corpus], "asr_ast", 4, seed=3, bucket_batches=4, max_batch_audio_s=1.5,
+                        max_batch_tokens=budget, count_tokens=count)
+    epoch = [stream.next_batch()]  # one fill reads the whole epoch (14 rows)
+    assert stream.skipped == {"max_batch_audio_s": 1, "max_batch_tokens": 1}  # long-audio (2 s), long-text
+    epoch += _budget_epoch(stream)
+    assert sorted(r["id"] for b in epoch for r in b) == sorted(k for k in tokens if not k.startswith("long"))
+    for batch in epoch:
+        assert len(batch) * max(r["duration"] for r in batch) <= 1.5
+        assert len(batch) * max(tokens[r["id"]] for r in batch) <= budget
+    assert {len(b) for b in epoch} != {4}  # the token budget cut batches below the most rows
+    # a per-sample cap counts first, as it always did
+    capped = TypeStream([capped_corpus], "asr_ast", 4, seed=3, bucket_batches=4, max_audio_s=1.0,
+                        max_batch_audio_s=1.5)
+    capped.next_batch()
+    assert capped.skipped == {"max_sample_audio_s": 1}
+    with pytest.raises(ValueError, match="token budget.*needs count_tokens"):
+        TypeStream([capped_corpus], "asr_ast", 3, seed=0, max_batch_tokens=100)

@@ -35,14 +35,14 @@ def corpus(tmp_path_factory):
     return str(root)
 
 
-def _paper_recipe(corpus: str, tmp_path: Path, **train) -> Path:
+def _paper_recipe(corpus: str, tmp_path: Path, budget: dict | None = None, **train) -> Path:
     """jobs/recipes/vtblender_3b.yaml's model, precision and workers (no checkpoints: random init on the meta
     device has the same shapes), over local corpora, its speech batches capped at 2048 positions: 4 x 2048 = 8192."""
     paper = yaml.safe_load((ROOT / "jobs/recipes/vtblender_3b.yaml").read_text())
     recipe = {"run": {"name": "paper", "storage_path": str(tmp_path / "runs")},
               "model": {"size": "vtblender_3b", "lm_mode": "lora"},
               "data": {"sources": {"text": {"uris": [corpus], "ratio": 0.25, "batch_size": 1},
-                                   "asr_ast": {"uris": [corpus], "ratio": 0.75, "batch_size": 4}},
+                                   "asr_ast": {"uris": [corpus], "ratio": 0.75, "batch_size": 4, **(budget or {})}},
                        "max_sample_audio_s": 160.0, "max_sample_tokens": 2048},
               "train": {k: paper["train"][k] for k in ("max_steps", "precision", "strategy", "num_workers",
                                                         "use_gpu")} | train}
@@ -89,6 +89,29 @@ def test_the_papers_fixed_memory_matches_the_gpu_readiness_estimates(corpus, tmp
     assert "hsdp (shards of 8)" in table
     for k in ("weights", "gradients", "optimizer"):
         assert sharded[8].fixed[k] == pytest.approx(2 * sharded[None].fixed[k])
+
+
+def test_a_batch_budget_is_the_plans_largest_batch(corpus, tmp_path):
+    """The paper's 4 x 2048 speech batch under a 4096-position budget: at most 2 of the longest samples, so the LM's
+    activations halve (the encoder's bound: 4096 audio positions, 2.048 clips of 160 s = 2000); an audio budget of 200 s bounds the encoder's clips (160 s each: 1.25 of them), not the LM's."""
+    from jobs.recipe import load_recipe
+    from jobs.training.memory_plan import describe_plan, recipe_mode, recipe_plan
+
+    plain, _ = recipe_plan(load_recipe(_paper_recipe(corpus, tmp_path)))
+    tokens, table = recipe_plan(load_recipe(_paper_recipe(corpus, tmp_path, {"max_batch_tokens": 4096})))
+    shape = tokens.batches["asr_ast"]["shape"]
+    assert (shape.batch_size, shape.positions, shape.audio_batch) == (2, 2048, 2.048)
+    assert "asr_ast: 2 x 2048 positions, 160 s audio" in table
+    lm = lambda p: p.batches["asr_ast"]["act_off"]["lm"]  # noqa: E731
+    assert lm(tokens) == pytest.approx(lm(plain) / 2, rel=1e-9)
+    assert tokens.peak(False) < plain.peak(False)
+    audio, _ = recipe_plan(load_recipe(_paper_recipe(corpus, tmp_path, {"max_batch_audio_s": 200.0})))
+    shape = audio.batches["asr_ast"]["shape"]
+    assert (shape.batch_size, shape.audio_batch) == (4, 1.25)
+    assert audio.batches["asr_ast"]["act_off"]["lm"] == plain.batches["asr_ast"]["act_off"]["lm"]
+    assert audio.batches["asr_ast"]["act_off"]["encoder"] < plain.batches["asr_ast"]["act_off"]["encoder"]
+    mode = recipe_mode(load_recipe(_paper_recipe(corpus, tmp_path)))
+    assert "(1.25 clips in the encoder: budget)" in describe_plan(audio, mode, "ddp", 8, False)
 
 
 def test_plan_is_within_25_percent_of_a_measured_training_step():

@@ -61,12 +61,27 @@ def _base(uri="/nonexistent"):
     (lambda r: r["train"].update(fsdp_shard_size=2, num_workers=4), r"fsdp_shard_size=2 needs strategy: fsdp"),
     (lambda r: r["train"].update(fsdp_shard_size=4, num_workers=6, strategy="fsdp"),
      r"fsdp_shard_size=4 must divide num_workers=6"),
+    (lambda r: r["data"]["sources"]["text"].update(max_batch_audio_s=10.0),
+     r"data.sources.text: max_batch_audio_s is a budget of audio seconds and text has none"),
+    (lambda r: r["data"]["sources"]["asr_ast"].update(max_batch_tokens=0), r"max_batch_tokens"),
 ])
 def test_invalid_recipes_name_the_problem(mutate, message):
     r = _base()
     mutate(r)
     with pytest.raises(RecipeError, match=message):
         parse_recipe(r)
+
+
+def test_budgets_count_in_the_fingerprint_only_when_set():
+    """Runs checkpointed before budgets existed resume (their fingerprint is the same); a budget changes it."""
+    plain = parse_recipe(_base())
+    raw = plain.model_dump(mode="json", exclude={"run": True, "promote": True, "data": {"endpoint_url"},
+                                                 "train": {"activation_checkpointing"}})
+    assert raw["data"]["sources"]["asr_ast"]["max_batch_audio_s"] is None  # dumped, popped by the fingerprint
+    budgeted = _base()
+    budgeted["data"]["sources"]["asr_ast"]["max_batch_audio_s"] = 60.0
+    assert parse_recipe(budgeted).training_fingerprint() != plain.training_fingerprint()
+    assert plain.training_fingerprint() == parse_recipe(_base()).training_fingerprint()
 
 
 def _corpus(root, pcm_audio, types=("text", "asr_ast")):
