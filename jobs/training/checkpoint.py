@@ -110,7 +110,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
     return state
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
     """The same weight with or without PEFT's LoRA wrapping."""
     return name.replace("base_model.model.", "").replace(".base_layer", "")
 
@@ -122,30 +122,31 @@ def _saved_weights(path: Path, wanted: dict[str, torch.Tensor]) -> dict[str, tor
     if not is_sharded_checkpoint(path):
         from safetensors.torch import load_file
 
-        return {_canonical(k): v for k, v in load_file(str(path / WEIGHTS)).items()}
+        return {canonical_name(k): v for k, v in load_file(str(path / WEIGHTS)).items()}
     import torch.distributed.checkpoint as dcp
 
     reader = dcp.FileSystemReader(str(path / SHARDED))
     saved = {k.removeprefix("model."): k for k in reader.read_metadata().state_dict_metadata
              if k.startswith("model.")}
-    by_canonical = {_canonical(k): k for k in saved}
-    out = {c: torch.empty_like(t) for c, t in wanted.items() if c in by_canonical}
+    by_canonical = {canonical_name(k): k for k in saved}
+    out = {c: torch.empty(t.shape, dtype=t.dtype) for c, t in wanted.items() if c in by_canonical}  # `t` may be meta
     dcp.load({"model": {by_canonical[c]: t for c, t in out.items()}}, storage_reader=reader, no_dist=True)
     return out
 
 
-def load_initial_weights(model, path: Path) -> int:
+def load_initial_weights(model, path: Path) -> list[str]:
     """Start from another run's trainable weights (e.g. B3: the frozen-LM stage, then LoRA), from a checkpoint of
-    either layout, into an unsharded model; returns how many tensors were loaded."""
-    params = {_canonical(n): p for n, p in model.named_parameters()}
-    init = _saved_weights(path, {c: p.detach() for c, p in params.items()})
-    loaded = 0
-    for name, param in params.items():
+    either layout, into an unsharded model; returns the names of the parameters loaded. In training, rank 0 alone
+    reads them (`jobs.training.model_init`)."""
+    params = {canonical_name(n): (n, p) for n, p in model.named_parameters()}
+    init = _saved_weights(path, {c: p.detach() for c, (_, p) in params.items()})
+    loaded = []
+    for name, (full_name, param) in params.items():
         tensor = init.get(name)
         if tensor is not None and param.shape == tensor.shape:
             param.data.copy_(tensor)
-            loaded += 1
-    if loaded == 0:
+            loaded.append(full_name)
+    if not loaded:
         raise RuntimeError(f"none of the weights in {path} fit this model")
     return loaded
 

@@ -44,19 +44,25 @@ def wrap_model(core: nn.Module, strategy: Strategy, world: int) -> nn.Module:
     import ray.train.torch
 
     if strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-        mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
-        for unit in fsdp_units(core):
-            fully_shard(unit, mp_policy=mp)
-        fully_shard(core, mp_policy=mp)
-        # the content check's per-conversation answer loss enters the model there, not through forward
-        register_fsdp_forward_method(core, "answer_nll")
-        return core
+        return core if is_sharded(core) else shard_model(core)  # `jobs.training.model_init` shards as it builds
     if world == 1:
         return core
     # text-only batches leave the encoder and adapter without gradients: DDP must allow unused parameters
     return ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+
+def shard_model(core: nn.Module) -> nn.Module:
+    """FSDP: `core` sharded in place (per layer, then the root), on the device its parameters are on; on the meta
+    device, nothing is allocated (`jobs.training.model_init` allocates the shards after)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for unit in fsdp_units(core):
+        fully_shard(unit, mp_policy=mp)
+    fully_shard(core, mp_policy=mp)
+    # the content check's per-conversation answer loss enters the model there, not through forward
+    register_fsdp_forward_method(core, "answer_nll")
+    return core
 
 
 def is_sharded(model: nn.Module) -> bool:

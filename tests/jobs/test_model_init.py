@@ -1,0 +1,102 @@
+"""Rank 0 reads the weights, the other ranks receive them (`jobs.training.model_init`), on two gloo ranks on CPU:
+the model each rank ends with is the model every rank built before (same seed: the same adapter, LoRA and random
+init; the pretrained LM's weights exactly), sharded (FSDP) or whole (DDP), and rank 1 never reads a weight file:
+its `lm.pretrained` folder holds the LM's config alone, and the previous stage's checkpoint is not given to it."""
+
+from __future__ import annotations
+
+import io
+import os
+from datetime import timedelta
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from models.config import tiny
+from models.speechlm import build_speechlm
+
+SEED = 3
+
+
+def _configs(tmp_path, tokenizer) -> dict:
+    """(name, [rank 0's config, rank 1's], strategy, rank 0's init folder or None) of each case."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = tiny("lora")
+    kw = dict(base.lm.config, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(kw.pop("model_type"), **kw)).save_pretrained(tmp_path / "lm")
+    (tmp_path / "lm-config-only").mkdir()
+    shutil.copy(tmp_path / "lm" / "config.json", tmp_path / "lm-config-only" / "config.json")
+
+    def pretrained(folder):
+        cfg = tiny("lora")
+        cfg.lm.pretrained, cfg.lm.config = str(folder), {}
+        return cfg
+
+    by_rank = [pretrained(tmp_path / "lm"), pretrained(tmp_path / "lm-config-only")]
+    random_init = [tiny("full"), tiny("full")]
+    return [("fsdp, pretrained LM, LoRA", by_rank, "fsdp"), ("ddp, pretrained LM, LoRA", by_rank, "ddp"),
+            ("fsdp, random-init LM trained fully", random_init, "fsdp")]
+
+
+def _rank(rank: int, store: str, cases, tokenizer, out) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from jobs.training.model_init import build_on_ranks
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))  # a crashed rank fails the other soon
+    try:
+        for name, cfgs, strategy in cases:
+            core, measured = build_on_ranks(cfgs[rank], tokenizer, SEED, rank, 2, torch.device("cpu"),
+                                            sharded=strategy == "fsdp",
+                                            measure=lambda m: sum(p.numel() for p in m.parameters()))
+            if strategy == "fsdp":
+                state = get_model_state_dict(core, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                shards = {n: p.to_local().numel() for n, p in core.named_parameters()}
+            else:
+                state, shards = core.state_dict(), {n: p.numel() for n, p in core.named_parameters()}
+            tied = core.lm.get_input_embeddings().weight is core.lm.get_output_embeddings().weight
+            buf = io.BytesIO()  # bytes, not tensors: the queue would pass those in shared memory that dies with us
+            torch.save({k: v.clone() for k, v in state.items()}, buf)
+            out.put((rank, name, buf.getvalue(), sum(shards.values()), measured, tied))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank0_reads_the_weights_and_every_rank_ends_with_todays_model(tmp_path, tokenizer):
+    cases = _configs(tmp_path, tokenizer)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, str(tmp_path / "store"), cases, tokenizer, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = {}
+    for _ in range(2 * len(cases)):
+        rank, name, state, local, measured, tied = out.get(timeout=120)
+        results[(rank, name)] = torch.load(io.BytesIO(state)), local, measured, tied
+    for p in procs:
+        p.join(timeout=60)
+    assert all(p.exitcode == 0 for p in procs)
+
+    for name, cfgs, strategy in cases:
+        torch.manual_seed(SEED)
+        today = build_speechlm(cfgs[0], tokenizer=tokenizer)  # what every rank built before, reading every file
+        want = today.state_dict()
+        total = sum(p.numel() for p in today.parameters())
+        ranks = [0] if strategy == "fsdp" else [0, 1]  # a sharded model's full state is gathered on rank 0
+        for rank in ranks:
+            state = results[(rank, name)][0]
+            assert set(state) == set(want), (name, rank, set(state) ^ set(want))
+            for k, v in want.items():
+                torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=f"{name}, rank {rank}: {k}")
+        for rank in range(2):
+            _, local, measured, tied = results[(rank, name)]
+            assert measured == total and tied, (name, rank)  # rank 0's measurement reached both; ties kept
+            # FSDP: each rank holds about half the weights (the shards, padded); DDP: the whole model
+            assert (local < 0.6 * total) if strategy == "fsdp" else local == total, (name, rank, local, total)
+    assert not os.path.exists(tmp_path / "lm-config-only" / "model.safetensors")
