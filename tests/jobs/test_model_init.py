@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from jobs.training.checkpoint import STATE, TrainState, load_initial_weights, save_checkpoint
 from models.config import tiny
 from models.speechlm import build_speechlm
 
@@ -39,8 +40,20 @@ def _configs(tmp_path, tokenizer) -> dict:
 
     by_rank = [pretrained(tmp_path / "lm"), pretrained(tmp_path / "lm-config-only")]
     random_init = [tiny("full"), tiny("full")]
-    return [("fsdp, pretrained LM, LoRA", by_rank, "fsdp"), ("ddp, pretrained LM, LoRA", by_rank, "ddp"),
-            ("fsdp, random-init LM trained fully", random_init, "fsdp")]
+    # a previous stage's checkpoint (whole layout): the LM trained fully, its weights moved off the pretrained ones
+    torch.manual_seed(1)
+    previous = build_speechlm(pretrained(tmp_path / "lm").model_copy(update={"lm": tiny("full").lm}),
+                              tokenizer=tokenizer)
+    with torch.no_grad():
+        for p in previous.parameters():
+            p.add_(0.25)
+    opt = torch.optim.AdamW(previous.parameters())
+    save_checkpoint(tmp_path / "previous", previous, opt,
+                    TrainState(1, "s1", torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0).state_dict(), [{}], [[0]]),
+                    is_rank0=True)
+    return [("fsdp, pretrained LM, LoRA", by_rank, "fsdp", None), ("ddp, pretrained LM, LoRA", by_rank, "ddp", None),
+            ("fsdp, random-init LM trained fully", random_init, "fsdp", None),
+            ("fsdp, pretrained LM, LoRA, from the previous stage", by_rank, "fsdp", tmp_path / "previous")]
 
 
 def _rank(rank: int, store: str, cases, tokenizer, out) -> None:
@@ -51,9 +64,9 @@ def _rank(rank: int, store: str, cases, tokenizer, out) -> None:
     dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))  # a crashed rank fails the other soon
     try:
-        for name, cfgs, strategy in cases:
+        for name, cfgs, strategy, init_dir in cases:
             core, measured = build_on_ranks(cfgs[rank], tokenizer, SEED, rank, 2, torch.device("cpu"),
-                                            sharded=strategy == "fsdp",
+                                            sharded=strategy == "fsdp", init_dir=init_dir if rank == 0 else None,
                                             measure=lambda m: sum(p.numel() for p in m.parameters()))
             if strategy == "fsdp":
                 state = get_model_state_dict(core, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -83,9 +96,11 @@ def test_rank0_reads_the_weights_and_every_rank_ends_with_todays_model(tmp_path,
         p.join(timeout=60)
     assert all(p.exitcode == 0 for p in procs)
 
-    for name, cfgs, strategy in cases:
+    for name, cfgs, strategy, init_dir in cases:
         torch.manual_seed(SEED)
         today = build_speechlm(cfgs[0], tokenizer=tokenizer)  # what every rank built before, reading every file
+        if init_dir is not None:
+            assert load_initial_weights(today, init_dir)
         want = today.state_dict()
         total = sum(p.numel() for p in today.parameters())
         ranks = [0] if strategy == "fsdp" else [0, 1]  # a sharded model's full state is gathered on rank 0
@@ -100,3 +115,61 @@ def test_rank0_reads_the_weights_and_every_rank_ends_with_todays_model(tmp_path,
             # FSDP: each rank holds about half the weights (the shards, padded); DDP: the whole model
             assert (local < 0.6 * total) if strategy == "fsdp" else local == total, (name, rank, local, total)
     assert not os.path.exists(tmp_path / "lm-config-only" / "model.safetensors")
+
+
+def _resume_rank(rank: int, store: str, folders, tokenizer, out) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from jobs.training.checkpoint import load_checkpoint
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
+    try:
+        torch.manual_seed(SEED + rank)  # different weights on each rank: the checkpoint's must replace both
+        core = build_speechlm(tiny("lora"), tokenizer=tokenizer)
+        model = DistributedDataParallel(core, find_unused_parameters=True)
+        opt = torch.optim.AdamW([p for p in core.parameters() if p.requires_grad], lr=1e-2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        state = load_checkpoint(folders[rank], model, opt, sched)
+        buf = io.BytesIO()
+        torch.save({"weights": {n: p.detach().clone() for n, p in core.named_parameters() if p.requires_grad},
+                    "optimizer": opt.state_dict()["state"], "step": state.step}, buf)
+        out.put((rank, buf.getvalue()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_ddp_resume_is_read_by_rank0_alone_and_received_by_the_others(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    saved = build_speechlm(tiny("lora"), tokenizer=tokenizer)
+    opt = torch.optim.AdamW([p for p in saved.parameters() if p.requires_grad], lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    sum(p.pow(2).sum() for p in saved.parameters() if p.requires_grad).backward()
+    opt.step()
+    save_checkpoint(tmp_path / "ckpt", saved, opt, TrainState(7, "main", sched.state_dict(), [{}, {}], [[0], [0]]),
+                    is_rank0=True)
+    (tmp_path / "train-state-only").mkdir()  # rank 1's copy: the train state alone, no weights to read
+    shutil.copy(tmp_path / "ckpt" / STATE, tmp_path / "train-state-only" / STATE)
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    folders = [tmp_path / "ckpt", tmp_path / "train-state-only"]
+    procs = [ctx.Process(target=_resume_rank, args=(r, str(tmp_path / "store"), folders, tokenizer, out))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert all(p.exitcode == 0 for p in procs)
+    want_opt = opt.state_dict()["state"]
+    for rank in range(2):
+        got = torch.load(io.BytesIO(results[rank]))
+        assert got["step"] == 7
+        for n, p in saved.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(got["weights"][n], p.detach(), rtol=0, atol=0, msg=f"rank {rank}: {n}")
+        assert got["optimizer"].keys() == want_opt.keys()
+        for k in want_opt:
+            for field in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(got["optimizer"][k][field], want_opt[k][field]), (rank, k, field)
