@@ -7,10 +7,12 @@ encoder layers), and the adapter's Conformer layers; what is left (embeddings, t
 adapter's projections, the LM head) is one root unit. Frozen weights are sharded like the rest and never get
 gradients, so LoRA and a frozen LM need nothing special.
 
-Under FSDP the optimizer must be built after `wrap_model` (sharding replaces each parameter with a sharded one),
-clipping sees the global norm (`torch.nn.utils.clip_grad_norm_` reduces DTensor gradients over the ranks),
-checkpoints are sharded (`jobs.training.checkpoint`, torch distributed checkpoint) and the final model is gathered
-in full (`full_state_dict`).
+The training job shards the model as it builds it, on the meta device, before any weight exists, and rank 0
+alone reads the weights and broadcasts them (`jobs.training.model_init`): no GPU holds the whole model, and no
+worker reads a pretrained LM whole into host memory. Under FSDP the optimizer must be built after sharding (it
+replaces each parameter with a sharded one), clipping sees the global norm (`torch.nn.utils.clip_grad_norm_`
+reduces DTensor gradients over the ranks), checkpoints are sharded (`jobs.training.checkpoint`, torch distributed
+checkpoint) and the final model is gathered in full (`full_state_dict`).
 """
 
 from __future__ import annotations
