@@ -75,7 +75,8 @@ def _rank(rank: int, store: str, cases, tokenizer, out) -> None:
                 state, shards = core.state_dict(), {n: p.numel() for n, p in core.named_parameters()}
             tied = core.lm.get_input_embeddings().weight is core.lm.get_output_embeddings().weight
             buf = io.BytesIO()  # bytes, not tensors: the queue would pass those in shared memory that dies with us
-            torch.save({k: v.clone() for k, v in state.items()}, buf)
+            torch.save({"state": {k: v.clone() for k, v in state.items()},
+                        "buffers": {k: b.clone() for k, b in core.named_buffers()}}, buf)
             out.put((rank, name, buf.getvalue(), sum(shards.values()), measured, tied))
     finally:
         dist.destroy_process_group()
@@ -105,10 +106,14 @@ def test_rank0_reads_the_weights_and_every_rank_ends_with_todays_model(tmp_path,
         total = sum(p.numel() for p in today.parameters())
         ranks = [0] if strategy == "fsdp" else [0, 1]  # a sharded model's full state is gathered on rank 0
         for rank in ranks:
-            state = results[(rank, name)][0]
+            state = results[(rank, name)][0]["state"]
             assert set(state) == set(want), (name, rank, set(state) ^ set(want))
             for k, v in want.items():
                 torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=f"{name}, rank {rank}: {k}")
+        for rank in range(2):  # the buffers no state dict holds (rotary frequencies, ...): computed on every rank
+            buffers = results[(rank, name)][0]["buffers"]
+            assert set(buffers) == {k for k, _ in today.named_buffers()}
+            assert all(torch.equal(buffers[k], b) for k, b in today.named_buffers()), (name, rank)
         for rank in range(2):
             _, local, measured, tied = results[(rank, name)]
             assert measured == total and tied, (name, rank)  # rank 0's measurement reached both; ties kept
@@ -173,3 +178,25 @@ def test_a_ddp_resume_is_read_by_rank0_alone_and_received_by_the_others(tmp_path
         for k in want_opt:
             for field in ("exp_avg", "exp_avg_sq", "step"):
                 assert torch.equal(got["optimizer"][k][field], want_opt[k][field]), (rank, k, field)
+
+
+def test_one_process_without_a_process_group_builds_the_same_model(tokenizer):
+    from jobs.training.model_init import build_on_ranks
+
+    assert not dist.is_initialized()
+    core, _ = build_on_ranks(tiny("lora"), tokenizer, SEED, 0, 1, torch.device("cpu"), sharded=False)
+    torch.manual_seed(SEED)
+    today = build_speechlm(tiny("lora"), tokenizer=tokenizer)
+    want, got = today.state_dict(), core.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], v) for k, v in want.items())
+    # the buffers no state dict holds (rotary frequencies, the mel filterbank) are computed as before, and the
+    # model answers as before
+    want, got = dict(today.named_buffers()), dict(core.named_buffers())
+    assert set(got) == set(want) and all(torch.equal(got[k], v) for k, v in want.items())
+    from jobs.training.sft import probe_conversation
+
+    batch = today.processor([probe_conversation()])
+    batch.pop("labels")
+    today.eval(), core.eval()
+    with torch.no_grad():
+        assert torch.equal(core(**batch).logits, today(**batch).logits)
