@@ -569,6 +569,15 @@ def _build_adapter(cfg: SpeechLMConfig, encoder: SpeechEncoder, lm: nn.Module) -
                            a.num_layers, a.num_heads, a.ff_mult, a.conv_kernel_size, a.dropout, a.stack_frames)
 
 
+def lm_tokenizer(cfg: SpeechLMConfig):
+    """The tokenizer `cfg.lm.tokenizer` or `cfg.lm.pretrained` names; None when neither does."""
+    source = cfg.lm.tokenizer or cfg.lm.pretrained
+    if not source:
+        return None
+    what = "lm.tokenizer" if cfg.lm.tokenizer else "lm.pretrained"
+    return AutoTokenizer.from_pretrained(checkpoint_source(source, what))
+
+
 def build_speechlm(
     cfg: SpeechLMConfig,
     device: str | torch.device = "cpu",
@@ -589,10 +598,7 @@ def build_speechlm(
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    if tokenizer is None and (cfg.lm.tokenizer or cfg.lm.pretrained):
-        source = cfg.lm.tokenizer or cfg.lm.pretrained
-        tokenizer = AutoTokenizer.from_pretrained(
-            checkpoint_source(source, "lm.tokenizer" if cfg.lm.tokenizer else "lm.pretrained"))
+    tokenizer = tokenizer if tokenizer is not None else lm_tokenizer(cfg)
     encoder = build_speech_encoder(cfg, init_weights=False)
     lm = _build_lm(cfg, lm_source if lm_source is not None else cfg.lm.pretrained, tokenizer, read_lm_weights)
     if tokenizer is not None and lm.get_input_embeddings().num_embeddings < len(tokenizer):

@@ -60,8 +60,10 @@ def allocate(core: nn.Module, device) -> None:
     first: dict[int, str] = {}
     ties = []  # (name, name of the parameter it is tied to)
     for name, p in core.named_parameters(remove_duplicate=False):
-        ties.extend([(name, first[id(p)])] if id(p) in first else [])
-        first.setdefault(id(p), name)
+        if id(p) in first:
+            ties.append((name, first[id(p)]))
+        else:
+            first[id(p)] = name
     core.to_empty(device=device)
     with torch.no_grad():
         for name, b in core.named_buffers():
@@ -184,8 +186,9 @@ def build_on_ranks(cfg, tokenizer, seed: int, rank: int, world: int, device, sha
     on rank 0 before any sharding and sent to every rank: the FLOP count, which needs a forward pass)."""
     from jobs.training.checkpoint import load_initial_weights
     from jobs.training.parallel import shard_model
-    from models.speechlm import build_speechlm
+    from models.speechlm import build_speechlm, lm_tokenizer
 
+    tokenizer = tokenizer if tokenizer is not None else lm_tokenizer(cfg)  # the LM's own: the skeleton reads no LM
     core = skeleton(cfg, tokenizer)
     prepare(core)
     groups = weight_groups(core)  # before sharding: the whole tensors' sizes

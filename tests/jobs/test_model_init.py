@@ -180,13 +180,16 @@ def test_a_ddp_resume_is_read_by_rank0_alone_and_received_by_the_others(tmp_path
                 assert torch.equal(got["optimizer"][k][field], want_opt[k][field]), (rank, k, field)
 
 
-def test_one_process_without_a_process_group_builds_the_same_model(tokenizer):
+def test_one_process_without_a_process_group_builds_the_same_model(tokenizer, tmp_path):
     from jobs.training.model_init import build_on_ranks
 
     assert not dist.is_initialized()
-    core, _ = build_on_ranks(tiny("lora"), tokenizer, SEED, 0, 1, torch.device("cpu"), sharded=False)
+    cfg = tiny("lora")
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    cfg.lm.tokenizer = str(tmp_path / "tokenizer")  # no tokenizer given: the LM's, as `build_speechlm` takes it
+    core, _ = build_on_ranks(cfg, None, SEED, 0, 1, torch.device("cpu"), sharded=False)
     torch.manual_seed(SEED)
-    today = build_speechlm(tiny("lora"), tokenizer=tokenizer)
+    today = build_speechlm(cfg)
     want, got = today.state_dict(), core.state_dict()
     assert set(got) == set(want) and all(torch.equal(got[k], v) for k, v in want.items())
     # the buffers no state dict holds (rotary frequencies, the mel filterbank) are computed as before, and the
@@ -195,7 +198,7 @@ def test_one_process_without_a_process_group_builds_the_same_model(tokenizer):
     assert set(got) == set(want) and all(torch.equal(got[k], v) for k, v in want.items())
     from jobs.training.sft import probe_conversation
 
-    batch = today.processor([probe_conversation()])
+    batch = core.processor([probe_conversation()])
     batch.pop("labels")
     today.eval(), core.eval()
     with torch.no_grad():
