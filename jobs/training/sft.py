@@ -43,7 +43,8 @@ def log(msg: str) -> None:
     print(f"[train] {msg}", flush=True)
 
 
-def build_model(recipe: Recipe, stage: StageSection, tokenizer_files: dict | None, device="cpu"):
+def build_model(recipe: Recipe, stage: StageSection, tokenizer_files: dict | None, device="cpu",
+                read_lm_weights: bool = True):
     """The stage's SpeechLM, whole, in this process (seeded): what `prepare_model` builds on every rank, read once
     (`jobs.training.model_init`), and what rank 0 gathers a sharded model into at the end."""
     import torch
@@ -53,7 +54,8 @@ def build_model(recipe: Recipe, stage: StageSection, tokenizer_files: dict | Non
 
     torch.manual_seed(recipe.run.seed)
     cfg = recipe.model.speechlm_config(stage.lm_mode)
-    return build_speechlm(cfg, device=device, tokenizer=load_tokenizer(tokenizer_files))
+    return build_speechlm(cfg, device=device, tokenizer=load_tokenizer(tokenizer_files),
+                          read_lm_weights=read_lm_weights)
 
 
 def probe_conversation():
@@ -219,7 +221,8 @@ def log_final_model(job: WorkerJob, core, rank: int, logger, stream_states: dict
         weights = full_state_dict(core)
         if rank != 0:
             return
-        core = build_model(job.recipe, job.stage, job.tokenizer_files)
+        # every weight comes from the gathered state: a pretrained LM's files are not read again
+        core = build_model(job.recipe, job.stage, job.tokenizer_files, read_lm_weights=False)
         core.load_state_dict(weights)  # into fp32 weights: bf16 frozen ones are widened
     elif rank != 0:
         return
