@@ -5,7 +5,7 @@ FSDP workers, the way every worker did it before and the way `jobs.training.mode
 
 A Gemma-style LM of ~0.74B parameters by default (hidden 2048, 10 layers, MLP 8192, 8 heads of 256, vocabulary
 32,000, tied embeddings; random init from its config, nothing downloaded) is saved with `save_pretrained` (fp32
-safetensors, 2.9 GB) and used as `lm.pretrained` of the tiny SpeechLM (encoder and adapter ~1M parameters, LoRA
+safetensors, 2.74 GiB) and used as `lm.pretrained` of the tiny SpeechLM (encoder and adapter ~1M parameters, LoRA
 r=8 on every linear layer). Then two rounds, each in two fresh processes (a gloo process group on CPU, as two
 workers of a node):
 
