@@ -549,7 +549,9 @@ def _unread_lm(source: str) -> nn.Module:
     Built as transformers loads, parameters on the meta device (accelerate's `init_empty_weights`): no random
     numbers drawn, so the adapter and LoRA drawn after it get the values they get when the weights are read. Then
     allocated, not left on meta, because PEFT puts each LoRA weight on its base layer's device. The buffers
-    (rotary frequencies) keep the values computed at build, and tied weights stay tied."""
+    (rotary frequencies) keep the values computed at build, and tied weights stay tied. In the checkpoint's dtype,
+    as `from_pretrained` builds it (bf16 for Gemma's; PEFT rounds the LoRA init to it); `_unwritten` then gives
+    the weights the model's."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):
@@ -561,6 +563,14 @@ def _unread_lm(source: str) -> nn.Module:
             b.copy_(buffers[name])
     lm.tie_weights()
     return lm
+
+
+def _unwritten(lm: nn.Module, dtype: torch.dtype) -> None:
+    """The unread weights of `_unread_lm` (all but LoRA's) allocated anew in `dtype`, still unwritten: cast to the
+    model's dtype, every one would be written, and take memory, before it is loaded."""
+    for name, p in lm.named_parameters():
+        if "lora_" not in name and p.dtype != dtype:
+            p.data = torch.empty(p.shape, dtype=dtype)
 
 
 def _build_adapter(cfg: SpeechLMConfig, encoder: SpeechEncoder, lm: nn.Module) -> ModalityAdapter:
@@ -623,6 +633,8 @@ def build_speechlm(
         init_config_built_encoder(encoder)
     encoder.requires_grad_(cfg.encoder.train)
     adapter.requires_grad_(cfg.adapter.train)
+    if not read_lm_weights and (lm_source or cfg.lm.pretrained):
+        _unwritten(lm, dtype)
     model = SpeechLM(cfg, encoder, adapter, lm, tokenizer)
     # on the meta device only the dtype: a config may carry the checkpoint's (bf16), the model is built in `dtype`
     return model.to(dtype=dtype) if torch.device(device).type == "meta" else model.to(device=device, dtype=dtype)

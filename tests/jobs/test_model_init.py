@@ -29,7 +29,8 @@ def _configs(tmp_path, tokenizer) -> dict:
     kw = dict(base.lm.config, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
               bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.for_model(kw.pop("model_type"), **kw)).save_pretrained(tmp_path / "lm")
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(kw.pop("model_type"), **kw))
+    lm.to(torch.bfloat16).save_pretrained(tmp_path / "lm")  # as Gemma's are: the model is built in fp32 from it
     (tmp_path / "lm-config-only").mkdir()
     shutil.copy(tmp_path / "lm" / "config.json", tmp_path / "lm-config-only" / "config.json")
 
@@ -203,3 +204,17 @@ def test_one_process_without_a_process_group_builds_the_same_model(tokenizer, tm
     today.eval(), core.eval()
     with torch.no_grad():
         assert torch.equal(core(**batch).logits, today(**batch).logits)
+
+
+def test_rank0s_model_leaves_a_bf16_lm_unwritten_in_the_models_dtype(tmp_path, tokenizer):
+    """Rank 0's model with values (`read_lm_weights=False`) holds a bf16 checkpoint's LM in fp32 from the start:
+    a cast to fp32 after the build would write (and so take memory for) every weight before any is loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(tiny("lora").lm.config, vocab_size=len(tokenizer))
+    lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(kw.pop("model_type"), **kw))
+    lm.to(torch.bfloat16).save_pretrained(tmp_path / "lm")
+    cfg = tiny("lora")
+    cfg.lm.pretrained, cfg.lm.config = str(tmp_path / "lm"), {}
+    built = build_speechlm(cfg, tokenizer=tokenizer, read_lm_weights=False).lm.get_base_model()
+    assert {p.dtype for p in built.parameters()} == {torch.float32}
