@@ -1,13 +1,13 @@
 """Benchmark (not a test): host memory per worker to build the training model from a saved LM checkpoint, two
 FSDP workers, the way every worker did it before and the way `jobs.training.model_init` does it.
 
-    python -m bench.train_host_memory [--layers 10] [--hidden 2048] [--ffn 8192] [--vocab 32000]
+    python -m bench.train_host_memory [--layers 10] [--hidden 2048] [--ffn 8192] [--vocab 32000] [--dtype fp32]
 
 A Gemma-style LM of ~0.74B parameters by default (hidden 2048, 10 layers, MLP 8192, 8 heads of 256, vocabulary
 32,000, tied embeddings; random init from its config, nothing downloaded) is saved with `save_pretrained` (fp32
-safetensors, 2.74 GiB) and used as `lm.pretrained` of the tiny SpeechLM (encoder and adapter ~1M parameters, LoRA
-r=8 on every linear layer). Then two rounds, each in two fresh processes (a gloo process group on CPU, as two
-workers of a node):
+safetensors, 2.74 GiB; `--dtype bf16`: half, as Gemma's are) and used as `lm.pretrained` of the tiny SpeechLM
+(encoder and adapter ~1M parameters, LoRA r=8 on every linear layer). Then two rounds, each in two fresh processes
+(a gloo process group on CPU, as two workers of a node):
 
 - before: every worker builds the whole SpeechLM (`build_speechlm`: the LM read with `from_pretrained`), counts
   its forward FLOPs, then shards it (`fully_shard`, as `jobs.training.parallel` does);
@@ -39,15 +39,16 @@ def lm_config(args) -> dict:
                 tie_word_embeddings=True)
 
 
-def save_lm(folder: str, config: dict) -> int:
-    """In its own process: the LM built from `config` (random init) and saved; returns its parameter count."""
+def save_lm(folder: str, config: dict, dtype: str) -> int:
+    """In its own process: the LM built from `config` (random init) and saved in `dtype`; returns its parameter
+    count."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
     kw = dict(config)
     lm = AutoModelForCausalLM.from_config(AutoConfig.for_model(kw.pop("model_type"), **kw))
-    lm.save_pretrained(folder)
+    lm.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]).save_pretrained(folder)
     return sum(p.numel() for p in lm.parameters())
 
 
@@ -112,14 +113,16 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--ffn", type=int, default=8192)
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="of the saved checkpoint (bf16: as Gemma's are; the model trains in fp32 either way)")
     args = ap.parse_args()
     gib = 2**20  # KiB per GiB
     with tempfile.TemporaryDirectory() as tmp:
         lm_dir = str(Path(tmp) / "lm")
         with mp.get_context("spawn").Pool(1) as pool:  # its own process: the saving copy is gone after
-            n = pool.apply(save_lm, (lm_dir, lm_config(args)))
+            n = pool.apply(save_lm, (lm_dir, lm_config(args), args.dtype))
         size = sum(f.stat().st_size for f in Path(lm_dir).glob("*.safetensors"))
-        print(f"LM checkpoint: {n / 1e9:.2f}B parameters, {size / 2**30:.2f} GiB of safetensors (fp32)")
+        print(f"LM checkpoint: {n / 1e9:.2f}B parameters, {size / 2**30:.2f} GiB of safetensors ({args.dtype})")
         rounds = {way: run_round(lm_dir, way, tmp) for way in ("before", "now")}
     print(f"{'worker':>6} {'after imports':>14} {'peak before':>12} {'peak now':>9} {'ratio':>6} "
           f"{'weights held':>13}")
