@@ -527,7 +527,9 @@ def check_lora_targets(lm: nn.Module, targets: list[str] | str) -> None:
         )
 
 
-def _build_lm(cfg: SpeechLMConfig, source: str | None, tokenizer) -> nn.Module:
+def _build_lm(cfg: SpeechLMConfig, source: str | None, tokenizer, read_weights: bool = True) -> nn.Module:
+    if source and not read_weights:
+        return _unread_lm(checkpoint_source(source, "lm.pretrained"))
     if source:
         return AutoModelForCausalLM.from_pretrained(checkpoint_source(source, "lm.pretrained"), use_safetensors=True)
     kw = dict(cfg.lm.config)
@@ -539,10 +541,51 @@ def _build_lm(cfg: SpeechLMConfig, source: str | None, tokenizer) -> nn.Module:
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw))
 
 
+def _unread_lm(source: str) -> nn.Module:
+    """A pretrained LM's structure with its weights allocated on the host but neither read nor initialized: the
+    caller loads them (`jobs.training.model_init` streams them from the files). Pages a process allocates and never
+    writes take no RAM, so the weights cost nothing until loaded.
+
+    Built as transformers loads, parameters on the meta device (accelerate's `init_empty_weights`): no random
+    numbers drawn, so the adapter and LoRA drawn after it get the values they get when the weights are read. Then
+    allocated, not left on meta, because PEFT puts each LoRA weight on its base layer's device. The buffers
+    (rotary frequencies) keep the values computed at build, and tied weights stay tied. In the checkpoint's dtype,
+    as `from_pretrained` builds it (bf16 for Gemma's; PEFT rounds the LoRA init to it); `_unwritten` then gives
+    the weights the model's."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
+    buffers = {name: b.clone() for name, b in lm.named_buffers()}
+    lm.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, b in lm.named_buffers():
+            b.copy_(buffers[name])
+    lm.tie_weights()
+    return lm
+
+
+def _unwritten(lm: nn.Module, dtype: torch.dtype) -> None:
+    """The unread weights of `_unread_lm` (all but LoRA's) allocated anew in `dtype`, still unwritten: cast to the
+    model's dtype, every one would be written, and take memory, before it is loaded."""
+    for name, p in lm.named_parameters():
+        if "lora_" not in name and p.dtype != dtype:
+            p.data = torch.empty(p.shape, dtype=dtype)
+
+
 def _build_adapter(cfg: SpeechLMConfig, encoder: SpeechEncoder, lm: nn.Module) -> ModalityAdapter:
     a = cfg.adapter
     return ModalityAdapter(encoder.hidden_size, lm.config.get_text_config().hidden_size, a.hidden_size,
                            a.num_layers, a.num_heads, a.ff_mult, a.conv_kernel_size, a.dropout, a.stack_frames)
+
+
+def lm_tokenizer(cfg: SpeechLMConfig):
+    """The tokenizer `cfg.lm.tokenizer` or `cfg.lm.pretrained` names; None when neither does."""
+    source = cfg.lm.tokenizer or cfg.lm.pretrained
+    if not source:
+        return None
+    what = "lm.tokenizer" if cfg.lm.tokenizer else "lm.pretrained"
+    return AutoTokenizer.from_pretrained(checkpoint_source(source, what))
 
 
 def build_speechlm(
@@ -553,22 +596,21 @@ def build_speechlm(
     lm_source: str | None = None,
     lora_dir: str | None = None,
     lora_trainable: bool = True,
+    read_lm_weights: bool = True,
 ) -> SpeechLM:
     """Build a SpeechLM from its config and set which parameters train.
 
     `tokenizer`: defaults to `cfg.lm.tokenizer`/`cfg.lm.pretrained`; with neither, pass one (e.g.
     `models.tokenizer.build_tiny_tokenizer()`), or none at all for a model that only computes (parameter counts on
     the meta device). `lm_source` overrides where LM weights load from; `lora_dir` loads a saved LoRA adapter with
-    `PeftModel.from_pretrained` instead of creating a fresh one.
+    `PeftModel.from_pretrained` instead of creating a fresh one. `read_lm_weights=False`: a pretrained LM's weights
+    are allocated but not read (`_unread_lm`), for a caller that loads them itself; the rest is built as usual.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    if tokenizer is None and (cfg.lm.tokenizer or cfg.lm.pretrained):
-        source = cfg.lm.tokenizer or cfg.lm.pretrained
-        tokenizer = AutoTokenizer.from_pretrained(
-            checkpoint_source(source, "lm.tokenizer" if cfg.lm.tokenizer else "lm.pretrained"))
+    tokenizer = tokenizer if tokenizer is not None else lm_tokenizer(cfg)
     encoder = build_speech_encoder(cfg, init_weights=False)
-    lm = _build_lm(cfg, lm_source if lm_source is not None else cfg.lm.pretrained, tokenizer)
+    lm = _build_lm(cfg, lm_source if lm_source is not None else cfg.lm.pretrained, tokenizer, read_lm_weights)
     if tokenizer is not None and lm.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens but the LM embeds only "
@@ -591,7 +633,8 @@ def build_speechlm(
         init_config_built_encoder(encoder)
     encoder.requires_grad_(cfg.encoder.train)
     adapter.requires_grad_(cfg.adapter.train)
+    if not read_lm_weights and (lm_source or cfg.lm.pretrained):
+        _unwritten(lm, dtype)
     model = SpeechLM(cfg, encoder, adapter, lm, tokenizer)
-    if torch.device(device).type != "meta":
-        model = model.to(device=device, dtype=dtype)
-    return model
+    # on the meta device only the dtype: a config may carry the checkpoint's (bf16), the model is built in `dtype`
+    return model.to(dtype=dtype) if torch.device(device).type == "meta" else model.to(device=device, dtype=dtype)

@@ -5,7 +5,8 @@ and `TrainState` as JSON (step, stage, scheduler, every rank's stream positions 
 restart loses no step and repeats no sample beyond the checkpoint.
 
 Two layouts of the weights and optimizer state:
-- whole (DDP, one rank): `trainable.safetensors` + `optimizer.pt`, gathered and written by rank 0;
+- whole (DDP, one rank): `trainable.safetensors` + `optimizer.pt`, gathered and written by rank 0, and read by rank
+  0 alone on resume, which broadcasts them;
 - sharded (FSDP): torch distributed checkpoint in `sharded/`, every rank writing its own shards
   (`__<rank>_0.distcp`, rank 0 also `.metadata`) into its own folder; Ray Train merges the ranks' folders into one
   checkpoint (each rank reports its folder), and on resume each rank reads the slices it holds, for any world size.
@@ -82,8 +83,9 @@ def read_train_state(path: Path | str, fs=None) -> TrainState:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
-    """Restore weights, optimizer and scheduler in place (either layout); return the train state. Collective for a
-    sharded checkpoint."""
+    """Restore weights, optimizer and scheduler in place (either layout); return the train state. Collective when
+    a process group of several ranks is up. Sharded: each rank reads its own slices. Whole: rank 0 reads the weights
+    and the optimizer state and broadcasts them; the other ranks read only the train state (`STATE`)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict, set_model_state_dict,
                                                          set_optimizer_state_dict)
@@ -99,18 +101,24 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
         set_model_state_dict(model, state_dict["model"], options=StateDictOptions(strict=False))
         set_optimizer_state_dict(model, optimizer, state_dict["optimizer"])
     else:
+        import torch.distributed as dist
         from safetensors.torch import load_file
 
-        set_model_state_dict(model, load_file(str(path / WEIGHTS)),
-                             options=StateDictOptions(full_state_dict=True, strict=False))
-        optim = torch.load(path / OPTIMIZER, weights_only=True)
-        set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+        # every rank holds the whole model (DDP), but only rank 0 reads the files; the others receive
+        broadcast = dist.is_initialized() and dist.get_world_size() > 1
+        reads = not broadcast or dist.get_rank() == 0
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast)
+        set_model_state_dict(model, load_file(str(path / WEIGHTS)) if reads else {},
+                             options=StateDictOptions(full_state_dict=True, strict=False,
+                                                      broadcast_from_rank0=broadcast))
+        optim = torch.load(path / OPTIMIZER, weights_only=True) if reads else {}
+        set_optimizer_state_dict(model, optimizer, optim, options=opts)
     state = read_train_state(path)
     scheduler.load_state_dict(state.scheduler)
     return state
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
     """The same weight with or without PEFT's LoRA wrapping."""
     return name.replace("base_model.model.", "").replace(".base_layer", "")
 
@@ -122,30 +130,31 @@ def _saved_weights(path: Path, wanted: dict[str, torch.Tensor]) -> dict[str, tor
     if not is_sharded_checkpoint(path):
         from safetensors.torch import load_file
 
-        return {_canonical(k): v for k, v in load_file(str(path / WEIGHTS)).items()}
+        return {canonical_name(k): v for k, v in load_file(str(path / WEIGHTS)).items()}
     import torch.distributed.checkpoint as dcp
 
     reader = dcp.FileSystemReader(str(path / SHARDED))
     saved = {k.removeprefix("model."): k for k in reader.read_metadata().state_dict_metadata
              if k.startswith("model.")}
-    by_canonical = {_canonical(k): k for k in saved}
-    out = {c: torch.empty_like(t) for c, t in wanted.items() if c in by_canonical}
+    by_canonical = {canonical_name(k): k for k in saved}
+    out = {c: torch.empty(t.shape, dtype=t.dtype) for c, t in wanted.items() if c in by_canonical}  # `t` may be meta
     dcp.load({"model": {by_canonical[c]: t for c, t in out.items()}}, storage_reader=reader, no_dist=True)
     return out
 
 
-def load_initial_weights(model, path: Path) -> int:
+def load_initial_weights(model, path: Path) -> list[str]:
     """Start from another run's trainable weights (e.g. B3: the frozen-LM stage, then LoRA), from a checkpoint of
-    either layout, into an unsharded model; returns how many tensors were loaded."""
-    params = {_canonical(n): p for n, p in model.named_parameters()}
-    init = _saved_weights(path, {c: p.detach() for c, p in params.items()})
-    loaded = 0
-    for name, param in params.items():
+    either layout, into an unsharded model; returns the names of the parameters loaded. In training, rank 0 alone
+    reads them (`jobs.training.model_init`)."""
+    params = {canonical_name(n): (n, p) for n, p in model.named_parameters()}
+    init = _saved_weights(path, {c: p.detach() for c, (_, p) in params.items()})
+    loaded = []
+    for name, (full_name, param) in params.items():
         tensor = init.get(name)
         if tensor is not None and param.shape == tensor.shape:
             param.data.copy_(tensor)
-            loaded += 1
-    if loaded == 0:
+            loaded.append(full_name)
+    if not loaded:
         raise RuntimeError(f"none of the weights in {path} fit this model")
     return loaded
 

@@ -342,7 +342,9 @@ def fixed_bytes(shapes: ModelShapes, mode: Mode, strategy: str, world: int, gpu:
 
 
 def plan_memory(shapes: ModelShapes, batches: list[BatchShape], mode: Mode, *, strategy: str = "ddp",
-                world: int = 1, chunk: int | None = None, gpu: bool = True, pretrained: bool = False) -> Plan:
+                world: int = 1, chunk: int | None = None, gpu: bool = True, pretrained: bool = False,
+                lm_pretrained: bool = False) -> Plan:
+    from jobs.training.model_init import GROUP_BYTES
     from models.loss import CHUNK
 
     chunk = chunk or CHUNK
@@ -352,9 +354,13 @@ def plan_memory(shapes: ModelShapes, batches: list[BatchShape], mode: Mode, *, s
         off, on = activations(shapes, b, mode, False), activations(shapes, b, mode, True)
         per_type[b.data_type] = {"shape": b, "act_off": off, "act_on": on, "loss": loss,
                                  "off": sum(off.values()) + loss, "on": sum(on.values()) + loss}
-    # every worker builds the whole model on the host in fp32 before moving it (a checkpoint is read in its own
-    # dtype first, bf16 for the paper's: ~2 bytes a weight more at once)
-    host = 4 * shapes.total + (2 * shapes.total if pretrained else 0) + HOST_RUNTIME_BYTES
+    # the worst worker is rank 0 (`jobs.training.model_init`; the others hold only their own weights, on the GPU):
+    # it builds in fp32 on the host every part but a pretrained LM, whose weights it streams from the files a group
+    # at a time (read, then in flight); a checkpoint is read in its own dtype first (bf16 for the paper's: ~2 bytes
+    # a weight more at once)
+    whole = shapes.total - (shapes.params.get("lm", 0) if lm_pretrained else 0)
+    host = 4 * whole + (2 * whole if pretrained else 0) + (2 * GROUP_BYTES if lm_pretrained else 0) \
+        + HOST_RUNTIME_BYTES
     return Plan(fixed_bytes(shapes, mode, strategy, world, gpu), per_type, host, gpu)
 
 
@@ -509,7 +515,8 @@ def recipe_plan(recipe) -> tuple[Plan, str]:
         cfg = recipe.model.speechlm_config(lm_mode)
         plans.append(plan_memory(shapes, largest_batches(recipe, model), mode, strategy=tr.strategy,
                                  world=sharded_over, gpu=tr.use_gpu,
-                                 pretrained=bool(cfg.lm.pretrained or cfg.encoder.pretrained)))
+                                 pretrained=bool(cfg.lm.pretrained or cfg.encoder.pretrained),
+                                 lm_pretrained=bool(cfg.lm.pretrained)))
     plan = max(plans, key=lambda p: p.peak(tr.activation_checkpointing))
     strategy = f"hsdp (shards of {sharded_over})" if tr.fsdp_shard_size else tr.strategy
     return plan, describe_plan(plan, mode, strategy, tr.num_workers, tr.activation_checkpointing)

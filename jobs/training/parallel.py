@@ -7,10 +7,12 @@ encoder layers), and the adapter's Conformer layers; what is left (embeddings, t
 adapter's projections, the LM head) is one root unit. Frozen weights are sharded like the rest and never get
 gradients, so LoRA and a frozen LM need nothing special.
 
-Under FSDP the optimizer must be built after `wrap_model` (sharding replaces each parameter with a sharded one),
-clipping sees the global norm (`torch.nn.utils.clip_grad_norm_` reduces DTensor gradients over the ranks),
-checkpoints are sharded (`jobs.training.checkpoint`, torch distributed checkpoint) and the final model is gathered
-in full (`full_state_dict`).
+The training job shards the model as it builds it, on the meta device, before any weight exists, and rank 0
+alone reads the weights and broadcasts them (`jobs.training.model_init`): no GPU holds the whole model, and no
+worker reads a pretrained LM whole into host memory. Under FSDP the optimizer must be built after sharding (it
+replaces each parameter with a sharded one), clipping sees the global norm (`torch.nn.utils.clip_grad_norm_`
+reduces DTensor gradients over the ranks), checkpoints are sharded (`jobs.training.checkpoint`, torch distributed
+checkpoint) and the final model is gathered in full (`full_state_dict`).
 
 Hybrid sharding (`train.fsdp_shard_size`): the ranks form a (replicas x shard size) device mesh; each group of
 `shard_size` consecutive ranks holds one sharded copy, and gradients are reduce-scattered within a group then
@@ -61,20 +63,28 @@ def wrap_model(core: nn.Module, strategy: Strategy, world: int, shard_size: int 
     import ray.train.torch
 
     if strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-        mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
-        mesh = shard_mesh(world, shard_size, device_type)
-        for unit in fsdp_units(core):
-            fully_shard(unit, mesh=mesh, mp_policy=mp)
-        fully_shard(core, mesh=mesh, mp_policy=mp)
-        # the content check's per-conversation answer loss enters the model there, not through forward
-        register_fsdp_forward_method(core, "answer_nll")
-        return core
+        if is_sharded(core):  # `jobs.training.model_init` shards as it builds
+            return core
+        return shard_model(core, shard_mesh(world, shard_size, device_type))
     if world == 1:
         return core
     # text-only batches leave the encoder and adapter without gradients: DDP must allow unused parameters
     return ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+
+def shard_model(core: nn.Module, mesh=None) -> nn.Module:
+    """FSDP: `core` sharded in place (per layer, then the root) over `mesh` (`shard_mesh`; None: every rank), on the
+    device its parameters are on; on the meta device, nothing is allocated (`jobs.training.model_init` allocates the
+    shards after)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for unit in fsdp_units(core):
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
+    fully_shard(core, mesh=mesh, mp_policy=mp)
+    # the content check's per-conversation answer loss enters the model there, not through forward
+    register_fsdp_forward_method(core, "answer_nll")
+    return core
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -1,6 +1,7 @@
 """The worker side of joint speech-text SFT on Ray Train: what each `TorchTrainer` worker runs.
 
-Per worker: build the SpeechLM (same seed on every rank; DDP by default, FSDP selectable); open one `TypeStream`
+Per worker: build the SpeechLM (its structure on every rank, its weights read by rank 0 alone and broadcast:
+`jobs.training.model_init`; DDP by default, FSDP selectable, sharded as it is built); open one `TypeStream`
 per data type over this rank's share of its shards; draw each micro-batch's data type from the ratios
 (`mix_sampler`, seeded by step: identical on all ranks), with the next batches read and tensorized ahead in a
 thread (`BatchPrefetcher`); step (`Trainer`); every `checkpoint_every` steps report a checkpoint (weights,
@@ -42,8 +43,10 @@ def log(msg: str) -> None:
     print(f"[train] {msg}", flush=True)
 
 
-def build_model(recipe: Recipe, stage: StageSection, tokenizer_files: dict | None, device="cpu"):
-    """The stage's SpeechLM, identical on every rank (seeded)."""
+def build_model(recipe: Recipe, stage: StageSection, tokenizer_files: dict | None, device="cpu",
+                read_lm_weights: bool = True):
+    """The stage's SpeechLM, whole, in this process (seeded): what `prepare_model` builds on every rank, read once
+    (`jobs.training.model_init`), and what rank 0 gathers a sharded model into at the end."""
     import torch
 
     from jobs.training.tokenizer import load_tokenizer
@@ -51,7 +54,8 @@ def build_model(recipe: Recipe, stage: StageSection, tokenizer_files: dict | Non
 
     torch.manual_seed(recipe.run.seed)
     cfg = recipe.model.speechlm_config(stage.lm_mode)
-    return build_speechlm(cfg, device=device, tokenizer=load_tokenizer(tokenizer_files))
+    return build_speechlm(cfg, device=device, tokenizer=load_tokenizer(tokenizer_files),
+                          read_lm_weights=read_lm_weights)
 
 
 def probe_conversation():
@@ -110,8 +114,9 @@ def skipped_samples(job: WorkerJob, prefetch, world: int, device, logged: dict |
 
 
 def build_trainer(job: WorkerJob, core, device, world: int):
-    """The DDP / FSDP wrapper (`jobs.training.parallel`), then the optimizer (per-module groups) over the weights as
-    they now are (FSDP replaces them with shards), transformers' schedule, and the `Trainer`."""
+    """The DDP wrapper (`jobs.training.parallel`; under FSDP `core` is sharded already), then the optimizer
+    (per-module groups) over the weights as they now are (shards under FSDP), transformers' schedule, and the
+    `Trainer`."""
     import torch
 
     from jobs.training.loop import Trainer
@@ -224,7 +229,8 @@ def log_final_model(job: WorkerJob, core, rank: int, logger, stream_states: dict
         weights = full_state_dict(core)
         if rank != 0:
             return
-        core = build_model(job.recipe, job.stage, job.tokenizer_files)
+        # every weight comes from the gathered state: a pretrained LM's files are not read again
+        core = build_model(job.recipe, job.stage, job.tokenizer_files, read_lm_weights=False)
         core.load_state_dict(weights)  # into fp32 weights: bf16 frozen ones are widened
     elif rank != 0:
         return
@@ -280,32 +286,44 @@ class Progress:
 
 
 def prepare_model(job: WorkerJob, rank: int, world: int, device):
-    """The stage's model on `device` (from the previous stage's weights, if any), its FLOP curves and peak (for
-    MFU), and its `Trainer`; then this rank's own random seed."""
+    """The stage's model on `device` (sharded under FSDP), its weights read by rank 0 alone and broadcast
+    (`jobs.training.model_init`): the pretrained ones, then the previous stage's, if any; its FLOP curves and
+    peak (for MFU), and its `Trainer`; then this rank's own random seed."""
+    import contextlib
+
     import torch
 
-    from jobs.training.checkpoint import load_initial_weights
     from jobs.training.distributed import worker_seed
     from jobs.training.flops import count_forward_flops, peak_flops_per_s
+    from jobs.training.model_init import build_on_ranks
+    from jobs.training.tokenizer import load_tokenizer
 
     from models.precision import cast_frozen_weights, training_autocast_dtype
 
-    core = build_model(job.recipe, job.stage, job.tokenizer_files, device)
-    autocast_dtype = training_autocast_dtype(device, job.recipe.train.precision)
-    if autocast_dtype is not None:
-        # frozen weights in the compute dtype (half the memory, no per-step casts); trainable ones and Adam stay fp32
-        cast_frozen_weights(core, autocast_dtype)
-    if job.recipe.train.activation_checkpointing:
-        from models.activation_checkpointing import enable_activation_checkpointing
+    tr = job.recipe.train
+    autocast_dtype = training_autocast_dtype(device, tr.precision)
 
-        enable_activation_checkpointing(core)  # before sharding: FSDP's hooks then sit outside each recompute
-    if job.init_from is not None:
-        with job.init_from.as_directory() as init_dir:  # a local copy on this worker's node
-            load_initial_weights(core, Path(init_dir))
-    flops = count_forward_flops(core)  # on the whole model, before sharding
-    peak = peak_flops_per_s(device, job.recipe.train.peak_tflops)
+    def prepare(core):  # on the model's structure, before sharding
+        if autocast_dtype is not None:
+            # frozen weights in the compute dtype (half the memory, no per-step casts); trainable ones and Adam fp32
+            cast_frozen_weights(core, autocast_dtype)
+        if tr.activation_checkpointing:
+            from models.activation_checkpointing import enable_activation_checkpointing
+
+            enable_activation_checkpointing(core)  # before sharding: FSDP's hooks then sit outside each recompute
+
+    # the previous stage's checkpoint: a local copy on rank 0's node only, the others receive the weights
+    init = job.init_from.as_directory() if job.init_from is not None and rank == 0 else contextlib.nullcontext()
+    with init as init_dir:
+        core, flops = build_on_ranks(job.recipe.model.speechlm_config(job.stage.lm_mode),
+                                     load_tokenizer(job.tokenizer_files), job.recipe.run.seed, rank, world, device,
+                                     sharded=tr.strategy == "fsdp", shard_size=tr.fsdp_shard_size,
+                                     prepare=prepare,
+                                     init_dir=Path(init_dir) if init_dir else None,
+                                     measure=count_forward_flops)  # on rank 0's whole model, sent to every rank
+    peak = peak_flops_per_s(device, tr.peak_tflops)
     trainer = build_trainer(job, core, device, world)
-    # every rank built the same weights from the run's seed; from here on each draws its own (dropout)
+    # every rank has the same weights (rank 0's); from here on each draws its own random numbers (dropout)
     torch.manual_seed(worker_seed(job.recipe.run.seed, rank))
     return core, trainer, flops, peak
 
