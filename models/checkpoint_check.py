@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from models.config import SpeechLMConfig
-from models.speechlm import check_lora_targets, checkpoint_source
+from models.config import SpeechLMConfig, checkpoint_source
+from models.speechlm import check_lora_targets
 
 
 def checkpoint_problems(cfg: SpeechLMConfig) -> list[str]:

@@ -9,6 +9,7 @@ Named sizes (`tiny()`, `vtblender_3b()`) spell out every number, as torchtune's 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -212,3 +213,21 @@ def vtblender_3b(
 
 
 NAMED_SIZES = {"tiny": tiny, "mini": mini, "vtblender_3b": vtblender_3b}
+
+
+def checkpoint_source(source: str, what: str) -> str:
+    """`source` if it is a local folder or could be a Hugging Face id; else a FileNotFoundError naming `what`.
+
+    Why: transformers tries anything that is not a local folder as a hub id, so a mistyped or unmounted local
+    path fails with "Repo id must be in the form 'repo_name' or 'namespace/repo_name'", which does not say that
+    the folder is missing."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if Path(source).expanduser().is_dir():
+        return str(Path(source).expanduser())
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        raise FileNotFoundError(f"{what} {source!r}: no such local folder (and not a Hugging Face model id)") from None
+    return source

@@ -29,11 +29,12 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from models.config import SpeechLMConfig
+from models.config import SpeechLMConfig, checkpoint_source
 from models.conversation import Conversation, ConversationError
 from models.features import FastConformerFeatures, WhisperFeatures
 from models.loss import answer_loss, answer_nll_per_row, logit_softcap
 from models.processor import ConversationProcessor, move_batch
+from models.empty_weights import allocate_unwritten, unread_lm
 
 CONFIG_FILE = "speechlm_config.json"
 ENCODER_FILE = "encoder.safetensors"
@@ -453,24 +454,6 @@ def strip_hf_config(d: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def checkpoint_source(source: str, what: str) -> str:
-    """`source` if it is a local folder or could be a Hugging Face id; else a FileNotFoundError naming `what`.
-
-    Why: transformers tries anything that is not a local folder as a hub id, so a mistyped or unmounted local
-    path fails with "Repo id must be in the form 'repo_name' or 'namespace/repo_name'", which does not say that
-    the folder is missing."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if Path(source).expanduser().is_dir():
-        return str(Path(source).expanduser())
-    try:
-        validate_repo_id(source)
-    except HFValidationError:
-        raise FileNotFoundError(f"{what} {source!r}: no such local folder (and not a Hugging Face model id)") from None
-    return source
-
-
 def _build_encoder(cfg: SpeechLMConfig) -> nn.Module:
     e = cfg.encoder
     source = checkpoint_source(e.pretrained, "encoder.pretrained") if e.pretrained else None
@@ -529,7 +512,7 @@ def check_lora_targets(lm: nn.Module, targets: list[str] | str) -> None:
 
 def _build_lm(cfg: SpeechLMConfig, source: str | None, tokenizer, read_weights: bool = True) -> nn.Module:
     if source and not read_weights:
-        return _unread_lm(checkpoint_source(source, "lm.pretrained"))
+        return unread_lm(checkpoint_source(source, "lm.pretrained"))
     if source:
         return AutoModelForCausalLM.from_pretrained(checkpoint_source(source, "lm.pretrained"), use_safetensors=True)
     kw = dict(cfg.lm.config)
@@ -539,38 +522,6 @@ def _build_lm(cfg: SpeechLMConfig, source: str | None, tokenizer, read_weights: 
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             kw.setdefault(name, getattr(tokenizer, name))
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw))
-
-
-def _unread_lm(source: str) -> nn.Module:
-    """A pretrained LM's structure with its weights allocated on the host but neither read nor initialized: the
-    caller loads them (`jobs.training.model_init` streams them from the files). Pages a process allocates and never
-    writes take no RAM, so the weights cost nothing until loaded.
-
-    Built as transformers loads, parameters on the meta device (accelerate's `init_empty_weights`): no random
-    numbers drawn, so the adapter and LoRA drawn after it get the values they get when the weights are read. Then
-    allocated, not left on meta, because PEFT puts each LoRA weight on its base layer's device. The buffers
-    (rotary frequencies) keep the values computed at build, and tied weights stay tied. In the checkpoint's dtype,
-    as `from_pretrained` builds it (bf16 for Gemma's; PEFT rounds the LoRA init to it); `_unwritten` then gives
-    the weights the model's."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
-    buffers = {name: b.clone() for name, b in lm.named_buffers()}
-    lm.to_empty(device="cpu")
-    with torch.no_grad():
-        for name, b in lm.named_buffers():
-            b.copy_(buffers[name])
-    lm.tie_weights()
-    return lm
-
-
-def _unwritten(lm: nn.Module, dtype: torch.dtype) -> None:
-    """The unread weights of `_unread_lm` (all but LoRA's) allocated anew in `dtype`, still unwritten: cast to the
-    model's dtype, every one would be written, and take memory, before it is loaded."""
-    for name, p in lm.named_parameters():
-        if "lora_" not in name and p.dtype != dtype:
-            p.data = torch.empty(p.shape, dtype=dtype)
 
 
 def _build_adapter(cfg: SpeechLMConfig, encoder: SpeechEncoder, lm: nn.Module) -> ModalityAdapter:
@@ -604,7 +555,8 @@ def build_speechlm(
     `models.tokenizer.build_tiny_tokenizer()`), or none at all for a model that only computes (parameter counts on
     the meta device). `lm_source` overrides where LM weights load from; `lora_dir` loads a saved LoRA adapter with
     `PeftModel.from_pretrained` instead of creating a fresh one. `read_lm_weights=False`: a pretrained LM's weights
-    are allocated but not read (`_unread_lm`), for a caller that loads them itself; the rest is built as usual.
+    are allocated but not read (`models.empty_weights`), for a caller that loads them itself; the rest is built as
+    usual.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -634,7 +586,7 @@ def build_speechlm(
     encoder.requires_grad_(cfg.encoder.train)
     adapter.requires_grad_(cfg.adapter.train)
     if not read_lm_weights and (lm_source or cfg.lm.pretrained):
-        _unwritten(lm, dtype)
+        allocate_unwritten(lm, dtype)
     model = SpeechLM(cfg, encoder, adapter, lm, tokenizer)
     # on the meta device only the dtype: a config may carry the checkpoint's (bf16), the model is built in `dtype`
     return model.to(dtype=dtype) if torch.device(device).type == "meta" else model.to(device=device, dtype=dtype)

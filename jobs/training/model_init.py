@@ -7,8 +7,8 @@ could not be trained under FSDP, which had the whole model on each GPU before sh
 1. every rank builds the model's structure with its parameters on the meta device (`skeleton`: no memory, no
    file read; the buffers, which are computed, not loaded, are built for real: rotary frequencies, mel
    filterbanks), prepares it as training wants it (frozen weights in the compute dtype, activation
-   checkpointing), shards it (FSDP) and allocates its parameters on its device, uninitialized (`allocate`):
-   under FSDP only its own shards;
+   checkpointing), shards it (FSDP) and allocates its parameters on its device, uninitialized
+   (`models.empty_weights.allocate`): under FSDP only its own shards;
 2. rank 0 alone builds the model with values (`build_speechlm(read_lm_weights=False)`: the same seed, so the
    adapter, LoRA and any random init are drawn as before; the pretrained LM's weights allocated, not read),
    applies the previous stage's weights to it, and streams the pretrained LM's weights from its safetensors files
@@ -50,28 +50,6 @@ def skeleton(cfg, tokenizer) -> nn.Module:
         core = build_speechlm(config_only(cfg), device="meta", tokenizer=tokenizer)
     core.lm.tie_weights()  # accelerate registers each name's meta parameter anew: the tied LM head came untied
     return core
-
-
-def allocate(core: nn.Module, device) -> None:
-    """Give a meta-device model (or its meta shards) uninitialized memory on `device`, keeping the computed buffers'
-    values and the tied weights (embeddings = LM head) tied: `to_empty` replaces every tensor, and a parameter two
-    modules share becomes two."""
-    buffers = {name: b for name, b in core.named_buffers()}
-    first: dict[int, str] = {}
-    ties = []  # (name, name of the parameter it is tied to)
-    for name, p in core.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            ties.append((name, first[id(p)]))
-        else:
-            first[id(p)] = name
-    core.to_empty(device=device)
-    with torch.no_grad():
-        for name, b in core.named_buffers():
-            b.copy_(buffers[name])
-    for name, target in ties:
-        module, _, attr = name.rpartition(".")
-        if core.get_parameter(name) is not core.get_parameter(target):
-            setattr(core.get_submodule(module), attr, core.get_parameter(target))
 
 
 def weight_groups(core: nn.Module) -> list[list[str]]:
@@ -125,7 +103,7 @@ class SafetensorsFolder:
 
 def lm_folder(source: str) -> Path:
     """The local folder of `lm.pretrained`: itself, or a Hugging Face id's copy in the local cache."""
-    from models.speechlm import checkpoint_source
+    from models.config import checkpoint_source
 
     source = checkpoint_source(source, "lm.pretrained")
     if Path(source).is_dir():
@@ -188,6 +166,7 @@ def build_on_ranks(cfg, tokenizer, seed: int, rank: int, world: int, device, sha
     on rank 0 before any sharding and sent to every rank: the FLOP count, which needs a forward pass)."""
     from jobs.training.checkpoint import load_initial_weights
     from jobs.training.parallel import shard_mesh, shard_model
+    from models.empty_weights import allocate
     from models.speechlm import build_speechlm, lm_tokenizer
 
     tokenizer = tokenizer if tokenizer is not None else lm_tokenizer(cfg)  # the LM's own: the skeleton reads no LM

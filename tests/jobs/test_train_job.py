@@ -317,6 +317,9 @@ def _non_gemma_recipe(lm: str, lm_mode: str, speech: str, corpus: str, tmp_path,
     return name, raw, path, utterances
 
 
+# `make test-slow` (about 110 s): two more training jobs than the suite's 15 minutes have room for; the two-node test
+# above trains the project's Gemma through the same job, and tests/models/test_loss.py runs Llama's loss
+@pytest.mark.slow
 def test_non_gemma_lms_train_on_imported_data_and_change_only_what_the_recipe_trains(
         stack, s3_endpoint, corpus_conversations, pcm_audio, tmp_path):
     """Any chat LM through the training job: tiny Llama 3 and Qwen2.5 checkpoints (their families' tokenizers and

@@ -19,7 +19,9 @@ import yaml
 
 from tests.services.serve_app import wait_healthy
 
-pytestmark = pytest.mark.integration
+# `make test-slow` (about 55 s): the suite's 15 minutes have no room for it; tests/services/test_chat_api.py deploys
+# and calls the same Serve application
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "services" / "serve_config.yaml"
 
