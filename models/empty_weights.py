@@ -51,6 +51,7 @@ def unread_lm(source: str) -> nn.Module:
     with init_empty_weights(include_buffers=False):
         lm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source))
     allocate(lm, "cpu")
+    lm.tie_weights()  # accelerate registers each name's meta parameter anew: the tied LM head came untied
     return lm
 
 
