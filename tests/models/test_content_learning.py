@@ -66,6 +66,9 @@ def test_config_built_encoder_keeps_utterances_apart():
     assert float((sub[0] - sub[1]).norm() / sub.norm(dim=(1, 2)).mean()) > 0.1
 
 
+# `make test-slow` (about 40 s): the suite's 15 minutes have no room for it; in the suite, tests/jobs/test_promotion.py
+# trains joint SFT in-process and asserts the model's loss rises on another utterance of the same length
+@pytest.mark.slow
 def test_overfits_equal_length_clips_on_content(content_seed):
     """One seed in the suite (about 40 s on 2 cores); the margins held on seeds 0-2 (module docstring):
     `pytest --content-seeds 0,1,2 tests/models/test_content_learning.py` runs them all."""
