@@ -107,10 +107,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> TrainState:
         # every rank holds the whole model (DDP), but only rank 0 reads the files; the others receive
         broadcast = dist.is_initialized() and dist.get_world_size() > 1
         reads = not broadcast or dist.get_rank() == 0
-        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast)
-        set_model_state_dict(model, load_file(str(path / WEIGHTS)) if reads else {},
-                             options=StateDictOptions(full_state_dict=True, strict=False,
-                                                      broadcast_from_rank0=broadcast))
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast, strict=False)
+        set_model_state_dict(model, load_file(str(path / WEIGHTS)) if reads else {}, options=opts)
         optim = torch.load(path / OPTIMIZER, weights_only=True) if reads else {}
         set_optimizer_state_dict(model, optimizer, optim, options=opts)
     state = read_train_state(path)

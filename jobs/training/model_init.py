@@ -160,9 +160,9 @@ def build_on_ranks(cfg, tokenizer, seed: int, rank: int, world: int, device, sha
                    measure: Callable[[nn.Module], Any] | None = None) -> tuple[nn.Module, Any]:
     """Collective. The model of `cfg` on `device`, prepared (`prepare(core)`, on the structure: casts, activation
     checkpointing), sharded when `sharded` (FSDP, in groups of `shard_size` ranks for hybrid sharding; else not
-    wrapped: DDP wraps after), its weights read by rank 0
-    alone: the pretrained ones, the previous stage's from `init_dir` (given on rank 0; the others' is not read),
-    the rest drawn from `seed` as `build_speechlm` draws them. Returns (model, `measure(model with values)`, taken
+    wrapped: DDP wraps after), its weights read by rank 0 alone: the pretrained ones, the previous stage's from
+    `init_dir` (given on rank 0; the others' is not read), the rest drawn from `seed` as `build_speechlm` draws
+    them. Returns (model, `measure(model with values)`, taken
     on rank 0 before any sharding and sent to every rank: the FLOP count, which needs a forward pass)."""
     from jobs.training.checkpoint import load_initial_weights
     from jobs.training.parallel import shard_mesh, shard_model
