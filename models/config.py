@@ -111,8 +111,8 @@ def tiny(lm_mode: Literal["lora", "frozen", "full"] = "lora", encoder_kind: str 
     """A CPU-sized SpeechLM with random init: tests and the demo. ~1M parameters in all.
 
     Encoder: FastConformer, 2 layers, hidden 64, 4 heads, ff 128, 8x subsampling (80 ms frames), 80 mels.
-    Adapter: 2 Conformer layers, hidden 64, 4 heads. LM: Gemma-style, 2 layers, hidden 64, 4 heads (1 KV head,
-    head dim 16), MLP 128; LoRA r=8 on q/k/v/o/gate/up/down. Vocabulary: the project's offline tokenizer.
+    Adapter: 2 Conformer layers, hidden 64, 4 heads. LM: Gemma-style, 2 layers, hidden 64, 2 heads (1 KV head,
+    head dim 32: the smallest vLLM's CPU attention takes), MLP 128; LoRA r=8 on q/k/v/o/gate/up/down. Vocabulary: the project's offline tokenizer.
     """
     if encoder_kind == "whisper":
         encoder = EncoderConfig(
@@ -144,7 +144,7 @@ def tiny(lm_mode: Literal["lora", "frozen", "full"] = "lora", encoder_kind: str 
         lm=LMConfig(
             config=dict(
                 model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=4096,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=4096,
                 hidden_activation="gelu_pytorch_tanh",
             ),
             mode=lm_mode,

@@ -49,8 +49,7 @@ class FastConformerFeatures(Fp32Buffers):
         fb = mel_filter_bank(
             num_frequency_bins=n_fft // 2 + 1, num_mel_filters=n_mels, min_frequency=0.0,
             max_frequency=sampling_rate / 2, sampling_rate=sampling_rate, norm="slaney", mel_scale="slaney",
-            dtype=np.float32,
-        )
+        ).astype(np.float32)
         # Buffers, not parameters; not persistent, so checkpoints hold only learned weights.
         self.register_buffer("mel_fb", torch.from_numpy(np.ascontiguousarray(fb.T)), persistent=False)
         self.register_buffer("window", torch.hann_window(win_length, periodic=False), persistent=False)

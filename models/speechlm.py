@@ -35,6 +35,7 @@ from models.features import FastConformerFeatures, WhisperFeatures
 from models.loss import answer_loss, answer_nll_per_row, logit_softcap
 from models.processor import ConversationProcessor, move_batch
 from models.empty_weights import allocate_unwritten, unread_lm
+from models.engine_config import write_engine_config
 
 CONFIG_FILE = "speechlm_config.json"
 ENCODER_FILE = "encoder.safetensors"
@@ -390,6 +391,9 @@ class SpeechLM(nn.Module):
             base.save_pretrained(out / LM_DIR, state_dict=sd)
             cfg.lm.pretrained = None
         (out / CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
+        if self.tokenizer is not None:  # the folder is also a vLLM model folder (`models.engine_config`)
+            write_engine_config(out, self.lm.get_base_model() if lora else self.lm, self.tokenizer,
+                                LM_DIR if cfg.lm.pretrained is None else cfg.lm.pretrained)
         return out
 
     @classmethod
