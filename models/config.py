@@ -112,7 +112,8 @@ def tiny(lm_mode: Literal["lora", "frozen", "full"] = "lora", encoder_kind: str 
 
     Encoder: FastConformer, 2 layers, hidden 64, 4 heads, ff 128, 8x subsampling (80 ms frames), 80 mels.
     Adapter: 2 Conformer layers, hidden 64, 4 heads. LM: Gemma-style, 2 layers, hidden 64, 2 heads (1 KV head,
-    head dim 32: the smallest vLLM's CPU attention takes), MLP 128; LoRA r=8 on q/k/v/o/gate/up/down. Vocabulary: the project's offline tokenizer.
+    head dim 32: the smallest vLLM's CPU attention takes), MLP 128; LoRA r=8 on q/k/v/o/gate/up/down. Vocabulary:
+    the project's offline tokenizer.
     """
     if encoder_kind == "whisper":
         encoder = EncoderConfig(

@@ -116,6 +116,16 @@ class ConversationProcessor:
             self._end_of_turn_ids = self._read_end_of_turn_ids()
         return list(self._end_of_turn_ids)
 
+    def stop_token_ids(self, end_of_turn: str | None = None) -> list[int]:
+        """What generation stops on: EOS, the chat template's end-of-turn token (`end_of_turn_ids`), and the token
+        `end_of_turn` names when a config names one explicitly."""
+        ids = [self.tokenizer.eos_token_id, *self.end_of_turn_ids()]
+        if end_of_turn:
+            eot = self.tokenizer.convert_tokens_to_ids(end_of_turn)
+            if isinstance(eot, int) and eot != self.tokenizer.unk_token_id:
+                ids.append(eot)
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
     def _read_end_of_turn_ids(self) -> list[int]:
         probe = "The answer is 42."
         msgs = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": probe}]

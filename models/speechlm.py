@@ -315,12 +315,7 @@ class SpeechLM(nn.Module):
     def stop_token_ids(self) -> list[int]:
         """EOS, the chat template's end-of-turn token (`processor.end_of_turn_ids`), and `config.lm.end_of_turn`
         when a config names one explicitly."""
-        ids = [self.tokenizer.eos_token_id, *self.processor.end_of_turn_ids()]
-        if self.config.lm.end_of_turn:
-            eot = self.tokenizer.convert_tokens_to_ids(self.config.lm.end_of_turn)
-            if isinstance(eot, int) and eot != self.tokenizer.unk_token_id:
-                ids.append(eot)
-        return list(dict.fromkeys(i for i in ids if i is not None))
+        return self.processor.stop_token_ids(self.config.lm.end_of_turn)
 
     @torch.no_grad()
     def generate(self, conversations: Sequence[Conversation], max_new_tokens: int = 64, do_sample: bool = False,

@@ -10,15 +10,15 @@ into it to the API routes).
 
 - Models: `model` (an MLflow URI `models:/name@alias` / `models:/name/3`, a `runs:/` URI or a local folder) is served
   as `served_model_name`; `models` adds more fine-tunes (id -> URI). The request's `model` field picks one; each
-  replica keeps up to 3 extra fine-tunes loaded (`serve.multiplexed`, least recently used evicted). LoRA
-  fine-tunes of one base LM share one copy of it (`services.model_store.ModelStore`): each adds its LoRA adapter,
-  encoder and modality adapter (the method fine-tunes those too); `GET /v1/stats` says what is loaded.
-- Throughput: every request, streaming or not, is batched: when generation is free, every request queued
-  meanwhile (up to `max_batch_size`) is taken; requests with the same model and sampling settings share one
-  left-padded `generate()`, whose prefill runs the encoder once per audio part; each
-  request's tokens reach it as they are generated and each ends on its own (`services/chat_generation.py`).
-  `GET /v1/stats` reports batches, requests, streamed requests, prefill and decode seconds, and the replica's
-  resident memory.
+  replica keeps up to 3 extra fine-tunes loaded (`serve.multiplexed`, least recently used evicted).
+- Engine: vLLM (`services.engine`; the model class is `services.vllm_speechlm`). LoRA fine-tunes of one base LM
+  share one engine: each adds its LoRA (a vLLM LoRA) and its own encoder and modality adapter (the method fine-tunes
+  those too); `GET /v1/stats` says what is loaded. Resources are the config's `engine:` (KV-cache space, threads,
+  sequences per step).
+- Throughput: the engine batches continuously: every request, streaming or not, joins the running batch at the
+  engine's next step and leaves it when done; its tokens reach it as they are generated and each ends on its own
+  (`services/chat_generation.py`). `GET /v1/stats` reports the engine's busy periods and the requests they held,
+  streamed requests, prefill and decode seconds, and the replica's and its engines' resident memory.
 - Limits and access: `services.openai_protocol.Limits`; an optional API key (from the environment variable named
   by `api_key_env`) is required as `Authorization: Bearer ...` on every route but `/health`.
 """
@@ -41,7 +41,8 @@ from ray import serve
 
 from models.config import StrictModel
 from models.conversation import ConversationError
-from services.chat_generation import Row, generate_rows, prompt_tokens, sse
+from services.chat_generation import EngineLoad, Row, generate_row, sse
+from services.engine import EngineSettings
 from services.model_store import process_rss_bytes
 from services.openai_protocol import (CHAT_REQUEST_SCHEMA, APIError, ChatRequest, Limits, parse_chat_request,
                                      read_body)
@@ -59,8 +60,8 @@ class ServeConfig(StrictModel):
     device: str = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """The weights' dtype: auto is bf16 on GPUs that compute it natively, fp16 on older GPUs, fp32 on CPU."""
-    max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    """The vLLM engines' resources: KV-cache space, CPU threads, sequences per step, LoRA slots."""
     limits: Limits = Field(default_factory=Limits)
     num_replicas: int | str = 1
     """An int, or "auto" with `autoscaling` below."""
@@ -86,11 +87,12 @@ async def _conversation_error(request: Request, e: ConversationError) -> JSONRes
     return JSONResponse(status_code=400, content=APIError(400, str(e), "messages").body())
 
 
-@serve.deployment(max_ongoing_requests=32)
+@serve.deployment(max_ongoing_requests=64)
 @serve.ingress(app)
 class ChatDeployment:
-    def __init__(self, config: dict):
+    async def __init__(self, config: dict):
         from models.precision import inference_dtype, resolve_device
+        from services.engine import EngineStore
 
         self.cfg = ServeConfig.model_validate(config)
         self.device = resolve_device(self.cfg.device)
@@ -99,33 +101,29 @@ class ChatDeployment:
         self.api_key = os.environ.get(self.cfg.api_key_env) if self.cfg.api_key_env else None
         if self.cfg.api_key_env and not self.api_key:
             raise RuntimeError(f"api_key_env={self.cfg.api_key_env!r} but that environment variable is not set")
-        self._pending: asyncio.Queue | None = None  # rows waiting for the next batch (made on the replica's loop)
-        self._batcher: asyncio.Task | None = None
         self.created = int(time.time())
-        from services.model_store import ModelStore
-
-        self.store = ModelStore(self.cfg.tracking_uri, self.device, self.dtype)
-        self.stats = {"batches": 0, "batched_requests": 0, "streamed_requests": 0, "generate_calls": 0,
-                      "streamed_in_shared_calls": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
+        self.store = EngineStore(self.cfg.engine, self.cfg.tracking_uri, str(self.device), self.dtype)
+        self.load = EngineLoad()
+        self._streams: set[asyncio.Task] = set()  # streaming generations running (kept referenced)
         # load the default model now, and hear a short silence with it: a replica is healthy only when it can answer
         # an audio turn (a model whose audio path fails on this device would otherwise fail every such request)
         self._default = self._load(self.cfg.served_model_name)
-        self._self_test(self._default)
+        await self._self_test(self._default)
         # requests are decoded at the rate the served models were trained at (every model here shares one)
-        self.sampling_rate = self._default.config.sampling_rate
+        self.sampling_rate = self._default.sampling_rate
 
     # -- models -------------------------------------------------------------------------------------------------
     def _load(self, model_id: str):
         return self.store.load(self.uris[model_id])
 
     @staticmethod
-    def _self_test(model) -> None:
+    async def _self_test(served) -> None:
         import numpy as np
 
         from models.conversation import AudioPart, Conversation, TextPart, Turn
 
-        silence = np.zeros(model.config.sampling_rate // 2, dtype=np.float32)
-        model.generate([Conversation([Turn("user", [AudioPart(silence), TextPart("?")])])], max_new_tokens=1)
+        silence = np.zeros(served.sampling_rate // 2, dtype=np.float32)
+        await served.answer(Conversation([Turn("user", [AudioPart(silence), TextPart("?")])]), max_new_tokens=1)
 
     @serve.multiplexed(max_num_models_per_replica=3)
     async def get_model(self, model_id: str):
@@ -139,79 +137,6 @@ class ChatDeployment:
             raise APIError(404, f"model {model_id!r} is not served here; available: {sorted(self.uris)}", "model",
                            "model_not_found")
         return model_id, await self.get_model(model_id)
-
-    # -- generation ---------------------------------------------------------------------------------------------
-    # Not `serve.batch`: it forms the next batch as soon as its wait timeout passes, while the previous one still
-    # runs, so under load batches hold only the requests of one timeout window (measured: 3.4 requests per
-    # generate() with 16 clients). Here the next batch is taken when generation is free again: everything that
-    # arrived meanwhile, up to `max_batch_size`.
-    def _submit(self, row: Row) -> asyncio.Future:
-        """Queue a row for the next batch; the future resolves when its generation has finished."""
-        if self._pending is None:
-            self._pending = asyncio.Queue()
-        if self._batcher is None or self._batcher.done():
-            self._batcher = asyncio.ensure_future(self._batch_loop())
-        done = asyncio.get_running_loop().create_future()
-        self._pending.put_nowait((row, done))
-        return done
-
-    async def _next_batch(self) -> list[tuple[Row, asyncio.Future]]:
-        """Wait for a row, then take every row queued (waiting up to `batch_wait_timeout_s` for more while the
-        batch is small), up to `max_batch_size`. Rows whose client left are finished, not generated."""
-        batch = [await self._pending.get()]
-        deadline = asyncio.get_running_loop().time() + self.cfg.batch_wait_timeout_s
-        while len(batch) < self.cfg.max_batch_size:
-            if self._pending.empty():
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._pending.get(), remaining))
-                except asyncio.TimeoutError:
-                    break
-            else:
-                batch.append(self._pending.get_nowait())
-        live = []
-        for row, done in batch:
-            if row.done.is_set():  # cancelled while queued
-                row.finish()
-                if not done.done():
-                    done.set_result(None)
-            else:
-                live.append((row, done))
-        return live
-
-    async def _batch_loop(self) -> None:
-        while True:
-            batch = await self._next_batch()
-            if not batch:
-                continue
-            try:
-                await self._generate_batch([row for row, _ in batch])
-            except Exception as e:  # noqa: BLE001 - a failed batch answers its rows; the loop serves the next
-                for row, _ in batch:
-                    row.finish(e)
-            for _, done in batch:
-                if not done.done():
-                    done.set_result(None)
-
-    async def _generate_batch(self, rows: list[Row]) -> None:
-        """Rows taken together; each group with one model and sampling settings is one `generate()`. Results
-        land in the rows (streams read them while this runs)."""
-        self.stats["batches"] += 1
-        self.stats["batched_requests"] += len(rows)
-        self.stats["streamed_requests"] += sum(row.queue is not None for row in rows)
-        groups: dict[tuple, list[Row]] = {}
-        for row in rows:
-            groups.setdefault((row.model_id, row.req.params.key()), []).append(row)
-        for group in groups.values():
-            timing = await asyncio.to_thread(generate_rows, group)
-            self.stats["generate_calls"] += 1
-            if len(group) > 1:
-                self.stats["streamed_in_shared_calls"] += sum(row.queue is not None for row in group)
-            self.stats["prefill_s"] += timing["prefill_s"]
-            self.stats["decode_s"] += timing["decode_s"]
-            self.stats["decode_steps"] += max(0, timing["steps"] - 1)
 
     # -- routes -------------------------------------------------------------------------------------------------
     def _check_key(self, request: Request) -> None:
@@ -240,8 +165,9 @@ class ChatDeployment:
     @app.get("/v1/stats")
     async def batch_stats(self, request: Request):
         self._check_key(request)
-        s = self.stats
+        s = self.load.counts
         return {**s, **self.store.stats(), "replica_rss_mib": round(process_rss_bytes() / 2**20, 1),
+                "engine_rss_mib": round(process_rss_bytes(children=True) / 2**20, 1),
                 "mean_batch_size": round(s["batched_requests"] / max(1, s["generate_calls"]), 3),
                 "decode_ms_per_step": round(1000 * s["decode_s"] / max(1, s["decode_steps"]), 3)}
 
@@ -258,21 +184,26 @@ class ChatDeployment:
             raise APIError(400, "the request body is nested too deeply") from None
         req = await asyncio.to_thread(parse_chat_request, body, self.cfg.limits, self.sampling_rate)
         model_id, model = await self._model_for(req)
-        n_prompt, audio_tokens = prompt_tokens(model, req)
+        prompt, n_prompt, audio_tokens = await asyncio.to_thread(model.prompt, req.conversation)
         if n_prompt > self.cfg.limits.max_prompt_tokens:
             raise APIError(413, f"the prompt is {n_prompt} tokens (audio included), over the limit of "
                                 f"{self.cfg.limits.max_prompt_tokens}", "messages", "context_length_exceeded")
+        if n_prompt >= model.max_model_len:
+            raise APIError(413, f"the prompt is {n_prompt} tokens (audio included); the model takes at most "
+                                f"{model.max_model_len - 1}", "messages", "context_length_exceeded")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         usage = {"prompt_tokens": n_prompt, "prompt_tokens_details": {"audio_tokens": audio_tokens},
                  "audio_seconds": round(req.audio_seconds, 3)}
         if req.stream:
-            row = Row(req, model_id, model, asyncio.get_running_loop())
-            self._submit(row)  # generation runs in a batch while the response streams from the row
+            row = Row(req, model_id, model, asyncio.get_running_loop(), prompt)
+            task = asyncio.ensure_future(generate_row(row, self.load))  # runs while the response streams from the row
+            self._streams.add(task)
+            task.add_done_callback(self._streams.discard)
             return StreamingResponse(sse(row, rid, usage), media_type="text/event-stream")
-        row = Row(req, model_id, model)
+        row = Row(req, model_id, model, prompt=prompt)
         try:
-            await self._submit(row)
-        except asyncio.CancelledError:  # the client went away: stop its generation too
+            await generate_row(row, self.load)
+        except asyncio.CancelledError:  # the client went away: its engine request was aborted
             row.cancel()
             raise
         if row.error is not None:

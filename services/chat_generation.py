@@ -1,9 +1,11 @@
-"""Generation for the chat app: requests as rows of one batched `generate()`, streamed or not, and OpenAI SSE chunks.
+"""Generation for the chat app: requests as rows on the vLLM engine (`services.engine`), streamed or not, and OpenAI
+SSE chunks.
 
-Every request, streaming or not, becomes a `Row`; rows with the same model and sampling settings share one
-left-padded `generate()` (the encoder runs once per audio part, in its prefill). Each row's tokens reach it as they
-are generated (`RowStreamer`), so a stream is sent while its batch runs, and each row ends on its own: at the
-end-of-turn token, at its own stop strings, or when its client goes away (`Row.cancel`); the rest go on.
+Every request, streaming or not, becomes a `Row`, run on its fine-tune's engine as soon as it arrives: the engine
+batches continuously (a request joins the running batch at its next step; the encoder hears each audio part once,
+in the prompt's prefill). Each row's tokens reach it as they are generated, so a stream is sent while the engine
+runs, and each row ends on its own: at the end-of-turn token, at its own stop strings, or when its client goes away
+(`Row.cancel`: the engine request is aborted); the rest go on.
 
 Kept apart from the deployment class: Ray Serve's ingress wrapping captures the class when it is decorated, so
 helpers it calls must already exist in an imported module.
@@ -23,11 +25,13 @@ def prompt_tokens(model, req: ChatRequest) -> tuple[int, int]:
 
 
 class Row:
-    """One request in a batched `generate()`: the tokens it got so far and whether it is done. Written by the
-    generation thread; a streaming row is told of each change through its queue, on its event loop."""
+    """One request on the engine: the tokens it got so far and whether it is done. A streaming row is told of each
+    change through its queue, on its event loop."""
 
-    def __init__(self, req: ChatRequest, model_id: str, model, loop: asyncio.AbstractEventLoop | None = None):
-        self.req, self.model_id, self.model = req, model_id, model
+    def __init__(self, req: ChatRequest, model_id: str, model, loop: asyncio.AbstractEventLoop | None = None,
+                 prompt: dict | None = None):
+        self.req, self.model_id, self.model, self.prompt = req, model_id, model, prompt
+        self.shared = False
         self.ids: list[int] = []
         self.eos = self.stopped = False
         self.error: Exception | None = None
@@ -71,63 +75,90 @@ class Row:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, n)
 
 
-def _streamer(rows: list[Row], stop_ids: set[int], timing: dict):
-    from transformers.generation.streamers import BaseStreamer
+class EngineLoad:
+    """Counts of what the engine ran, for `/v1/stats`. The engine batches continuously, so a "batch" here is a busy
+    period of one engine: from the first request it takes while idle until it is idle again; requests that arrive
+    meanwhile join it at the next step. `generate_calls` counts busy periods, `batched_requests` requests, and a
+    request ran `shared` when another ran on its engine at the same time."""
 
-    class RowStreamer(BaseStreamer):
-        """Hands each step's tokens (one per row) to the rows, and times prefill (to the first token) and decode."""
+    def __init__(self):
+        self.counts = {"batches": 0, "batched_requests": 0, "streamed_requests": 0, "generate_calls": 0,
+                       "streamed_in_shared_calls": 0, "prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0}
+        self._running: dict[int, set] = {}
 
-        def __init__(self):
-            self.prompt_seen = False
-            self.start = self.last = time.perf_counter()
+    def start(self, row: Row) -> None:
+        running = self._running.setdefault(id(row.model.engine), set())
+        if not running:
+            self.counts["generate_calls"] += 1
+            self.counts["batches"] += 1
+        for other in running:
+            other.shared = True
+        row.shared = bool(running)
+        running.add(row)
+        self.counts["batched_requests"] += 1
+        self.counts["streamed_requests"] += row.queue is not None
 
-        def put(self, value):
-            if not self.prompt_seen:  # generate() first puts the prompt's ids
-                self.prompt_seen = True
-                return
-            now = time.perf_counter()
-            if timing["steps"] == 0:  # the first token comes out of the prefill (encoder, adapter, whole prompt)
-                timing["prefill_s"] = now - self.start
-            else:  # each later one out of a decode step (one token per row, the KV cache)
-                timing["decode_s"] += now - self.last
-            timing["steps"] += 1
-            self.last = now
-            for row, token in zip(rows, value.reshape(-1).tolist()):
-                row.add(int(token), stop_ids)
-
-        def end(self):
-            pass
-
-    return RowStreamer()
+    def end(self, row: Row, timing: dict) -> None:
+        self._running[id(row.model.engine)].discard(row)
+        self.counts["streamed_in_shared_calls"] += row.queue is not None and row.shared
+        self.counts["prefill_s"] += timing["prefill_s"]
+        self.counts["decode_s"] += timing["decode_s"]
+        self.counts["decode_steps"] += max(0, timing["steps"] - 1)
 
 
-def generate_rows(rows: list[Row]) -> dict:
-    """Run one batched `generate()` for `rows` (same model and sampling settings) in this thread; every row ends
-    finished (its result in `row.result()`, or `row.error`). Returns the batch's timing: prefill_s, decode_s and
-    steps (tokens per row generated, the prefill's included)."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class RowsDone(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.tensor([row.done.is_set() for row in rows], dtype=torch.bool, device=input_ids.device)
-
-    model, params = rows[0].model, rows[0].req.params
+async def generate_row(row: Row, load: EngineLoad | None = None) -> dict:
+    """Run one row on its model's engine, on the running event loop: its tokens reach it as they come; it ends at a
+    stop token, its stop strings, its token budget or its cancellation (the engine request is aborted then). The row
+    ends finished (`row.result()`, or `row.error`). Returns its timing: prefill_s (to the first token), decode_s
+    and steps (tokens generated, the first included)."""
     timing = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0}
-    try:
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-        model.generate([row.req.conversation for row in rows], max_new_tokens=params.max_new_tokens,
-                       do_sample=not params.greedy, temperature=params.temperature or 1.0, top_p=params.top_p,
-                       streamer=_streamer(rows, set(model.stop_token_ids()), timing),
-                       stopping_criteria=StoppingCriteriaList([RowsDone()]))
-    except Exception as e:  # every row of the batch answers with the error; the server goes on
-        for row in rows:
-            row.finish(e)
-        return timing
-    for row in rows:
+    if row.done.is_set():  # cancelled before it started
         row.finish()
+        return timing
+    if load is not None:
+        load.start(row)
+    try:
+        await _stream_tokens(row, timing)
+    except Exception as e:  # noqa: BLE001 - the row answers with the error; the server goes on
+        row.finish(e)
+    else:
+        row.finish()
+    finally:  # a cancelled request (its client gone) is counted as it ran
+        if load is not None:
+            load.end(row, timing)
     return timing
+
+
+async def _stream_tokens(row: Row, timing: dict) -> None:
+    served, p = row.model, row.req.params
+    stop_ids, seen = set(served.stop_token_ids()), 0
+    start = last = time.perf_counter()
+    prompt = row.prompt if row.prompt is not None else served.prompt(row.req.conversation)[0]
+    stream = served.generate(prompt, served.sampling(p.max_new_tokens, p.greedy, p.temperature, p.top_p, p.seed))
+    try:
+        async for out in stream:
+            ids = out.outputs[0].token_ids
+            now = time.perf_counter()
+            if timing["steps"] == 0:
+                timing["prefill_s"] = now - start
+            else:
+                timing["decode_s"] += now - last
+            last, timing["steps"] = now, len(ids)
+            for token in ids[seen:]:
+                row.add(int(token), stop_ids)
+            seen = len(ids)
+            if row.done.is_set():
+                break
+    finally:
+        await stream.aclose()  # aborts the engine request when it is still running
+
+
+async def generate_rows(rows: list[Row], load: EngineLoad | None = None) -> dict:
+    """Run `rows` on their engines together (they join one continuous batch); returns their summed timing, steps
+    the most of any row."""
+    timings = await asyncio.gather(*(generate_row(row, load) for row in rows))
+    return {"prefill_s": sum(t["prefill_s"] for t in timings), "decode_s": sum(t["decode_s"] for t in timings),
+            "steps": max((t["steps"] for t in timings), default=0)}
 
 
 async def sse(row: Row, rid: str, usage: dict):

@@ -37,11 +37,14 @@ from vllm.model_executor.models.module_mapping import MultiModelKeys
 from vllm.model_executor.models.utils import WeightsMapper, init_vllm_registered_model, maybe_prefix
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
-from vllm.multimodal.parse import AudioProcessorItems, MultiModalDataParser
+from vllm.multimodal.parse import MultiModalDataParser
 from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo,
                                         PromptReplacement)
 
+from models.speechlm import ADAPTER_FILE, ENCODER_FILE, LM_DIR
+
 LM_PREFIX = "language_model."
+TOWER_KWARG = "speechlm"
 ADAPTER_PREFIX = "audio_adapter."
 
 
@@ -53,8 +56,15 @@ def _speech_config(model_dir: str):
 
     src = Path(model_dir)
     cfg = SpeechLMConfig.model_validate_json((src / CONFIG_FILE).read_text())
-    cfg.encoder.pretrained, cfg.encoder.config = None, strip_hf_config(json.loads((src / ENCODER_CONFIG_FILE).read_text()))
+    cfg.encoder.pretrained = None
+    cfg.encoder.config = strip_hf_config(json.loads((src / ENCODER_CONFIG_FILE).read_text()))
     return cfg
+
+
+def _load_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Every weight of `module` from `state` (strict), in the dtype the module holds it in."""
+    own = module.state_dict()
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own}, strict=True)
 
 
 def _build_tower(cfg, lm_hidden: int) -> tuple[nn.Module, nn.Module]:
@@ -134,6 +144,9 @@ class SpeechProcessingInfo(BaseProcessingInfo):
     def get_supported_mm_limits(self) -> Mapping[str, int | None]:
         return {"audio": None}
 
+    def get_supported_mm_processor_kwargs(self) -> dict[str, set[str]]:
+        return {}  # no Hugging Face processor: `speechlm` (below) stays a flat keyword
+
 
 class SpeechDummyInputs(BaseDummyInputsBuilder[SpeechProcessingInfo]):
     """What vLLM profiles memory with: `PROFILE_AUDIO_S` seconds of silence per audio."""
@@ -155,18 +168,24 @@ class SpeechMultiModalProcessor(BaseMultiModalProcessor[SpeechProcessingInfo]):
     on the engine's device, as in training)."""
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
+        """Each audio with the folder of the fine-tune whose audio tower hears it (`mm_processor_kwargs`
+        `{"speechlm": folder}`; none: the engine's own), as bytes: a field must be a tensor."""
         audio = hf_data.get("audio", [])
-        return BatchFeature({"audio": [torch.as_tensor(np.asarray(a, dtype=np.float32)) for a in audio]})
+        tower = torch.tensor(list(str(hf_kwargs.get(TOWER_KWARG) or "").encode()), dtype=torch.uint8)
+        return BatchFeature({"audio": [torch.as_tensor(np.asarray(a, dtype=np.float32)) for a in audio],
+                             TOWER_KWARG: [tower.clone() for _ in audio]})
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]):
-        return {"audio": MultiModalFieldConfig.batched("audio")}
+        return {"audio": MultiModalFieldConfig.batched("audio"),
+                TOWER_KWARG: MultiModalFieldConfig.batched("audio", keep_on_cpu=True)}
 
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs) -> Sequence[PromptReplacement]:
         marker, geometry = self.info.marker_id, self.info.geometry
-        audios = mm_items.get_items("audio", AudioProcessorItems)
+        # from the processed items, not `mm_items`: an item found in vLLM's processor cache comes without its data
+        audio = out_mm_kwargs.get_data().get("audio", [])
 
         def positions(item_idx: int) -> list[int]:
-            return [marker] * geometry.count(audios.get_audio_length(item_idx))
+            return [marker] * geometry.count(int(audio[item_idx].shape[-1]))
 
         return [PromptReplacement(modality="audio", target=[marker], replacement=positions)]
 
@@ -207,31 +226,60 @@ class VTBlenderSpeechLM(nn.Module, SupportsMultiModal, SupportsLoRA):
                 vllm_config=vllm_config, hf_config=config, architectures=list(meta["lm_architectures"]),
                 prefix=maybe_prefix(prefix, "language_model"))
         # encoder.safetensors is the folder's primary weights; the adapter and the LM are read from where they are
-        self.allow_patterns_overrides = ["encoder.safetensors"]
+        self.allow_patterns_overrides = [ENCODER_FILE]
         self.secondary_weights = [
-            DefaultModelLoader.Source(model_dir, None, prefix=ADAPTER_PREFIX,
-                                      allow_patterns_overrides=["adapter.safetensors"]),
-            DefaultModelLoader.Source(str(Path(model_dir) / meta["lm_source"]) if meta["lm_source"] == "lm"
+            DefaultModelLoader.Source(model_dir, None, prefix=ADAPTER_PREFIX, allow_patterns_overrides=[ADAPTER_FILE]),
+            DefaultModelLoader.Source(str(Path(model_dir) / LM_DIR) if meta["lm_source"] == LM_DIR
                                       else meta["lm_source"], None, prefix=LM_PREFIX),
         ]
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
+        self._own_folder = model_dir
+        self._towers: dict[str, tuple[nn.Module, nn.Module]] = {}
 
     def get_mm_mapping(self) -> MultiModelKeys:
         return MultiModelKeys.from_string_field(language_model=LM_PREFIX, connector=ADAPTER_PREFIX,
                                                 tower_model="audio_encoder.")
 
     def embed_multimodal(self, **kwargs: object):
-        """audio: N waveforms (a list, or a (N, S) tensor of equal lengths) -> N tensors (T'_i, D)."""
+        """audio: N waveforms (a list, or a (N, S) tensor of equal lengths), each heard by the audio tower of the
+        fine-tune it was sent to (`speechlm`: its folder as bytes; empty: this engine's own) -> N tensors (T'_i, D)."""
         audio = kwargs.get("audio")
         if audio is None:
             return []
         waves = list(audio) if isinstance(audio, (list, tuple)) else list(audio.unbind(0))
+        folders = kwargs.get(TOWER_KWARG)
+        folders = [bytes(f.tolist()).decode() for f in folders] if folders is not None else [""] * len(waves)
+        out: list[torch.Tensor | None] = [None] * len(waves)
+        for folder in dict.fromkeys(folders):
+            idx = [i for i, f in enumerate(folders) if f == folder]
+            for i, e in zip(idx, self._hear(self._tower(folder), [waves[i] for i in idx])):
+                out[i] = e
+        return tuple(out)
+
+    def _hear(self, tower: tuple[nn.Module, nn.Module], waves: list[torch.Tensor]) -> list[torch.Tensor]:
+        encoder, adapter = tower
         lens = torch.tensor([w.shape[-1] for w in waves], dtype=torch.long)
         batch = nn.utils.rnn.pad_sequence([w.reshape(-1).float() for w in waves], batch_first=True)
-        batch = batch.to(next(self.audio_adapter.parameters()).device)
-        hidden, frames = self.audio_encoder(batch, lens)
-        embeds, counts = self.audio_adapter(hidden, frames)
-        return tuple(embeds[i, : int(n)] for i, n in enumerate(counts.tolist()))
+        hidden, frames = encoder(batch.to(next(adapter.parameters()).device), lens)
+        embeds, counts = adapter(hidden, frames)
+        return [embeds[i, : int(n)] for i, n in enumerate(counts.tolist())]
+
+    def _tower(self, folder: str) -> tuple[nn.Module, nn.Module]:
+        """The encoder and adapter of the fine-tune saved in `folder`, read from its files the first time one of
+        its audios comes (fine-tunes of one base LM share this engine; each brings its own tower, as the method
+        fine-tunes encoder and adapter)."""
+        if not folder or Path(folder).resolve() == Path(self._own_folder).resolve():
+            return self.audio_encoder, self.audio_adapter
+        if folder not in self._towers:
+            from safetensors.torch import load_file
+
+            param = next(self.audio_adapter.parameters())
+            with torch.device(param.device):
+                encoder, adapter = _build_tower(_speech_config(folder), self.config.get_text_config().hidden_size)
+            for module, name in ((encoder, ENCODER_FILE), (adapter, ADAPTER_FILE)):
+                _load_state(module, load_file(str(Path(folder) / name)))
+            self._towers[folder] = (encoder.to(param.device), adapter.to(param.device))
+        return self._towers[folder]
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs: object):
         if intermediate_tensors is not None:
@@ -258,7 +306,6 @@ class VTBlenderSpeechLM(nn.Module, SupportsMultiModal, SupportsLoRA):
         loaded = {LM_PREFIX + n for n in self.language_model.load_weights(lm_weights())}
         for module, state, at in ((self.audio_encoder, encoder, "audio_encoder."),
                                   (self.audio_adapter, adapter, ADAPTER_PREFIX)):
-            own = module.state_dict()
-            module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items() if k in own}, strict=True)
+            _load_state(module, state)
             loaded |= {at + k for k in state}
         return loaded

@@ -144,7 +144,7 @@ def save_family_checkpoint(name: str, root: Path, seed: int = 0) -> Path:
            for k, t in (("bos_token_id", family.bos), ("eos_token_id", family.eos), ("pad_token_id", family.pad))}
     config = AutoConfig.for_model(
         family.model_type, vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
         tie_word_embeddings=False, **ids, **family.config)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)

@@ -88,15 +88,15 @@ def server(stack, tmp_path_factory):
                 "name": "vtb", "route_prefix": "/", "import_path": "services.chat_app:build_app",
                 "runtime_env": {"env_vars": {"MLFLOW_TRACKING_URI": tracking, "VTB_TEST_KEY": KEY}},
                 "args": {"model": "models:/tiny-serve@candidate", "served_model_name": "tiny",
-                         "models": {"b": str(dirs["b"]), "llama": str(dirs["llama"])}, "api_key_env": "VTB_TEST_KEY", "max_batch_size": 8,
-                         "batch_wait_timeout_s": 0.05,
+                         "models": {"b": str(dirs["b"]), "llama": str(dirs["llama"])}, "api_key_env": "VTB_TEST_KEY",
+                         "engine": {"kv_cache_gib": 0.25, "max_num_seqs": 8},
                          "limits": {"max_audio_seconds_per_part": 5.0, "max_audio_seconds_per_request": 8.0,
                                     "max_audio_parts": 3, "max_turns": 8, "max_new_tokens": 64,
                                     "max_prompt_tokens": 1000, "max_body_bytes": 1_000_000}},
             }, {
                 "name": "vtb-bf16", "route_prefix": "/bf16", "import_path": "services.chat_app:build_app",
                 "args": {"model": str(dirs["a"]), "served_model_name": "tiny", "models": {"whisper": str(dirs["whisper"])},
-                         "precision": "bf16"},
+                         "precision": "bf16", "engine": {"kv_cache_gib": 0.25}},
             }],
         }
         cfg_path = root / "serve.yaml"

@@ -1,0 +1,212 @@
+"""The serving engine: trained SpeechLMs on vLLM (`services/vllm_speechlm.py`), as the chat app and batch
+evaluation use them.
+
+`EngineStore.load(uri)` gives a `ServedModel` for a saved SpeechLM (an MLflow URI or a folder). Which fine-tunes
+share an engine (the rule): fine-tunes whose LM is the same base (`model_store.base_lm_key`: the same pretrained
+checkpoint, or byte-equal saved base weights) share one vLLM engine, each with its LM's LoRA as a vLLM LoRA and its
+own audio tower (encoder and modality adapter, which the method fine-tunes too), read by the engine the first time
+one of its audios comes. A model without a shareable base (a frozen or fully trained LM) has an engine of its own.
+
+`ServedModel` does what a request needs: the exact training prompt (`prompt`: the model's own
+`ConversationProcessor`, audio collapsed to one marker per part for vLLM to expand), and `generate`, an async
+stream of the tokens so far. The engine batches continuously: a request joins the running batch at the next step
+and leaves it when done; nothing waits for the longest.
+
+Resources are explicit (`EngineSettings`): KV-cache bytes, CPU threads, sequences per step, LoRA slots.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from models.config import StrictModel
+from services.model_store import base_lm_key, resolve_model_dir
+
+
+class EngineSettings(StrictModel):
+    """What one vLLM engine may take (the serve config's `engine:`)."""
+
+    kv_cache_gib: float = Field(1.0, gt=0)
+    """KV-cache space per engine, GiB (vLLM would otherwise take most of the machine's memory on a CPU)."""
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    """On a GPU: the share of its memory the engine may use for weights, activations and KV cache."""
+    cpu_threads: int | None = Field(None, ge=1)
+    """Threads of an engine on a CPU (vLLM's default is one)."""
+    max_num_seqs: int = Field(16, ge=1)
+    """Requests decoded together in one engine step."""
+    max_model_len: int = Field(4096, ge=64)
+    """Prompt (audio positions included) plus answer, in tokens."""
+    max_loras: int = Field(4, ge=1)
+    """LoRA fine-tunes one engine step can mix."""
+    max_lora_rank: int = Field(64, ge=1)
+    enforce_eager: bool | Literal["auto"] = "auto"
+    """auto: eager on a CPU (no graph capture there), CUDA graphs on a GPU."""
+
+
+class ServedModel:
+    """One served fine-tune: its engine, its LoRA (None: the engine's base LM as it is) and its own prompt rules."""
+
+    def __init__(self, folder: Path, engine, lora, processor, stop_token_ids: list[int], marker_id: int,
+                 sampling_rate: int):
+        self.folder, self.engine, self.lora = folder, engine, lora
+        self.processor, self.tokenizer = processor, processor.tokenizer
+        self._stop_ids, self.marker_id, self.sampling_rate = stop_token_ids, marker_id, sampling_rate
+
+    def stop_token_ids(self) -> list[int]:
+        return list(self._stop_ids)
+
+    @property
+    def max_model_len(self) -> int:
+        """Prompt plus answer positions the engine takes."""
+        return self.engine.model_config.max_model_len
+
+    def prompt(self, conversation) -> tuple[dict, int, int]:
+        """The engine prompt of `conversation` (its last turn a user turn), its length in tokens (audio positions
+        included) and its audio positions."""
+        from services.vllm_speechlm import TOWER_KWARG, engine_prompt
+
+        enc = self.processor.encode(conversation, for_generation=True)
+        prompt = engine_prompt(enc, self.processor.audio_token_count, self.marker_id)
+        if enc.audios:
+            prompt["mm_processor_kwargs"] = {TOWER_KWARG: str(self.folder)}
+        return prompt, len(enc.input_ids), int(sum(enc.audio_mask))
+
+    def sampling(self, max_new_tokens: int, greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int | None = None):
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
+                              top_p=1.0 if greedy else top_p, seed=seed, stop_token_ids=self.stop_token_ids(),
+                              detokenize=False, skip_special_tokens=True)
+
+    async def generate(self, prompt: dict, sampling) -> AsyncIterator:
+        """vLLM's outputs for one request, each with every token so far; closing the stream aborts it."""
+        async for out in self.engine.generate(prompt, sampling, f"req-{uuid.uuid4().hex}", lora_request=self.lora):
+            yield out
+
+    async def answer(self, conversation, max_new_tokens: int = 64) -> tuple[str, list[int]]:
+        """Greedy answer of one conversation: its text and token ids (stop tokens dropped), as
+        `SpeechLM.generate` gives them."""
+        prompt, _, _ = self.prompt(conversation)
+        out = None
+        async for output in self.generate(prompt, self.sampling(max_new_tokens)):
+            out = output
+        stops = set(self._stop_ids)
+        ids = list(out.outputs[0].token_ids) if out is not None else []
+        ids = ids[: next((i for i, t in enumerate(ids) if t in stops), len(ids))]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids
+
+
+class EngineStore:
+    """vLLM engines for saved SpeechLMs, shared by fine-tunes of one base LM (module docstring). Thread-safe."""
+
+    def __init__(self, settings: EngineSettings | None = None, tracking_uri: str | None = None,
+                 device: str = "cpu", dtype=None):
+        self.settings = settings or EngineSettings()
+        self.tracking_uri, self.device, self.dtype = tracking_uri, device, dtype
+        self._engines: dict[str, object] = {}
+        self._loras: dict[str, set[str]] = {}
+        self._loaded: weakref.WeakSet[ServedModel] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._lora_ids = itertools.count(1)
+        self.start_seconds: list[float] = []
+
+    def load(self, uri: str) -> ServedModel:
+        from transformers import AutoTokenizer
+        from vllm.lora.request import LoRARequest
+
+        from models.config import SpeechLMConfig
+        from models.engine_config import ENGINE_CONFIG_FILE, audio_marker_id
+        from models.processor import ConversationProcessor
+        from models.speechlm import CONFIG_FILE, LORA_DIR, TOKENIZER_DIR
+        from services.vllm_speechlm import AudioGeometry
+
+        folder = resolve_model_dir(uri, self.tracking_uri).resolve()
+        if not (folder / ENGINE_CONFIG_FILE).is_file():
+            _write_engine_config(folder)
+        cfg = SpeechLMConfig.model_validate_json((folder / CONFIG_FILE).read_text())
+        tokenizer = AutoTokenizer.from_pretrained(folder / TOKENIZER_DIR)
+        geometry = AudioGeometry(str(folder))
+        processor = ConversationProcessor(tokenizer, geometry.count, cfg.audio_placeholder, cfg.sampling_rate)
+        key = base_lm_key(folder) or f"folder:{folder}"
+        with self._lock:
+            engine = self._engines.get(key)
+            if engine is None:
+                engine = self._engines[key] = self._start(folder)
+            lora = None
+            if (folder / LORA_DIR).is_dir():
+                n = next(self._lora_ids)
+                lora = LoRARequest(f"{folder.name}-{n}", n, str(folder / LORA_DIR))
+                self._loras.setdefault(key, set()).add(lora.lora_name)
+            served = ServedModel(folder, engine, lora, processor, processor.stop_token_ids(cfg.lm.end_of_turn),
+                                 audio_marker_id(tokenizer), cfg.sampling_rate)
+            self._loaded.add(served)
+        return served
+
+    def _start(self, folder: Path):
+        """A vLLM engine on `folder` (the first fine-tune of its base), with the settings' resources."""
+        import torch
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        s = self.settings
+        on_gpu = torch.device(self.device).type == "cuda"
+        if s.cpu_threads and not on_gpu:
+            # read by the engine process vLLM starts next (it sets torch to one thread without it)
+            os.environ["OMP_NUM_THREADS"] = str(s.cpu_threads)
+        args = AsyncEngineArgs(
+            model=str(folder), dtype=_dtype_name(self.dtype), seed=0, max_model_len=s.max_model_len,
+            max_num_seqs=s.max_num_seqs, enable_lora=True, max_loras=s.max_loras, max_lora_rank=s.max_lora_rank,
+            kv_cache_memory_bytes=int(s.kv_cache_gib * 2**30), gpu_memory_utilization=s.gpu_memory_utilization,
+            enforce_eager=(not on_gpu) if s.enforce_eager == "auto" else s.enforce_eager,
+            disable_log_stats=True)
+        t0 = time.perf_counter()
+        engine = AsyncLLM.from_engine_args(args)
+        self.start_seconds.append(round(time.perf_counter() - t0, 2))
+        return engine
+
+    def stats(self) -> dict:
+        """What is loaded: fine-tunes, the engines (one per base LM) they share, LoRA adapters on those."""
+        return {"loaded_models": len(self._loaded), "shared_lm_bases": len(self._engines),
+                "lora_adapters_on_shared_bases": sum(len(v) for v in self._loras.values()),
+                "engine_start_s": list(self.start_seconds)}
+
+    def shutdown(self) -> None:
+        with self._lock:
+            for engine in self._engines.values():
+                engine.shutdown()
+            self._engines.clear()
+
+
+def _dtype_name(dtype) -> str:
+    import torch
+
+    return {None: "float32", torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+
+
+def _write_engine_config(folder: Path) -> None:
+    """A model saved before its folder carried `config.json`: write it now (the LM's config, where its weights
+    are), from the saved files alone."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from models.config import SpeechLMConfig, checkpoint_source
+    from models.engine_config import write_engine_config
+    from models.speechlm import CONFIG_FILE, LM_DIR, TOKENIZER_DIR
+
+    cfg = SpeechLMConfig.model_validate_json((folder / CONFIG_FILE).read_text())
+    source = LM_DIR if (folder / LM_DIR).is_dir() else cfg.lm.pretrained
+    lm_config = AutoConfig.from_pretrained(folder / LM_DIR if source == LM_DIR else checkpoint_source(source, "lm"))
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(lm_config)
+    write_engine_config(folder, lm, AutoTokenizer.from_pretrained(folder / TOKENIZER_DIR), source)

@@ -1,0 +1,126 @@
+"""The served model is the trained model: vLLM (`services.engine`) answers token for token as the SpeechLM's own
+`generate` on the same saved folder, in fp32, for text, audio and mixed prompts, for a base model and LoRA
+fine-tunes, two of which share one engine (their LoRAs and audio towers picked per request, in one batch).
+
+The models are random but far from degenerate (weights drawn wide): their greedy answers differ per prompt and
+per audio, so a wrong audio position, tower or adapter changes the tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from models.conversation import AudioPart, Conversation, TextPart, Turn
+
+pytestmark = pytest.mark.integration
+MAX_NEW = 16
+
+
+def _save_varied(root, name: str, lm_mode: str, seed: int, base_seed: int = 0):
+    """A tiny SpeechLM with wide random weights (base LM from `base_seed`: equal bases share an engine)."""
+    from models.config import tiny
+    from models.speechlm import build_speechlm
+    from models.tokenizer import build_tiny_tokenizer
+
+    torch.manual_seed(base_seed)
+    model = build_speechlm(tiny(lm_mode), tokenizer=build_tiny_tokenizer())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() < 2:
+                continue
+            if n.startswith("lm.") and "lora_" not in n:  # the base LM: drawn from base_seed
+                gb = torch.Generator().manual_seed(base_seed * 7919 + zlib.crc32(n.encode()))
+                p.copy_(0.3 * torch.randn(p.shape, generator=gb))
+            else:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return model.save_pretrained(root / name)
+
+
+def _audio(seconds: float, seed: int) -> np.ndarray:
+    return (0.3 * np.random.default_rng(seed).standard_normal(int(seconds * 16000))).astype(np.float32)
+
+
+CONVERSATIONS = {
+    "text": Conversation([Turn.text("user", "hello there, how are you?")]),
+    "audio": Conversation([Turn("user", [AudioPart(_audio(1.3, 1))])]),
+    "mixed": Conversation([Turn("user", [TextPart("Listen:"), AudioPart(_audio(0.9, 2)), TextPart("and"),
+                                         AudioPart(_audio(2.1, 3)), TextPart("what is it?")])]),
+    "multi_turn": Conversation([Turn("user", [TextPart("hi"), AudioPart(_audio(0.6, 4))]),
+                                Turn.text("assistant", "the answer is five"),
+                                Turn("user", [AudioPart(_audio(1.1, 5)), TextPart("again?")])]),
+}
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """One event loop for the module's engines (an engine serves the loop it first generated on)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield lambda coro: asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=300)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, loop):
+    from services.engine import EngineSettings, EngineStore
+
+    root = tmp_path_factory.mktemp("vllm")
+    dirs = {"base": _save_varied(root, "base", "frozen", seed=1),
+            "lora_a": _save_varied(root, "lora_a", "lora", seed=2),
+            "lora_b": _save_varied(root, "lora_b", "lora", seed=3)}
+    store = EngineStore(EngineSettings(kv_cache_gib=0.25, max_num_seqs=8))
+    models = {name: store.load(str(d)) for name, d in dirs.items()}
+    yield {"dirs": dirs, "models": models, "store": store}
+    store.shutdown()
+
+
+def _reference(folder, dtype=torch.float32):
+    from models.speechlm import SpeechLM
+
+    model = SpeechLM.from_pretrained(folder, dtype=dtype)
+    _, ids = model.generate(list(CONVERSATIONS.values()), max_new_tokens=MAX_NEW, return_ids=True)
+    return dict(zip(CONVERSATIONS, ids))
+
+
+def test_fine_tunes_of_one_base_share_an_engine_and_a_frozen_lm_has_its_own(served):
+    stats = served["store"].stats()
+    assert (stats["loaded_models"], stats["shared_lm_bases"], stats["lora_adapters_on_shared_bases"]) == (3, 2, 2)
+    assert served["models"]["lora_a"].engine is served["models"]["lora_b"].engine
+    assert served["models"]["base"].engine is not served["models"]["lora_a"].engine
+
+
+@pytest.mark.parametrize("name", ["base", "lora_a", "lora_b"])
+def test_greedy_answers_are_the_hf_models_token_for_token_in_fp32(served, loop, name):
+    want = _reference(served["dirs"][name])
+    model = served["models"][name]
+
+    async def answers():  # all at once: one continuous batch
+        return await asyncio.gather(*(model.answer(c, MAX_NEW) for c in CONVERSATIONS.values()))
+
+    got = dict(zip(CONVERSATIONS, [ids for _, ids in loop(answers())]))
+    assert got == want
+    assert len({tuple(v) for v in want.values()}) == len(want)  # the prompts' answers differ: a real comparison
+
+
+def test_two_fine_tunes_in_one_batch_each_hear_with_their_own_tower(served, loop):
+    """The same audio prompts to both fine-tunes of one engine, interleaved in one batch: each answer is its own
+    model's; the two models answer differently."""
+    want = {name: _reference(served["dirs"][name]) for name in ("lora_a", "lora_b")}
+    order = [(name, case) for case in ("audio", "mixed") for name in ("lora_a", "lora_b")]
+
+    async def answers():
+        return await asyncio.gather(*(served["models"][n].answer(CONVERSATIONS[c], MAX_NEW) for n, c in order))
+
+    got = loop(answers())
+    for (name, case), (_, ids) in zip(order, got):
+        assert ids == want[name][case], (name, case)
+    assert want["lora_a"]["audio"] != want["lora_b"]["audio"]
