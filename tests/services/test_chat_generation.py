@@ -1,10 +1,11 @@
-"""Generation for the chat app without a server: requests share one batched generate() as rows, and each ends on
+"""Generation for the chat app without a server: requests run together on the engine as rows, and each ends on
 its own (its stop string, its client gone) while the others go on; a stream closed early cancels its row."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import threading
 
 import pytest
 import torch
@@ -15,16 +16,32 @@ from services.openai_protocol import Limits, parse_chat_request
 MAX = 60
 
 
+pytestmark = pytest.mark.integration
+
+
 @pytest.fixture(scope="module")
-def model():
+def loop():
+    """One event loop for the module's engine (an engine serves the loop it first generated on)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield lambda coro: asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=300)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
     from models.config import tiny
     from models.speechlm import build_speechlm
     from models.tokenizer import build_tiny_tokenizer
+    from services.engine import EngineSettings, EngineStore
 
     torch.manual_seed(3)
     m = build_speechlm(tiny(), tokenizer=build_tiny_tokenizer(["hello there, how are you?"]))
-    m.eval()
-    return m
+    store = EngineStore(EngineSettings(kv_cache_gib=0.25, max_num_seqs=4))
+    yield store.load(str(m.save_pretrained(tmp_path_factory.mktemp("gen") / "m")))
+    store.shutdown()
 
 
 def _request(stop=None, stream=False):
@@ -38,9 +55,9 @@ def _request(stop=None, stream=False):
     return parse_chat_request(body, Limits(), 16000)
 
 
-def test_rows_of_one_batch_end_on_their_own(model):
+def test_rows_of_one_batch_end_on_their_own(model, loop):
     free = [Row(_request(), "m", model) for _ in range(3)]
-    generate_rows(free)
+    loop(generate_rows(free))
     # the first two letters in a row of row 0's answer, and how many tokens it took to write them
     k, stop = next((k, m.group()) for k in range(1, MAX) if (m := re.search("[A-Za-z]{2}", free[0].text(k))))
     assert k < len(free[0].ids) and len(free[2].ids) > k + 10  # row 0 goes on after `stop`, row 2 long after
@@ -49,7 +66,7 @@ def test_rows_of_one_batch_end_on_their_own(model):
     stopped, cancelled, other = Row(_request(stop=[stop]), "m", model), Row(_request(), "m", model), \
         Row(_request(), "m", model)
     cancelled.cancel()  # its client went away before its first token
-    timing = generate_rows([stopped, cancelled, other])
+    timing = loop(generate_rows([stopped, cancelled, other]))
     assert len(stopped.ids) == k and stopped.result()["finish_reason"] == "stop"  # at the token completing `stop`
     assert free[0].text().startswith(stopped.result()["text"]) and stop not in stopped.result()["text"]
     assert cancelled.ids == []
@@ -69,15 +86,15 @@ def test_a_stream_closed_early_cancels_its_row(model):
     assert '"role": "assistant"' in first and row.done.is_set()
 
 
-def test_a_stream_sends_its_tokens_as_they_come_and_the_usage(model):
+def test_a_stream_sends_its_tokens_as_they_come_and_the_usage(model, loop):
     async def run():
         row = Row(_request(stream=True), "m", model, asyncio.get_running_loop())
-        generation = asyncio.get_running_loop().run_in_executor(None, generate_rows, [row])
+        generation = asyncio.ensure_future(generate_rows([row]))
         chunks = [c async for c in sse(row, "id", {"prompt_tokens": 1})]
         await generation
         return row, chunks
 
-    row, chunks = asyncio.run(run())
+    row, chunks = loop(run())
     deltas = [re.search(r'"content": "(.*?)"}', c) for c in chunks[1:]]
     assert len([d for d in deltas if d and d.group(1)]) > 3  # many content chunks, not one at the end
     assert '"finish_reason": "length"' in chunks[-3] and f'"completion_tokens": {MAX}' in chunks[-2]
