@@ -44,8 +44,8 @@ class EngineSettings(StrictModel):
     """Threads of an engine on a CPU (vLLM's default is one)."""
     max_num_seqs: int = Field(16, ge=1)
     """Requests decoded together in one engine step."""
-    max_model_len: int = Field(4096, ge=64)
-    """Prompt (audio positions included) plus answer, in tokens."""
+    max_model_len: int | None = Field(None, ge=64)
+    """Prompt (audio positions included) plus answer, in tokens; None: the LM's own context length."""
     max_loras: int = Field(4, ge=1)
     """LoRA fine-tunes one engine step can mix."""
     max_lora_rank: int = Field(64, ge=1)
@@ -105,6 +105,41 @@ class ServedModel:
         ids = list(out.outputs[0].token_ids) if out is not None else []
         ids = ids[: next((i for i, t in enumerate(ids) if t in stops), len(ids))]
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids
+
+    async def answers(self, conversations, max_new_tokens: int = 64) -> list[str]:
+        """Greedy answers of `conversations`, all in the engine at once (it batches them)."""
+        import asyncio
+
+        return [text for text, _ in await asyncio.gather(*(self.answer(c, max_new_tokens) for c in conversations))]
+
+    async def answer_losses(self, conversations) -> list[tuple[float, int]]:
+        """Per conversation: (summed cross-entropy over its answer tokens, how many), teacher-forced by the engine
+        (its prompt log-probabilities) on the training encoding (`models.content_check.answer_token_losses` on the
+        trained model computes the same)."""
+        import asyncio
+
+        from models.processor import IGNORE_INDEX
+        from services.vllm_speechlm import TOWER_KWARG, engine_prompt
+
+        async def one(conv) -> tuple[float, int]:
+            enc = self.processor.encode(conv)
+            prompt = engine_prompt(enc, self.processor.audio_token_count, self.marker_id)
+            if enc.audios:
+                prompt["mm_processor_kwargs"] = {TOWER_KWARG: str(self.folder)}
+            out = None
+            async for output in self.generate(prompt, self.scoring()):
+                out = output
+            # prompt_logprobs[i]: log p(token i | tokens before it), over the expanded prompt (= enc.input_ids)
+            logprobs = out.prompt_logprobs
+            picked = [(logprobs[i][t].logprob) for i, t in enumerate(enc.labels) if t != IGNORE_INDEX]
+            return -float(sum(picked)), len(picked)
+
+        return list(await asyncio.gather(*(one(c) for c in conversations)))
+
+    def scoring(self):
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
 
 
 class EngineStore:
@@ -210,3 +245,25 @@ def _write_engine_config(folder: Path) -> None:
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(lm_config)
     write_engine_config(folder, lm, AutoTokenizer.from_pretrained(folder / TOKENIZER_DIR), source)
+
+
+class BlockingRunner:
+    """An event loop in a thread of its own, for callers without one (batch evaluation, benchmarks): `runner(coro)`
+    runs a coroutine there and returns its result. An engine serves the loop it first generated on, so one runner
+    goes with one store."""
+
+    def __init__(self):
+        import asyncio
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def __call__(self, coro, timeout: float | None = None):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)

@@ -1,9 +1,9 @@
 """Evaluation of a trained SpeechLM on a suite: Ray Data batch inference, scoring, the content check, and logging to
 MLflow (what `python -m jobs.evaluate` runs, and the ablation's evaluation steps).
 
-Every task's rows go through one pool of actors holding the model (loaded once per actor, not per task); each
-conversation is cut before its last assistant turn and answered greedily (the reference is that last assistant
-turn); the content check runs meanwhile as a Ray task. Scores: ASR WER per language, AST BLEU per direction, exact
+Every task's rows go through one pool of actors holding the model on the serving engine (vLLM, `services.engine`:
+what is evaluated is what is served; loaded once per actor, not per task); each conversation is cut before its last assistant turn and answered greedily (the reference is that last assistant
+turn); the content check (losses from the same engine) runs meanwhile as a Ray task. Scores: ASR WER per language, AST BLEU per direction, exact
 match for text tasks and spoken instructions, the Appendix B judge when one is configured, and the reference
 answers' loss. Metrics go to the model's training run (found from the registry), or to a new run in an experiment
 for a local model folder, with a per-sample table `eval/<suite>/samples.json`.
@@ -34,16 +34,37 @@ def transcription_request(conv, lang: str):
             " ".join(p.transcript.strip() for p in audio) if audio and all(p.transcript for p in audio) else "")
 
 
-def load_for_inference(model_uri: str, tracking_uri: str | None, precision: str):
-    """The model on this Ray worker's device (a GPU when it was given one), in `precision`'s dtype there."""
+def load_for_inference(model_uri: str, tracking_uri: str | None, precision: str) -> "EngineModel":
+    """The model on the serving engine (`services.engine`), on this Ray worker's device (a GPU when it was given
+    one), in `precision`'s dtype there: what is evaluated is what is served."""
     from jobs.training.console import quiet_console
-    from models.precision import inference_dtype, resolve_device
-    from services.model_store import load_speechlm
 
     quiet_console(os.environ)  # a Ray worker: no download progress bars in the job log
-    device = resolve_device("auto")
-    return load_speechlm(model_uri, tracking_uri=tracking_uri, device=device,
-                         dtype=inference_dtype(device, precision))
+    return EngineModel(model_uri, tracking_uri, precision)
+
+
+class EngineModel:
+    """One saved model on its own vLLM engine, used synchronously: greedy answers and teacher-forced answer losses
+    of conversations, each call one batch in the engine."""
+
+    # an evaluation actor holds one CPU (`predict`): the engine gets that thread and a KV cache sized for batches
+    SETTINGS = {"kv_cache_gib": 1.0, "cpu_threads": 1, "max_num_seqs": 32}
+
+    def __init__(self, model_uri: str, tracking_uri: str | None, precision: str):
+        from models.precision import inference_dtype, resolve_device
+        from services.engine import BlockingRunner, EngineSettings, EngineStore
+
+        device = resolve_device("auto")
+        self.dtype = inference_dtype(device, precision)
+        self.store = EngineStore(EngineSettings(**self.SETTINGS), tracking_uri, str(device), self.dtype)
+        self.run = BlockingRunner()
+        self.served = self.store.load(model_uri)
+
+    def generate(self, conversations, max_new_tokens: int) -> list[str]:
+        return self.run(self.served.answers(conversations, max_new_tokens))
+
+    def answer_token_losses(self, conversations) -> list[tuple[float, int]]:
+        return self.run(self.served.answer_losses(list(conversations)))
 
 
 class Predictor:
@@ -53,13 +74,12 @@ class Predictor:
     def __init__(self, model_uri: str, tracking_uri: str | None, max_new_tokens: int,
                  transcribe_tasks: tuple[str, ...] = (), precision: str = "auto"):
         self.model = load_for_inference(model_uri, tracking_uri, precision)
-        self.dtype = str(next(self.model.adapter.parameters()).dtype).removeprefix("torch.")  # reported per row
+        self.dtype = str(self.model.dtype).removeprefix("torch.")  # reported per row
         self.max_new_tokens = max_new_tokens
         self.transcribe_tasks = set(transcribe_tasks)
 
     def __call__(self, batch: dict) -> dict:
         from data_ops.shar_datasource import row_to_conversation
-        from models.content_check import answer_token_losses
         from models.conversation import AudioPart, Conversation, TextPart, Turn
 
         rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
@@ -80,8 +100,7 @@ class Predictor:
             contexts.append(" ".join(p.transcript or "" for p in user.parts if isinstance(p, AudioPart)))
         predictions = self.model.generate(prompts, max_new_tokens=self.max_new_tokens)
         # the reference answers' loss (teacher-forced, every assistant turn): moves before exact match does
-        losses = answer_token_losses(self.model, [Conversation(c.turns[:i + 1]) for c, i in zip(full, lasts)],
-                                     batch_size=len(rows))
+        losses = self.model.answer_token_losses([Conversation(c.turns[:i + 1]) for c, i in zip(full, lasts)])
         return {"id": [r["id"] for r in rows], "eval_task": [r["eval_task"] for r in rows],
                 "langs": [r["langs"] for r in rows], "prediction": predictions,
                 "reference": refs, "question": questions, "context": contexts,
@@ -189,12 +208,12 @@ def score(suite: Suite, task: EvalTask, rows: list[dict]) -> dict[str, float]:
 
 def _content_check_task(suite: Suite, model_uri: str, tracking_uri: str | None, precision: str) -> dict[str, float]:
     from jobs.training.content import content_probe
-    from models.content_check import content_gap
+    from models.content_check import content_gap_of
 
     convs = content_probe(suite.uris, suite.endpoint_url, size=suite.content_check)
     if not convs:
         return {}
-    return content_gap(load_for_inference(model_uri, tracking_uri, precision), convs).metrics()
+    return content_gap_of(load_for_inference(model_uri, tracking_uri, precision).answer_token_losses, convs).metrics()
 
 
 def content_check(suite: Suite, model_uri: str, tracking_uri: str | None, placement: Placement = Placement()):

@@ -124,3 +124,44 @@ def test_two_fine_tunes_in_one_batch_each_hear_with_their_own_tower(served, loop
     for (name, case), (_, ids) in zip(order, got):
         assert ids == want[name][case], (name, case)
     assert want["lora_a"]["audio"] != want["lora_b"]["audio"]
+
+
+def test_answer_losses_are_the_trained_models_teacher_forced_losses(served, loop):
+    """What evaluation scores (the reference answers' loss) comes from the engine too: its prompt log-probabilities
+    over the training encoding equal the SpeechLM's own answer loss (fp32)."""
+    from models.content_check import answer_token_losses
+    from models.speechlm import SpeechLM
+
+    convs = [Conversation(c.turns + [Turn.text("assistant", "the answer is five")]) for c in CONVERSATIONS.values()]
+    want = answer_token_losses(SpeechLM.from_pretrained(served["dirs"]["lora_a"]), convs)
+    got = loop(served["models"]["lora_a"].answer_losses(convs))
+    assert [n for _, n in got] == [n for _, n in want] and all(n > 0 for _, n in want)
+    for (g, _), (w, _) in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-4, abs=1e-3)
+
+
+def test_staggered_mixed_traffic_to_a_lora_fine_tune_is_answered_throughout(served, loop):
+    """Online traffic: requests arrive staggered (each engine step mixes prefills of new prompts, some with audio,
+    and decodes of running ones), of different lengths, some read as streams and some left early; the LoRA
+    fine-tune answers every one, and after it all a greedy answer is still exactly the trained model's."""
+    model = served["models"]["lora_a"]
+    convs = list(CONVERSATIONS.values())
+
+    async def one(i: int):
+        await asyncio.sleep(0.02 * i)
+        prompt, _, _ = model.prompt(convs[i % len(convs)])
+        sampling = model.sampling(4 + 7 * (i % 4), greedy=i % 3 == 0, temperature=0.8, seed=i)
+        n = 0
+        async for out in model.generate(prompt, sampling):
+            n = len(out.outputs[0].token_ids)
+            if i % 5 == 4 and n >= 2:  # a client that leaves mid-answer
+                break
+        return n
+
+    async def traffic():
+        return await asyncio.gather(*(one(i) for i in range(24)))
+
+    lengths = loop(traffic())
+    assert all(n >= 1 for n in lengths)
+    _, ids = loop(model.answer(CONVERSATIONS["mixed"], MAX_NEW))
+    assert ids == _reference(served["dirs"]["lora_a"])["mixed"]
