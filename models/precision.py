@@ -1,9 +1,10 @@
 """Which device and which floating-point type a model runs in: one home for the choice that training, evaluation
 and serving all make.
 
-- Inference (`inference_dtype`): bf16 on a GPU that computes it natively, fp16 on one that does not (V100, T4:
-  `torch.cuda.is_bf16_supported()` is False there, and their bf16 is emulated, slow), fp32 on CPU; any of them can
-  be asked for by name (`bf16` on CPU is how the suite tests the GPU's dtype path).
+- Inference (`inference_dtype`): bf16 on a GPU that computes it natively, fp32 on one that does not (V100, T4:
+  their bf16 is emulated, slow) and on CPU; fp16 only when asked for by name: Gemma's activations overflow fp16
+  (its embeddings are scaled by sqrt(hidden), and the checkpoints were trained in bf16), so `auto` never picks
+  it. Any of them can be asked for by name (`bf16` on CPU is how the suite tests the GPU's dtype path).
 - Training (`training_autocast_dtype`): bf16 autocast over fp32 trainable weights, the frozen ones held in bf16
   (`cast_frozen_weights`), or none (fp32). bf16 is refused on a GPU
   without native bf16, naming the GPU: fp16 training would need loss scaling, which this product does not do.
@@ -49,11 +50,11 @@ def inference_dtype(device: str | torch.device, precision: Precision = "auto") -
     device = torch.device(device)
     if precision != "auto":
         if precision == "bf16" and not native_bf16(device):
-            raise PrecisionError(f"{_gpu_name(device)} has no native bf16; use precision fp16 or auto")
+            raise PrecisionError(f"{_gpu_name(device)} has no native bf16; use precision auto (fp32 there), or fp16 "
+                                 "if this model is known not to overflow it")
         return DTYPES[precision]
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if native_bf16(device) else torch.float16
+    # auto: fp16 is never chosen for the caller (a Gemma overflows it); a GPU without native bf16 runs fp32
+    return torch.bfloat16 if device.type == "cuda" and native_bf16(device) else torch.float32
 
 
 def training_autocast_dtype(device: str | torch.device, precision: Precision = "auto") -> torch.dtype | None:

@@ -154,10 +154,25 @@ def test_precision_is_chosen_per_device():
         training_autocast_dtype("cpu", "fp16")
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_on_a_gpu_is_bf16_where_native_else_fp32_never_fp16(native, monkeypatch):
+    # a V100 or T4 (no native bf16), played on CPU: `auto` must not pick fp16, which a Gemma overflows
+    import models.precision as precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
+    monkeypatch.setattr(precision, "_gpu_name", lambda device: "Tesla V100-SXM2-16GB")
+    assert inference_dtype("cuda") == (torch.bfloat16 if native else torch.float32)
+    assert training_autocast_dtype("cuda") == (torch.bfloat16 if native else None)
+    assert inference_dtype("cuda", "fp16") == torch.float16  # asked for by name: given
+    if not native:
+        with pytest.raises(PrecisionError, match="V100"):
+            inference_dtype("cuda", "bf16")
+
+
 @pytest.mark.gpu
 def test_precision_on_this_gpu_follows_its_native_bf16():
     native = torch.cuda.is_bf16_supported(including_emulation=False)
-    assert inference_dtype("cuda") == (torch.bfloat16 if native else torch.float16)
+    assert inference_dtype("cuda") == (torch.bfloat16 if native else torch.float32)
     if native:
         assert training_autocast_dtype("cuda", "bf16") == torch.bfloat16
     else:
