@@ -126,7 +126,8 @@ def build_trainer(job: WorkerJob, core, device, world: int):
 
     tr = job.recipe.train
     autocast_dtype = training_autocast_dtype(device, tr.precision)  # refuses bf16 on a GPU without it, first
-    model = wrap_model(core, tr.strategy, world, tr.fsdp_shard_size, torch.device(device).type)
+    # `core` comes from `prepare_model` (`model_init.build_on_ranks`): rank 0's weights, broadcast to every rank
+    model = wrap_model(core, tr.strategy, world, tr.fsdp_shard_size, torch.device(device).type, weights_synced=True)
     optimizer = build_optimizer(module_param_groups(core, job.stage.module_lrs(tr)), lr=job.stage.lr or tr.lr,
                                 betas=tr.betas, weight_decay=tr.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=tr.warmup_steps, total_steps=job.stage.max_steps,
