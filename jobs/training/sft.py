@@ -299,6 +299,7 @@ def prepare_model(job: WorkerJob, rank: int, world: int, device):
     from jobs.training.model_init import build_on_ranks
     from jobs.training.tokenizer import load_tokenizer
 
+    from models.loss import answer_loss_kind
     from models.precision import cast_frozen_weights, training_autocast_dtype
 
     tr = job.recipe.train
@@ -324,6 +325,8 @@ def prepare_model(job: WorkerJob, rank: int, world: int, device):
                                      measure=count_forward_flops)  # on rank 0's whole model, sent to every rank
     peak = peak_flops_per_s(device, tr.peak_tflops)
     trainer = build_trainer(job, core, device, world)
+    if rank == 0:  # once per stage: a GPU run without Liger's fused loss says so, and why
+        log(f"answer loss: {answer_loss_kind(core.lm.get_output_embeddings(), device)}")
     # every rank has the same weights (rank 0's); from here on each draws its own random numbers (dropout)
     torch.manual_seed(worker_seed(job.recipe.run.seed, rank))
     return core, trainer, flops, peak
