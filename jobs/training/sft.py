@@ -400,7 +400,7 @@ def train_loop_per_worker(config: dict) -> None:
                 content = check_content(core, step)
                 if logger:
                     logger.log_metrics(content, step=step + job.step_offset)
-            if step % tr.checkpoint_every == 0 or last:
+            if step % tr.checkpoint_every == 0 or (last and tr.final_checkpoint):
                 report_checkpoint(trainer, stage.name, prefetch.consumed, float(step_loss), rank, world, sharded,
                                   fingerprint, device)
         if job.final:
