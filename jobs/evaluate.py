@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus-per-actor", type=float, default=None,
                     help="GPUs per predictor actor (default: 1 when the cluster has GPUs, else 0)")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                    help="the weights' dtype (default: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU)")
+                    help="the weights' dtype (default: bf16 on GPUs that have it, fp32 on older GPUs and CPU; "
+                         "fp16 only when asked)")
     args = ap.parse_args(argv)
     if args.actors < 1 or (args.gpus_per_actor is not None and args.gpus_per_actor < 0):
         ap.error("--actors must be >= 1 and --gpus-per-actor >= 0")

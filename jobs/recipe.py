@@ -10,8 +10,8 @@
     train: max_steps, grad_accum, optimizer (Adam, lr and per-module encoder_lr / adapter_lr / lm_lr,
            weight_decay, betas), warmup_steps, schedule, clipping (global or per module), precision,
            activation_checkpointing,
-           strategy (ddp | fsdp), fsdp_shard_size, num_workers, use_gpu, checkpoint_every, max_failures, log_every,
-           content_check_every
+           strategy (ddp | fsdp), fsdp_shard_size, num_workers, use_gpu, checkpoint_every, final_checkpoint,
+           max_failures, log_every, content_check_every
     stages: optional list of stages run one after another (two-stage training, ablation B3): each names its
            steps and what it changes (lm_mode, ratios); a stage starts from the previous stage's weights
     promote: the promotion gate after the last step (content gap, text retention against the starting LM):
@@ -187,6 +187,10 @@ class TrainSection(StrictModel):
     """Peak dense bf16 TFLOPS of one device, for `perf/mfu`; None: looked up from the GPU's name
     (`jobs.training.flops.PEAK_BF16_TFLOPS`), none on CPU."""
     checkpoint_every: int = Field(1000, ge=1)
+    final_checkpoint: bool = True
+    """Also checkpoint at the last step (what a resubmission resumes from, and a next stage starts from). False for
+    a run whose end state nobody resumes, a speed check (`bench.gpu_check`): the paper's model writes ~8 GB there
+    (weights and Adam state) to `run.storage_path`. The trained model is logged to MLflow either way."""
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(3, ge=0)
     log_every: int = Field(10, ge=1)
@@ -279,6 +283,13 @@ class Recipe(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _final_checkpoint(self) -> "Recipe":
+        if not self.train.final_checkpoint and len(self.stage_list()) > 1:
+            raise ValueError("train.final_checkpoint: false, but the recipe has stages: each stage starts from the "
+                             "previous stage's last checkpoint; leave it true")
+        return self
+
+    @model_validator(mode="after")
     def _stages(self) -> "Recipe":
         for st in self.stages or []:
             if st.ratios is not None:
@@ -309,9 +320,9 @@ class Recipe(StrictModel):
         """What the weights of a checkpoint depend on: model, data, train, stages and seed. Not where the run is
         stored or tracked, nor the storage endpoint: a resubmission elsewhere continues the same training; nor
         the promotion gate, which reads the weights and makes none; nor activation checkpointing, which changes
-        memory, not weights (a run out of memory resumes with it on)."""
+        memory, not weights (a run out of memory resumes with it on); nor whether the last step checkpoints."""
         raw = self.model_dump(mode="json", exclude={"run": True, "promote": True, "data": {"endpoint_url"},
-                                                    "train": {"activation_checkpointing"}})
+                                                    "train": {"activation_checkpointing", "final_checkpoint"}})
         # settings added since runs were first fingerprinted count only when set: a run checkpointed before they
         # existed resumes under the new code
         for section, keys in ((raw["data"], ("max_sample_audio_s", "max_sample_tokens")),

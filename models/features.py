@@ -5,6 +5,9 @@ pre-emphasises on the CPU and leaves its input there, and `WhisperFeatureExtract
 move audio through the host every step. These modules reproduce their math (tests compare against them) on
 tensors already on the device, batched, with exact valid lengths.
 
+Their filterbank and window are computed buffers: they stay fp32 when the model moves to bf16
+(`models.precision.KeepComputedBuffers`).
+
 Legend: B batch of audio segments, S samples, T feature frames, F mel bins.
 """
 
@@ -14,29 +17,15 @@ import math
 
 import numpy as np
 import torch
-from torch import nn
 from transformers.audio_utils import mel_filter_bank
+
+from models.precision import KeepComputedBuffers
 
 LOG_ZERO_GUARD = 2.0**-24  # NeMo / ParakeetFeatureExtractor
 NORM_EPS = 1e-5
 
 
-class Fp32Buffers(nn.Module):
-    """A module whose floating buffers (mel filterbank, window) stay fp32 when the model moves to another dtype.
-
-    Why: `Module.to(dtype=torch.bfloat16)` casts floating buffers too, which would round the filterbank and the
-    window, so a model served or evaluated in bf16 would compute other features than it was trained on (in fp32,
-    under autocast). The buffers follow the model's device only, and keep their exact fp32 values."""
-
-    def _apply(self, fn, recurse=True):
-        originals = {name: b for name, b in self._buffers.items() if b is not None and b.is_floating_point()}
-        super()._apply(fn, recurse)
-        for name, b in originals.items():
-            self._buffers[name] = b.to(device=self._buffers[name].device)
-        return self
-
-
-class FastConformerFeatures(Fp32Buffers):
+class FastConformerFeatures(KeepComputedBuffers):
     """NeMo-style features (as `ParakeetFeatureExtractor`): pre-emphasis 0.97, 25 ms Hann window, 10 ms hop,
     512-point FFT, slaney mel, natural log, then per-utterance per-bin mean/variance normalisation over valid
     frames only.
@@ -77,7 +66,7 @@ class FastConformerFeatures(Fp32Buffers):
         return mel * mask, feat_lens
 
 
-class WhisperFeatures(Fp32Buffers):
+class WhisperFeatures(KeepComputedBuffers):
     """Whisper's features (as `WhisperFeatureExtractor`): 400-point FFT, 10 ms hop, slaney mel to 8 kHz, log10,
     floor at (max - 8), then (x + 4) / 4. Input is one fixed window per row (Whisper needs exactly 30 s)."""
 

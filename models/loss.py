@@ -10,8 +10,10 @@ recomputed in the backward (activation checkpointing), so only one chunk's logit
 or the backward. The reduction is the sum over label tokens divided by their number: the same mean as
 transformers' loss.
 
-On CUDA, where `liger_kernel` is installed and the head is a plain linear layer, its fused linear cross-entropy
-does the same projection + cross-entropy in Triton without materialising a chunk's logits at all.
+On CUDA, where `liger_kernel` is installed (infra/install.sh installs it with a CUDA torch: the `gpu` extra) and
+the head is a plain linear layer, its fused linear cross-entropy does the same projection + cross-entropy in Triton
+without materialising a chunk's logits at all. `answer_loss_kind` says which one a model gets, and why (the
+training job logs it once per stage).
 
 What this is not: a general loss registry. Models that rescale their logits other than by Gemma 2/3's
 `final_logit_softcapping` (Cohere's `logit_scale`, Granite's `logits_scaling`) are refused, not approximated.
@@ -61,14 +63,34 @@ def token_nll(h: torch.Tensor, y: torch.Tensor, head: nn.Module, *, softcap: flo
     return torch.cat(parts) if parts else h.new_zeros((0,), dtype=torch.float32)
 
 
-def _liger_nll_sum(head: nn.Module, softcap: float | None, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-    """The summed cross-entropy by liger's fused kernel, or None where it does not apply (no liger, not CUDA, not
-    a plain linear head: a LoRA-wrapped head's output is not `weight @ h`)."""
-    if h.device.type != "cuda" or type(head) is not nn.Linear:
-        return None
+def _liger_loss(head: nn.Module, device: torch.device | str):
+    """liger's fused linear cross-entropy where it applies to `head` on `device`, else None; and why not."""
+    if torch.device(device).type != "cuda":
+        return None, f"the device is {torch.device(device).type}, not CUDA"
+    if type(head) is not nn.Linear:  # a LoRA-wrapped head's output is not `weight @ h`; FSDP's head has DTensors
+        return None, f"the LM head is a {type(head).__name__}, not a plain nn.Linear"
     try:
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
     except ImportError:
+        return None, "liger-kernel is not installed (infra/install.sh installs it with a CUDA torch)"
+    return liger_fused_linear_cross_entropy, ""
+
+
+def answer_loss_kind(head: nn.Module, device: torch.device | str) -> str:
+    """Which cross-entropy `answer_loss` runs for `head` on `device`, in words, with the reason when it is not
+    liger's fused kernel."""
+    fused, why_not = _liger_loss(head, device)
+    if fused is not None:
+        from importlib.metadata import version
+
+        return f"liger's fused linear cross-entropy (liger-kernel {version('liger-kernel')})"
+    return f"chunked projection + cross-entropy, {CHUNK} positions at a time (not liger's fused kernel: {why_not})"
+
+
+def _liger_nll_sum(head: nn.Module, softcap: float | None, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    """The summed cross-entropy by liger's fused kernel, or None where it does not apply (`_liger_loss`)."""
+    liger_fused_linear_cross_entropy, _ = _liger_loss(head, h.device)
+    if liger_fused_linear_cross_entropy is None:
         return None
     out = liger_fused_linear_cross_entropy(h, head.weight, y, bias=head.bias, ignore_index=IGNORE_INDEX,
                                            reduction="sum", softcap=softcap)

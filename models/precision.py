@@ -1,19 +1,22 @@
 """Which device and which floating-point type a model runs in: one home for the choice that training, evaluation
 and serving all make.
 
-- Inference (`inference_dtype`): bf16 on a GPU that computes it natively, fp16 on one that does not (V100, T4:
-  `torch.cuda.is_bf16_supported()` is False there, and their bf16 is emulated, slow), fp32 on CPU; any of them can
-  be asked for by name (`bf16` on CPU is how the suite tests the GPU's dtype path).
+- Inference (`inference_dtype`): bf16 on a GPU that computes it natively, fp32 on one that does not (V100, T4:
+  their bf16 is emulated, slow) and on CPU; fp16 only when asked for by name: Gemma's activations overflow fp16
+  (its embeddings are scaled by sqrt(hidden), and the checkpoints were trained in bf16), so `auto` never picks
+  it. Any of them can be asked for by name (`bf16` on CPU is how the suite tests the GPU's dtype path).
 - Training (`training_autocast_dtype`): bf16 autocast over fp32 trainable weights, the frozen ones held in bf16
   (`cast_frozen_weights`), or none (fp32). bf16 is refused on a GPU
   without native bf16, naming the GPU: fp16 training would need loss scaling, which this product does not do.
+- Computed buffers (`KeepComputedBuffers`): what stays fp32 when a model's weights move to bf16 or fp16.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
+from torch import nn
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -47,11 +50,11 @@ def inference_dtype(device: str | torch.device, precision: Precision = "auto") -
     device = torch.device(device)
     if precision != "auto":
         if precision == "bf16" and not native_bf16(device):
-            raise PrecisionError(f"{_gpu_name(device)} has no native bf16; use precision fp16 or auto")
+            raise PrecisionError(f"{_gpu_name(device)} has no native bf16; use precision auto (fp32 there), or fp16 "
+                                 "if this model is known not to overflow it")
         return DTYPES[precision]
-    if device.type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if native_bf16(device) else torch.float16
+    # auto: fp16 is never chosen for the caller (a Gemma overflows it); a GPU without native bf16 runs fp32
+    return torch.bfloat16 if device.type == "cuda" and native_bf16(device) else torch.float32
 
 
 def training_autocast_dtype(device: str | torch.device, precision: Precision = "auto") -> torch.dtype | None:
@@ -81,8 +84,8 @@ def cast_frozen_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
     frozen weights cost their fp32 copy plus a bf16 one (6 bytes a weight, ~15 GB for the paper's Gemma 2B) for
     nothing but the ops autocast leaves in fp32 (embedding lookups, norm weights). In bf16 they cost 2 bytes.
 
-    Parameters only: buffers keep their dtype (the mel filterbank and window of `models.features.Fp32Buffers`,
-    BatchNorm's running statistics). `p.data` is replaced, not the Parameter, so tied weights stay tied and every
+    Parameters only: buffers keep their dtype (the computed ones of `KeepComputedBuffers`, BatchNorm's running
+    statistics). `p.data` is replaced, not the Parameter, so tied weights stay tied and every
     reference (PEFT's wrappers, an optimizer) still holds the same parameter. Undo with `dtype=torch.float32`."""
     cast = 0
     for p in model.parameters():
@@ -90,3 +93,37 @@ def cast_frozen_weights(model: torch.nn.Module, dtype: torch.dtype) -> int:
             p.data = p.data.to(dtype)
             cast += p.numel()
     return cast
+
+
+def computed_buffers(module: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Tensor]]:
+    """(owner, name, tensor) of every floating buffer under `module` that the code computes at build rather than
+    a checkpoint holds: the non-persistent ones (rotary `inv_freq` / `original_inv_freq` of any transformers LM, an
+    encoder's position frequencies, the mel filterbank and window, Gemma's `embed_scale`). Persistent buffers
+    (BatchNorm's running statistics) are state like weights: they are saved, loaded and cast with them."""
+    for owner in module.modules():
+        for name, b in owner._buffers.items():
+            if b is not None and b.is_floating_point() and name in owner._non_persistent_buffers_set:
+                yield owner, name, b
+
+
+class KeepComputedBuffers(nn.Module):
+    """A module whose computed buffers (`computed_buffers`, its own and its submodules') keep the dtype they were
+    built in (fp32) when the module moves to another dtype (`.to(torch.bfloat16)`, `.half()`); they follow its
+    device.
+
+    Why: `Module.to(dtype)` casts floating buffers too. Training never does (it casts parameters only:
+    `cast_frozen_weights`), so a model served or evaluated in bf16 would otherwise compute with rounded rotary
+    frequencies (angle error growing with position: ~0.7 rad at position 500 for Gemma's head dim 256, measured
+    in `tests/models/test_bf16.py` as logits drifting from the trained model's along the sequence), a rounded
+    filterbank and window. transformers' rotary embedding computes in fp32 from an fp32 `inv_freq` and casts its
+    cos/sin to the activations' dtype, as the features cast theirs; nothing else needs to change. Which buffers is
+    decided by the code (persistent or not), not by name, so a new architecture's are covered."""
+
+    def _apply(self, fn, recurse=True):
+        kept = [k for k in computed_buffers(self) if recurse or k[0] is self]
+        super()._apply(fn, recurse)
+        for owner, name, before in kept:
+            after = owner._buffers[name]
+            if after is not None and after.dtype != before.dtype:  # a device move alone keeps what `fn` gave
+                owner._buffers[name] = after.to(before.dtype) if before.is_meta else before.to(after.device)
+        return self

@@ -33,6 +33,7 @@ from models.config import SpeechLMConfig, checkpoint_source
 from models.conversation import Conversation, ConversationError
 from models.features import FastConformerFeatures, WhisperFeatures
 from models.loss import answer_loss, answer_nll_per_row, logit_softcap
+from models.precision import KeepComputedBuffers
 from models.processor import ConversationProcessor, move_batch
 from models.empty_weights import allocate_unwritten, unread_lm
 from models.engine_config import write_engine_config
@@ -55,7 +56,7 @@ class AudioPlaceholderMismatch(ConversationError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class SpeechEncoder(nn.Module):
+class SpeechEncoder(KeepComputedBuffers):
     """Wraps transformers' `ParakeetEncoder` (FastConformer) or Whisper's encoder with its feature frontend.
 
     Whisper needs exactly 30 s windows: long audio is cut into windows, each encoded, and the valid frames of all
@@ -199,7 +200,7 @@ class ConformerLayer(nn.Module):
         return self.final_norm(x)
 
 
-class ModalityAdapter(nn.Module):
+class ModalityAdapter(KeepComputedBuffers):
     """Maps encoder frames into the LM's embedding space: stack `k` frames, project to H, Conformer layers,
     project to D."""
 
@@ -233,8 +234,9 @@ class ModalityAdapter(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class SpeechLM(nn.Module):
-    """Encoder + adapter + causal LM. Build with `build_speechlm` or `SpeechLM.from_pretrained`."""
+class SpeechLM(KeepComputedBuffers):
+    """Encoder + adapter + causal LM. Build with `build_speechlm` or `SpeechLM.from_pretrained`. `.to(dtype)` moves
+    the weights; computed buffers (rotary frequencies, filterbank) stay fp32, as training keeps them."""
 
     def __init__(self, config: SpeechLMConfig, encoder: SpeechEncoder, adapter: ModalityAdapter, lm: nn.Module,
                  tokenizer=None):

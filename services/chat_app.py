@@ -59,7 +59,8 @@ class ServeConfig(StrictModel):
     """Name of the environment variable holding the API key; None: no key required."""
     device: str = "auto"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """The weights' dtype: auto is bf16 on GPUs that compute it natively, fp16 on older GPUs, fp32 on CPU."""
+    """The weights' dtype: auto is bf16 on GPUs that compute it natively, fp32 on older GPUs (V100,
+    T4) and CPU; fp16 only when asked (Gemma overflows it)."""
     engine: EngineSettings = Field(default_factory=EngineSettings)
     """The vLLM engines' resources: KV-cache space, CPU threads, sequences per step, LoRA slots."""
     limits: Limits = Field(default_factory=Limits)

@@ -2,11 +2,13 @@
 MLflow (what `python -m jobs.evaluate` runs, and the ablation's evaluation steps).
 
 Every task's rows go through one pool of actors holding the model on the serving engine (vLLM, `services.engine`:
-what is evaluated is what is served; loaded once per actor, not per task); each conversation is cut before its last assistant turn and answered greedily (the reference is that last assistant
-turn); the content check (losses from the same engine) runs meanwhile as a Ray task. Scores: ASR WER per language, AST BLEU per direction, exact
+what is evaluated is what is served; loaded once per actor, not per task); each conversation is cut before its last
+assistant turn and answered greedily (the reference is that last assistant turn); the content check (its losses
+from the same engine) runs meanwhile as a Ray task. Scores: ASR WER per language, AST BLEU per direction, exact
 match for text tasks and spoken instructions, the Appendix B judge when one is configured, and the reference
-answers' loss. Metrics go to the model's training run (found from the registry), or to a new run in an experiment
-for a local model folder, with a per-sample table `eval/<suite>/samples.json`.
+answers' loss (the engine's prompt log-probabilities). Metrics go to the model's training run (found from the
+registry), or to a new run in an experiment for a local model folder, with a per-sample table
+`eval/<suite>/samples.json`.
 """
 
 from __future__ import annotations

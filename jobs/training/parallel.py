@@ -50,7 +50,7 @@ def shard_mesh(world: int, shard_size: int | None, device_type: str):
 
 
 def wrap_model(core: nn.Module, strategy: Strategy, world: int, shard_size: int | None = None,
-               device_type: str = "cpu") -> nn.Module:
+               device_type: str = "cpu", weights_synced: bool = False) -> nn.Module:
     """What the forward and backward run through: `core` itself (one rank), a DDP wrapper, or `core` sharded in
     place (FSDP: the same module object, its parameters now DTensors).
 
@@ -59,7 +59,11 @@ def wrap_model(core: nn.Module, strategy: Strategy, world: int, shard_size: int 
     weights are gathered as they are (fp32; autocast casts them for each matmul) and gradients reduced in fp32. No
     `param_dtype` in the policy: it would also cast the forward's float inputs (the raw waveform) to bf16 before
     the features, and make FSDP compute differently from DDP. A unit may hold bf16 frozen weights next to fp32
-    trainable ones: FSDP2 asks one dtype only of the trainable parameters of a unit."""
+    trainable ones: FSDP2 asks one dtype only of the trainable parameters of a unit.
+
+    `weights_synced`: every rank already holds rank 0's weights (`jobs.training.model_init` broadcast them), so DDP
+    is told not to broadcast the whole model again as it wraps it (`init_sync=False`): ~7.5 GB more at every start
+    of the paper's model. Left False, DDP makes the ranks equal itself."""
     import ray.train.torch
 
     if strategy == "fsdp":
@@ -69,7 +73,8 @@ def wrap_model(core: nn.Module, strategy: Strategy, world: int, shard_size: int 
     if world == 1:
         return core
     # text-only batches leave the encoder and adapter without gradients: DDP must allow unused parameters
-    return ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": True})
+    return ray.train.torch.prepare_model(
+        core, parallel_strategy_kwargs={"find_unused_parameters": True, "init_sync": not weights_synced})
 
 
 def shard_model(core: nn.Module, mesh=None) -> nn.Module:

@@ -31,9 +31,18 @@ from jobs.training.lineage import log_lineage
 from jobs.training.tracking import (RECIPE_TAG, RUN_TAG, client_for, end_status, find_or_create_run, log_metrics,
                                    log_params, resolve_tracking_uri)
 
-# The environment a worker needs from the driver's (object storage and MLflow credentials, Ray's auth mode).
+# The environment a worker needs from the driver's (object storage and MLflow credentials, Ray's auth mode, and the
+# network interfaces the collectives bind: gloo, which takes the host-side collectives, binds to whatever the host
+# name resolves to unless told, and a host name mapped to 127.0.1.1 (Debian's default) hangs across nodes).
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                 "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE")
+                 "AWS_DEFAULT_REGION", "MLFLOW_TRACKING_URI", "RAY_AUTH_MODE", "GLOO_SOCKET_IFNAME",
+                 "NCCL_SOCKET_IFNAME")
+
+
+def forwarded_worker_env(env: dict, tracking_uri: str) -> dict[str, str]:
+    """The environment every training worker (and the promotion gate's tasks) runs with: `FORWARDED_ENV` from the
+    driver's `env`, the console settings, and the run's MLflow server."""
+    return {k: env[k] for k in FORWARDED_ENV if k in env} | WORKER_ENV | {"MLFLOW_TRACKING_URI": tracking_uri}
 
 
 def flat_params(recipe: Recipe) -> dict[str, str]:
@@ -286,7 +295,7 @@ def _train_and_register(recipe: Recipe, env: dict, tracking_uri: str, run_id: st
     tokenizer_files = tokenizer_files_for(recipe)
     check_cluster_fits(recipe)
     check_paths_on_every_node(local_paths(recipe), log)
-    worker_env = {k: env[k] for k in FORWARDED_ENV if k in env} | WORKER_ENV | {"MLFLOW_TRACKING_URI": tracking_uri}
+    worker_env = forwarded_worker_env(env, tracking_uri)
     stages = recipe.stage_list()
     init_from, offset, result, checkpoints = None, 0, None, []
     for i, stage in enumerate(stages):

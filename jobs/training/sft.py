@@ -126,7 +126,8 @@ def build_trainer(job: WorkerJob, core, device, world: int):
 
     tr = job.recipe.train
     autocast_dtype = training_autocast_dtype(device, tr.precision)  # refuses bf16 on a GPU without it, first
-    model = wrap_model(core, tr.strategy, world, tr.fsdp_shard_size, torch.device(device).type)
+    # `core` comes from `prepare_model` (`model_init.build_on_ranks`): rank 0's weights, broadcast to every rank
+    model = wrap_model(core, tr.strategy, world, tr.fsdp_shard_size, torch.device(device).type, weights_synced=True)
     optimizer = build_optimizer(module_param_groups(core, job.stage.module_lrs(tr)), lr=job.stage.lr or tr.lr,
                                 betas=tr.betas, weight_decay=tr.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=tr.warmup_steps, total_steps=job.stage.max_steps,
@@ -298,6 +299,7 @@ def prepare_model(job: WorkerJob, rank: int, world: int, device):
     from jobs.training.model_init import build_on_ranks
     from jobs.training.tokenizer import load_tokenizer
 
+    from models.loss import answer_loss_kind
     from models.precision import cast_frozen_weights, training_autocast_dtype
 
     tr = job.recipe.train
@@ -323,6 +325,8 @@ def prepare_model(job: WorkerJob, rank: int, world: int, device):
                                      measure=count_forward_flops)  # on rank 0's whole model, sent to every rank
     peak = peak_flops_per_s(device, tr.peak_tflops)
     trainer = build_trainer(job, core, device, world)
+    if rank == 0:  # once per stage: a GPU run without Liger's fused loss says so, and why
+        log(f"answer loss: {answer_loss_kind(core.lm.get_output_embeddings(), device)}")
     # every rank has the same weights (rank 0's); from here on each draws its own random numbers (dropout)
     torch.manual_seed(worker_seed(job.recipe.run.seed, rank))
     return core, trainer, flops, peak
@@ -396,7 +400,7 @@ def train_loop_per_worker(config: dict) -> None:
                 content = check_content(core, step)
                 if logger:
                     logger.log_metrics(content, step=step + job.step_offset)
-            if step % tr.checkpoint_every == 0 or last:
+            if step % tr.checkpoint_every == 0 or (last and tr.final_checkpoint):
                 report_checkpoint(trainer, stage.name, prefetch.consumed, float(step_loss), rank, world, sharded,
                                   fingerprint, device)
         if job.final:

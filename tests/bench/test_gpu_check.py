@@ -32,5 +32,12 @@ def test_gpu_check_runs_every_step_at_tiny_size_on_cpu(stack, tmp_path):
         assert t["mfu"] is None and t["peak_gpu_gib"] is None  # no peak FLOPs or GPU memory on a CPU
     assert set(result["serving"]) == {"1", "16"}
     for s in result["serving"].values():
-        assert 0 < s["ttft_s_median"] <= s["ttft_s_max"] and s["tokens_per_s"] >= 0
+        assert 0 < s["ttft_s_median"] <= s["ttft_s_max"] and s["tokens_per_s"] > 0
+        assert s["answers_with_content"] == s["clients"]  # every answer streamed text
+    # every part ran, and the table says what a speed check leaves out
+    assert {name: p["status"] for name, p in result["parts"].items()} == {
+        "CUDA tests": "ok", "synthetic corpus": "ok", "random tiny LM": "ok", "training ddp x1": "ok", "serving": "ok"}
     assert "| ddp | 1 |" in proc.stdout and "| 16 client(s) |" in proc.stdout
+    assert "| training ddp x1 | ok |" in proc.stdout and "not run, by design: the training job's last checkpoint" \
+        in proc.stdout
+    assert result["training"][0]["checkpoint"] is None

@@ -37,11 +37,11 @@ def _rank(rank: int, store_path: str, backend: str, out) -> None:
         dist.destroy_process_group()
 
 
-def _run_two_ranks(backend: str, tmp_path) -> dict:
+def _run_two_ranks(backend: str, tmp_path, target=_rank) -> dict:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     store = str(tmp_path / f"store-{len(os.listdir(tmp_path))}")
-    procs = [ctx.Process(target=_rank, args=(r, store, backend, out)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, store, backend, out)) for r in range(2)]
     for p in procs:
         p.start()
     results = dict(out.get(timeout=120) for _ in procs)
@@ -109,3 +109,43 @@ def test_the_gpu_backend_takes_host_and_device_tensors_on_a_gpu():
             assert t.item() == 1.5
     finally:
         dist.destroy_process_group()
+
+
+def _ddp_rank(rank: int, store_path: str, synced: str, out) -> None:
+    import ray.train.torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from jobs.training.parallel import wrap_model
+
+    # Ray Train's prepare_model without a Ray Train run around it: the DDP wrap it does on CPU
+    ray.train.torch.prepare_model = lambda model, parallel_strategy_kwargs: DistributedDataParallel(
+        model, **parallel_strategy_kwargs)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        model = torch.nn.Linear(4, 4)
+        with torch.no_grad():
+            model.weight.fill_(float(rank))  # rank 1's value marks whether DDP broadcast rank 0's over it
+        wrapped = wrap_model(model, "ddp", 2, weights_synced=synced == "synced")
+        out.put((rank, wrapped.module.weight[0, 0].item()))
+    except Exception as e:  # noqa: BLE001
+        out.put((rank, repr(e)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_does_not_broadcast_the_model_again_when_the_ranks_already_hold_rank_0s_weights(tmp_path):
+    # the training job's ranks get rank 0's weights from model_init's broadcast: DDP's own at wrap (init_sync) would
+    # send the whole model a second time (~7.5 GB for the paper's). Here the ranks differ on purpose, so a broadcast
+    # shows: rank 1 keeps its own weights when told they are synced, and gets rank 0's otherwise
+    assert _run_two_ranks("synced", tmp_path, _ddp_rank) == {0: 0.0, 1: 1.0}
+    assert _run_two_ranks("not synced", tmp_path, _ddp_rank) == {0: 0.0, 1: 0.0}
+
+
+def test_workers_get_the_drivers_socket_interfaces():
+    from jobs.training.ray_run import forwarded_worker_env
+
+    driver = {"GLOO_SOCKET_IFNAME": "eth1", "NCCL_SOCKET_IFNAME": "ib0", "AWS_ACCESS_KEY_ID": "k", "HOME": "/root"}
+    env = forwarded_worker_env(driver, "http://mlflow:5000")
+    assert env["GLOO_SOCKET_IFNAME"] == "eth1" and env["NCCL_SOCKET_IFNAME"] == "ib0"
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000" and env["AWS_ACCESS_KEY_ID"] == "k"
+    assert "HOME" not in env

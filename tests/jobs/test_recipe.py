@@ -64,6 +64,9 @@ def _base(uri="/nonexistent"):
     (lambda r: r["data"]["sources"]["text"].update(max_batch_audio_s=10.0),
      r"data.sources.text: max_batch_audio_s is a budget of audio seconds and text has none"),
     (lambda r: r["data"]["sources"]["asr_ast"].update(max_batch_tokens=0), r"max_batch_tokens"),
+    (lambda r: r.update(train={"max_steps": 6, "final_checkpoint": False}, stages=[
+        {"name": "a", "max_steps": 3}, {"name": "b", "max_steps": 3}]),
+     r"train.final_checkpoint: false, but the recipe has stages"),
 ])
 def test_invalid_recipes_name_the_problem(mutate, message):
     r = _base()
@@ -82,6 +85,13 @@ def test_budgets_count_in_the_fingerprint_only_when_set():
     budgeted["data"]["sources"]["asr_ast"]["max_batch_audio_s"] = 60.0
     assert parse_recipe(budgeted).training_fingerprint() != plain.training_fingerprint()
     assert plain.training_fingerprint() == parse_recipe(_base()).training_fingerprint()
+
+
+def test_skipping_the_last_checkpoint_is_not_part_of_what_the_weights_depend_on():
+    # a speed check (bench.gpu_check) turns it off; a run resumed with it on or off is the same training
+    speed = _base()
+    speed["train"]["final_checkpoint"] = False
+    assert parse_recipe(speed).training_fingerprint() == parse_recipe(_base()).training_fingerprint()
 
 
 def _corpus(root, pcm_audio, types=("text", "asr_ast")):

@@ -4,13 +4,15 @@ Gemma 2's final-logit softcapping, chunk boundaries and a batch without any labe
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from models.config import tiny
 from models.conversation import AudioPart, Conversation, TextPart, Turn
-from models.loss import answer_loss, answer_nll_per_row, logit_softcap
+from models.loss import answer_loss, answer_loss_kind, answer_nll_per_row, logit_softcap
 from models.speechlm import build_speechlm
 from tests.models.lm_families import save_family_checkpoint
 
@@ -114,3 +116,17 @@ def test_chunks_per_row_sums_and_a_batch_without_labels(checkpoints):
     loss = model(**batch, labels=torch.full_like(labels, -100)).loss
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
+
+
+def test_which_loss_a_model_gets_is_said_with_the_reason(make_model, monkeypatch):
+    # the training job logs this once per stage: a GPU run without Liger says so instead of silently chunking
+    head = make_model("lora").lm.get_output_embeddings()
+    assert type(head) is torch.nn.Linear  # PEFT's all-linear leaves the LM head alone
+    assert "not CUDA" in answer_loss_kind(head, "cpu")
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # as where it is not installed
+    assert "liger-kernel is not installed" in answer_loss_kind(head, "cuda")
+
+    class Wrapped(torch.nn.Linear):
+        pass
+
+    assert "not a plain nn.Linear" in answer_loss_kind(Wrapped(4, 8), "cuda")

@@ -11,6 +11,7 @@ import torch
 
 from models.config import tiny
 from models.conversation import AudioPart, Conversation, TextPart, Turn
+from models.precision import computed_buffers
 from models.speechlm import SpeechLM
 from services.model_store import ModelStore, base_lm_key
 from tests.services.serve_app import save_fine_tunes
@@ -60,6 +61,17 @@ def _own_bytes(model: SpeechLM) -> int:
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                if n.startswith(("encoder.", "adapter.")) or "lora_" in n) + \
         sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.startswith(("encoder.", "adapter.")))
+
+
+def test_a_shared_base_keeps_every_fine_tunes_computed_buffers_fp32(fine_tunes):
+    # the second fine-tune's encoder and adapter are moved to bf16 on their own, beside the shared LM
+    store = ModelStore(dtype=torch.bfloat16)
+    served = [store.load(str(fine_tunes[name])) for name in ("a", "b")]
+    assert served[0].model.lm is served[1].model.lm
+    for s in served:
+        kept = [(name, b.dtype) for _, name, b in computed_buffers(s.model)]
+        assert {"inv_freq", "mel_fb"} <= {n for n, _ in kept} and all(d == torch.float32 for _, d in kept), kept
+        assert s.model.adapter.proj_in.weight.dtype == torch.bfloat16
 
 
 def test_fine_tunes_of_one_base_share_it_and_answer_as_loaded_whole(fine_tunes):
