@@ -211,7 +211,8 @@ def serve_and_measure(model_uri: str, env: dict, root: Path, clients=(1, 16), ma
     config = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
               "applications": [{"name": "gpu-check", "route_prefix": "/", "import_path": "services.chat_app:build_app",
                                 "runtime_env": {"env_vars": {"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]}},
-                                "args": {"model": model_uri, "served_model_name": "gpu-check", "max_batch_size": 16}}]}
+                                "args": {"model": model_uri, "served_model_name": "gpu-check",
+                                         "engine": {"max_num_seqs": 16, "kv_cache_gib": 2}}}]}
     path = root / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     serve = str(Path(sys.executable).with_name("serve"))

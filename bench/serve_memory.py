@@ -1,5 +1,6 @@
-"""Benchmark (not a test): a serving replica's resident memory with 1 vs 3 fine-tunes of one base LM loaded, with
-the base shared (`services.model_store.ModelStore`, what the chat app does) and as whole copies (the baseline).
+"""Benchmark (not a test): a serving replica's resident memory (its own and its vLLM engines' processes) with 1 vs 3
+fine-tunes of one base LM loaded, sharing one engine (`services.engine.EngineStore`, what the chat app does: each
+fine-tune adds its LoRA and its audio tower) and on an engine each (the baseline).
 
     python -m bench.serve_memory [--lm-hidden 512] [--lm-layers 8]
 
@@ -22,32 +23,36 @@ from pathlib import Path
 
 
 def child(dirs: list[str], share: bool) -> dict:
-    """Load dirs[0], then the rest, each answering once; RSS after each stage."""
-    import torch
+    """Load dirs[0], then the rest, each answering an audio prompt once (which reads its tower); RSS of this process
+    and the engine processes it started after each stage."""
+    import numpy as np
 
-    from services.model_store import process_rss_bytes as rss_bytes
-    from services.model_store import ModelStore
+    from models.conversation import AudioPart, Conversation, TextPart, Turn
+    from models.speechlm import SpeechLM
+    from services.engine import BlockingRunner, EngineSettings, EngineStore
+    from services.model_store import process_rss_bytes
 
-    torch.set_num_threads(1)
-    from models.conversation import Conversation, Turn
+    def rss() -> int:
+        gc.collect()
+        return process_rss_bytes() + process_rss_bytes(children=True)
 
-    def load_and_answer(d):
-        # answering touches every weight: safetensors are memory-mapped, so a weight counts in RSS once read
-        served = store.load(d)
-        served.generate([Conversation([Turn.text("user", "hello")])], max_new_tokens=2)
-        return served
-
-    store = ModelStore(share_bases=share)
-    gc.collect()
-    start = rss_bytes()
-    held = [load_and_answer(dirs[0])]
-    gc.collect()
-    one = rss_bytes()
-    held += [load_and_answer(d) for d in dirs[1:]]
-    gc.collect()
-    three = rss_bytes()
-    counts = held[0].model.parameter_counts()
-    return {"start": start, "one": one, "three": three, "stats": store.stats(),
+    run = BlockingRunner()
+    conv = Conversation([Turn("user", [AudioPart(np.zeros(16000, dtype=np.float32)), TextPart("What is it?")])])
+    settings = EngineSettings(kv_cache_gib=0.25, cpu_threads=1)
+    stores = [EngineStore(settings)] if share else [EngineStore(settings) for _ in dirs]
+    start = rss()
+    held = []
+    for i, d in enumerate(dirs):
+        held.append(stores[0 if share else i].load(d))
+        run(held[-1].answer(conv, 2))
+        if i == 0:
+            one = rss()
+    three = rss()
+    counts = SpeechLM.from_pretrained(dirs[0]).parameter_counts()
+    for store in stores:
+        store.shutdown()
+    run.close()
+    return {"start": start, "one": one, "three": three, "stats": [st.stats() for st in stores],
             "own_params": counts["encoder"] + counts["adapter"] + counts["lora"], "base_params": counts["lm"]}
 
 
@@ -82,13 +87,13 @@ def main() -> None:
     print(f"one fine-tune's own weights (encoder + adapter + LoRA): {own / mib:.1f} MiB; "
           f"the base LM: {base / mib:.1f} MiB")
     print(f"{'':28s}{'RSS 1 (MiB)':>12s}{'RSS 3 (MiB)':>12s}{'growth (MiB)':>14s}{'growth / own':>14s}")
-    for way, label in (("whole", "whole copies (baseline)"), ("shared", "shared base (ModelStore)")):
+    for way, label in (("whole", "an engine each (baseline)"), ("shared", "one shared engine")):
         r = results[way]
         growth = r["three"] - r["one"]
         print(f"{label:28s}{r['one'] / mib:12.1f}{r['three'] / mib:12.1f}{growth / mib:14.1f}{growth / own:14.2f}")
     ratio = (results["whole"]["three"] - results["whole"]["one"]) / max(1, results["shared"]["three"] -
                                                                       results["shared"]["one"])
-    print(f"growth whole / shared: {ratio:.2f}x; target for shared: growth / own <= 3.3; "
+    print(f"growth engine each / shared: {ratio:.2f}x; target for shared: growth / own <= 3.3; "
           f"loaded: {results['shared']['stats']}")
 
 

@@ -78,7 +78,7 @@ def main() -> None:
     from bench.serve_deployment import deployed_chat_app, mixed_modal_body
 
     limits = {"max_body_bytes": 200_000, "max_new_tokens": 64}
-    with deployed_chat_app({"max_batch_size": args.clients, "batch_wait_timeout_s": 0.01, "limits": limits}) as base:
+    with deployed_chat_app({"engine": {"kv_cache_gib": 0.5, "max_num_seqs": args.clients}, "limits": limits}) as base:
         kinds = request_kinds(mixed_modal_body(8))
         counts, wrong, lock = Counter(), Counter(), threading.Lock()
         client_loop(base, kinds, time.time() + 20, 0, Counter(), Counter(), lock)  # warm-up: both fine-tunes loaded

@@ -84,8 +84,13 @@ class VllmEngine:
     def __init__(self, dirs: dict, threads: int, clients: int):
         from services.engine import EngineSettings, EngineStore
 
+        from services.model_store import process_rss_bytes
+
         self.store = EngineStore(EngineSettings(kv_cache_gib=0.5, cpu_threads=threads, max_num_seqs=clients))
         self.models = {k: self.store.load(str(v)) for k, v in dirs.items()}
+        print(f"vLLM engine (KV cache 0.5 GiB, {threads} threads): started in {self.store.start_seconds[0]:.1f} s; "
+              f"resident memory of its processes {process_rss_bytes(children=True) / 2**20:.0f} MiB, this process "
+              f"{process_rss_bytes() / 2**20:.0f} MiB")
 
     async def answer(self, model, conv, max_tokens):
         served = self.models[model]

@@ -1,24 +1,18 @@
-"""Find and load trained SpeechLMs: an MLflow registry URI (`models:/name@alias`, `models:/name/3`), a run artifact
+"""Find trained SpeechLMs: an MLflow registry URI (`models:/name@alias`, `models:/name/3`), a run artifact
 (`runs:/<run_id>/model`), or a local folder written by `SpeechLM.save_pretrained`.
 
 Registered versions point at the run's `model` artifact folder (see jobs/train.py); MLflow downloads it into a
-local cache folder and `SpeechLM.from_pretrained` loads it (JSON + safetensors only, nothing unpickled).
-
-`ModelStore` is how a server holds several fine-tunes: LoRA fine-tunes of the same base LM share one copy of it
-(each adds its LoRA as a named PEFT adapter, its own encoder and modality adapter), so a replica's memory grows by
-what a fine-tune trained, not by the base. The method fine-tunes the encoder too, so that is part of what each
-fine-tune brings.
+local cache folder. The serving engine (`services.engine`) serves that folder as it is (it is also a vLLM model
+folder); `load_speechlm` loads it as the trained PyTorch model (JSON + safetensors only, nothing unpickled), for
+exporting and as the reference the engine is tested against. `base_lm_key` says which fine-tunes share a base LM
+(and so one engine).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import itertools
 import json
 import os
-import threading
-import weakref
 from pathlib import Path
 
 
@@ -103,127 +97,6 @@ def base_lm_key(model_dir: Path) -> str | None:
             for block in iter(lambda: fh.read(1 << 24), b""):
                 digest.update(block)
     return f"sha256:{digest.hexdigest()}"
-
-
-class SharedBase:
-    """One PEFT-wrapped base LM holding the LoRA adapters of several fine-tunes. Only one adapter is active at a
-    time, so each use takes `lock` and activates its own. An adapter is deleted once no loaded fine-tune uses it:
-    `release` only queues the name (it may be called from any thread, e.g. a garbage collection on the event loop,
-    which must not wait for a generation), and the next holder of the lock deletes it."""
-
-    def __init__(self, lm):
-        self._lm = weakref.ref(lm)
-        self.lock = threading.RLock()
-        self._released: list[str] = []
-        self._released_lock = threading.Lock()
-
-    @property
-    def lm(self):
-        return self._lm()
-
-    def release(self, lora_name: str) -> None:
-        with self._released_lock:
-            self._released.append(lora_name)
-
-    def activate(self, lora_name: str) -> None:
-        """Delete released adapters, then make `lora_name` the active one. Call with `lock` held."""
-        lm = self.lm
-        with self._released_lock:
-            released, self._released = self._released, []
-        for name in released:
-            if name in lm.peft_config and len(lm.peft_config) > 1:
-                lm.delete_adapter(name)
-        if lora_name is not None:
-            lm.set_adapter(lora_name, inference_mode=True)
-
-    def adapters(self) -> int:
-        lm = self.lm
-        return 0 if lm is None else len(lm.peft_config)
-
-
-class ServedModel:
-    """A loaded SpeechLM as a server uses it. What runs the LM (`generate`, and anything inside `active()`) holds
-    the shared base with this fine-tune's LoRA active; the rest (`processor`, `tokenizer`, `config`,
-    `stop_token_ids`) is this fine-tune's own and touches no LM weight. Nothing else of the model is forwarded: a
-    use of its LM outside `active()` would run with whichever adapter another request left active."""
-
-    def __init__(self, model, base: SharedBase | None = None, lora_name: str | None = None):
-        self.model, self.base, self.lora_name = model, base, lora_name
-        if base is not None:
-            weakref.finalize(self, base.release, lora_name)
-
-    @property
-    def processor(self):
-        return self.model.processor
-
-    @property
-    def tokenizer(self):
-        return self.model.tokenizer
-
-    @property
-    def config(self):
-        return self.model.config
-
-    def stop_token_ids(self) -> list[int]:
-        return self.model.stop_token_ids()
-
-    @contextlib.contextmanager
-    def active(self):
-        """Hold this fine-tune's base with its LoRA active: every use of `.model`'s LM belongs inside."""
-        if self.base is None:
-            yield self.model
-            return
-        with self.base.lock:
-            self.base.activate(self.lora_name)
-            yield self.model
-
-    def generate(self, conversations, **kwargs):
-        with self.active() as model:
-            return model.generate(conversations, **kwargs)
-
-
-class ModelStore:
-    """Loads served models (`load(uri)`), putting LoRA fine-tunes of one base LM on one shared copy of it
-    (`share_bases=False`: every fine-tune whole, as `load_speechlm` gives). Safe to call from several threads."""
-
-    def __init__(self, tracking_uri: str | None = None, device: str = "cpu", dtype=None, share_bases: bool = True):
-        self.tracking_uri, self.device, self.dtype, self.share_bases = tracking_uri, device, dtype, share_bases
-        self._bases: dict[str, SharedBase] = {}
-        self._loaded: weakref.WeakSet[ServedModel] = weakref.WeakSet()
-        self._lock = threading.Lock()
-        self._names = itertools.count(1)
-
-    def load(self, uri: str) -> ServedModel:
-        import torch
-
-        from models.speechlm import SpeechLM
-
-        path = resolve_model_dir(uri, self.tracking_uri)
-        key = base_lm_key(path) if self.share_bases else None
-        dtype = self.dtype or torch.float32
-        with self._lock:
-            base = self._bases.get(key) if key is not None else None
-            if base is None or base.lm is None:
-                model = SpeechLM.from_pretrained(path, device=self.device, dtype=dtype)
-                base = None
-                if key is not None:  # the first fine-tune of this base: its adapter is PEFT's "default"
-                    base = self._bases[key] = SharedBase(model.lm)
-                served = ServedModel(model, base, model.lm.active_adapter if base else None)
-            else:
-                name = f"finetune-{next(self._names)}"
-                with base.lock:  # not while another fine-tune of this base generates
-                    base.activate(None)
-                    model = SpeechLM.from_pretrained(path, device=self.device, dtype=dtype, share_lm=base.lm,
-                                                     lora_name=name)
-                served = ServedModel(model, base, name)
-            self._loaded.add(served)
-            return served
-
-    def stats(self) -> dict:
-        """What is loaded: fine-tunes, base LMs they share, LoRA adapters on those bases."""
-        bases = [b for b in self._bases.values() if b.lm is not None]
-        return {"loaded_models": len(self._loaded), "shared_lm_bases": len(bases),
-                "lora_adapters_on_shared_bases": sum(b.adapters() for b in bases)}
 
 
 def process_rss_bytes(children: bool = False) -> int:
