@@ -9,10 +9,13 @@ Two tiny fine-tunes of one base LM (random init, saved locally) are served by ea
   `--clients`) is one left-padded `SpeechLM.generate()` per fine-tune, everyone in it waiting for the longest.
 Each gets the same three loads: one client at a time; N concurrent clients sending the same mixed-modal request
 (text + 1.5 s audio + text); and a mixed load from N clients: staggered arrivals, prompts of different lengths
-(text only, 0.5-3 s of audio), answers of 4-32 tokens, both fine-tunes. Printed per engine and load: requests/s,
-the ratio to one client, p50/p95 latency and p50/p95 time to first token.
+(text only, 0.5-3 s of audio), answers of 4-32 tokens, both fine-tunes (also sent by one client, the mixed load's
+baseline). Printed per engine and load: requests/s, the ratio to one client sending the same requests, p50/p95
+latency and p50/p95 time to first token.
 
-Both engines run on the same CPU threads (`--threads`, default 2), fp32, greedy.
+Both engines run on the same 2 cores, fp32, greedy: HF with `--threads` (2) torch threads; each vLLM engine with
+`--engine-threads` (1: its front end, in this process, takes the other core). The vLLM settings are the chat app's
+CPU defaults (`engine.lora: merged`: each fine-tune's LoRA merged into its engine's LM).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ def workloads(n: int, max_tokens: int):
         mixed.append(("a" if i % 2 else "b", conv, int(rng.integers(4, 33)), float(rng.uniform(0, 0.05))))
     return [("1 client", 1, [("a", same, max_tokens, 0.0)] * n),
             ("{c} concurrent clients", None, [("a", same, max_tokens, 0.0)] * n),
+            ("1 client, mixed", 1, mixed),
             ("{c} clients, mixed (staggered, 2 fine-tunes)", None, mixed)]
 
 
@@ -171,9 +175,10 @@ class HfStaticBatches:
 def report(engine_name: str, rows: list[tuple[str, float, list[float], list[float]]]) -> list[dict]:
     p = lambda xs, q: 1000 * float(np.percentile(xs, q))  # noqa: E731
     out, base = [], rows[0][1]
-    print(f"\n{engine_name}")
+    print(f"\n{engine_name} (ratio: to one client with the same requests)")
     print(f"  {'':46s}{'req/s':>8s}{'ratio':>7s}{'p50 ms':>9s}{'p95 ms':>9s}{'TTFT p50':>10s}{'TTFT p95':>10s}")
     for name, rps, lat, ttft in rows:
+        base = rps if name.startswith("1 client") else base
         print(f"  {name:46s}{rps:8.2f}{rps / base:7.2f}{p(lat, 50):9.0f}{p(lat, 95):9.0f}{p(ttft, 50):10.0f}"
               f"{p(ttft, 95):10.0f}")
         out.append({"load": name, "req_s": rps, "ratio": rps / base, "p50_ms": p(lat, 50), "p95_ms": p(lat, 95),
@@ -186,7 +191,8 @@ def bench_engine(cls, dirs, args) -> list[dict]:
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     run = lambda coro: asyncio.run_coroutine_threadsafe(coro, loop).result()  # noqa: E731
-    engine = cls(dirs, args.threads, args.clients)
+    threads = args.engine_threads if cls is VllmEngine else args.threads
+    engine = cls(dirs, threads, args.clients)
     try:
         loads = workloads(args.requests, args.max_tokens)
         run(drive(engine.answer, loads[2][2][:8], 4))  # warm-up: both fine-tunes, audio and text
@@ -207,6 +213,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--engine-threads", type=int, default=1,
+                    help="each vLLM engine's threads: its front end (prompt processing, streaming) runs in this "
+                         "process, on the other core")
     ap.add_argument("--engines", default="vllm,hf", help="which engines, in order: vllm, hf")
     args = ap.parse_args()
 

@@ -11,10 +11,11 @@ into it to the API routes).
 - Models: `model` (an MLflow URI `models:/name@alias` / `models:/name/3`, a `runs:/` URI or a local folder) is served
   as `served_model_name`; `models` adds more fine-tunes (id -> URI). The request's `model` field picks one; each
   replica keeps up to 3 extra fine-tunes loaded (`serve.multiplexed`, least recently used evicted).
-- Engine: vLLM (`services.engine`; the model class is `services.vllm_speechlm`). LoRA fine-tunes of one base LM
-  share one engine: each adds its LoRA (a vLLM LoRA) and its own encoder and modality adapter (the method fine-tunes
-  those too); `GET /v1/stats` says what is loaded. Resources are the config's `engine:` (KV-cache space, threads,
-  sequences per step).
+- Engine: vLLM (`services.engine`; the model class is `services.vllm_speechlm`). With `engine.lora: shared` (the
+  GPU default) LoRA fine-tunes of one base LM share one engine: each adds its LoRA (a vLLM LoRA) and its own encoder
+  and modality adapter (the method fine-tunes those too); `merged` (the CPU default) gives each its own engine with
+  the LoRA merged in. `GET /v1/stats` says what is loaded. Resources are the config's `engine:` (KV-cache space,
+  threads, sequences per step).
 - Throughput: the engine batches continuously: every request, streaming or not, joins the running batch at the
   engine's next step and leaves it when done; its tokens reach it as they are generated and each ends on its own
   (`services/chat_generation.py`). `GET /v1/stats` reports the engine's busy periods and the requests they held,

@@ -89,7 +89,7 @@ def server(stack, tmp_path_factory):
                 "runtime_env": {"env_vars": {"MLFLOW_TRACKING_URI": tracking, "VTB_TEST_KEY": KEY}},
                 "args": {"model": "models:/tiny-serve@candidate", "served_model_name": "tiny",
                          "models": {"b": str(dirs["b"]), "llama": str(dirs["llama"])}, "api_key_env": "VTB_TEST_KEY",
-                         "engine": {"kv_cache_gib": 0.25, "max_num_seqs": 8},
+                         "engine": {"kv_cache_gib": 0.25, "max_num_seqs": 8, "lora": "shared"},
                          "limits": {"max_audio_seconds_per_part": 5.0, "max_audio_seconds_per_request": 8.0,
                                     "max_audio_parts": 3, "max_turns": 8, "max_new_tokens": 64,
                                     "max_prompt_tokens": 1000, "max_body_bytes": 1_000_000}},

@@ -1,6 +1,7 @@
 """The served model is the trained model: vLLM (`services.engine`) answers token for token as the SpeechLM's own
 `generate` on the same saved folder, in fp32, for text, audio and mixed prompts, for a base model and LoRA
-fine-tunes, two of which share one engine (their LoRAs and audio towers picked per request, in one batch).
+fine-tunes: with the LoRAs applied per request, two fine-tunes sharing one engine (their LoRAs and audio towers
+picked per request, in one batch), and with each LoRA merged into its own engine's weights.
 
 The models are random but far from degenerate (weights drawn wide): their greedy answers differ per prompt and
 per audio, so a wrong audio position, tower or adapter changes the tokens.
@@ -70,16 +71,21 @@ def loop():
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, loop):
-    from services.engine import EngineSettings, EngineStore
-
+def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
-    dirs = {"base": _save_varied(root, "base", "frozen", seed=1),
+    return {"base": _save_varied(root, "base", "frozen", seed=1),
             "lora_a": _save_varied(root, "lora_a", "lora", seed=2),
             "lora_b": _save_varied(root, "lora_b", "lora", seed=3)}
-    store = EngineStore(EngineSettings(kv_cache_gib=0.25, max_num_seqs=8))
-    models = {name: store.load(str(d)) for name, d in dirs.items()}
-    yield {"dirs": dirs, "models": models, "store": store}
+
+
+@pytest.fixture(scope="module", params=["shared", "merged"])
+def served(saved, loop, request):
+    """The three models on engines, their LoRAs applied per request (shared) or merged into the weights."""
+    from services.engine import EngineSettings, EngineStore
+
+    store = EngineStore(EngineSettings(kv_cache_gib=0.25, max_num_seqs=8, lora=request.param))
+    models = {name: store.load(str(d)) for name, d in saved.items()}
+    yield {"dirs": saved, "models": models, "store": store, "lora": request.param}
     store.shutdown()
 
 
@@ -93,8 +99,13 @@ def _reference(folder, dtype=torch.float32):
 
 def test_fine_tunes_of_one_base_share_an_engine_and_a_frozen_lm_has_its_own(served):
     stats = served["store"].stats()
-    assert (stats["loaded_models"], stats["shared_lm_bases"], stats["lora_adapters_on_shared_bases"]) == (3, 2, 2)
-    assert served["models"]["lora_a"].engine is served["models"]["lora_b"].engine
+    counts = (stats["loaded_models"], stats["shared_lm_bases"], stats["lora_adapters_on_shared_bases"])
+    if served["lora"] == "shared":
+        assert counts == (3, 2, 2)
+        assert served["models"]["lora_a"].engine is served["models"]["lora_b"].engine
+    else:  # merged: an engine per fine-tune
+        assert counts == (3, 3, 0)
+        assert served["models"]["lora_a"].engine is not served["models"]["lora_b"].engine
     assert served["models"]["base"].engine is not served["models"]["lora_a"].engine
 
 
