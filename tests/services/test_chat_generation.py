@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 
 import pytest
 import torch
@@ -17,17 +16,6 @@ MAX = 60
 
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def loop():
-    """One event loop for the module's engine (an engine serves the loop it first generated on)."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield lambda coro: asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=300)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")

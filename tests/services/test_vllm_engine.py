@@ -10,7 +10,6 @@ per audio, so a wrong audio position, tower or adapter changes the tokens.
 from __future__ import annotations
 
 import asyncio
-import threading
 import zlib
 
 import numpy as np
@@ -57,17 +56,6 @@ CONVERSATIONS = {
                                 Turn.text("assistant", "the answer is five"),
                                 Turn("user", [AudioPart(_audio(1.1, 5)), TextPart("again?")])]),
 }
-
-
-@pytest.fixture(scope="module")
-def loop():
-    """One event loop for the module's engines (an engine serves the loop it first generated on)."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    yield lambda coro: asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=300)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
