@@ -395,15 +395,9 @@ class SpeechLM(KeepComputedBuffers):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32, trainable: bool = False,
-                        share_lm: nn.Module | None = None, lora_name: str = "default") -> "SpeechLM":
+                        dtype: torch.dtype = torch.float32, trainable: bool = False) -> "SpeechLM":
         """Load a directory written by `save_pretrained`. Only JSON and safetensors are read (no unpickling).
-        `trainable=False` (inference) also puts the model in eval mode.
-
-        `share_lm`: a PEFT-wrapped LM already loaded (another fine-tune's `.lm`) with the same base weights; this
-        fine-tune's LoRA is added to it as adapter `lora_name` (`PeftModel.load_adapter`) instead of loading the
-        base again, so N fine-tunes of one base hold one base. Which adapter is active is the caller's business
-        (`lm.set_adapter(lora_name)` before using this model)."""
+        `trainable=False` (inference) also puts the model in eval mode."""
         src = Path(path)
         if not (src / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{src} is not a saved SpeechLM: {CONFIG_FILE} is missing")
@@ -413,21 +407,9 @@ class SpeechLM(KeepComputedBuffers):
         lm_source = str(src / LM_DIR) if (src / LM_DIR).is_dir() else cfg.lm.pretrained
         tok_dir = src / TOKENIZER_DIR
         tokenizer = AutoTokenizer.from_pretrained(tok_dir) if tok_dir.is_dir() else None
-        if share_lm is not None:
-            if trainable or not (src / LORA_DIR).is_dir():
-                raise ValueError(f"{src}: only an inference model with a LoRA adapter ({LORA_DIR}/) can share an LM")
-            share_lm.load_adapter(str(src / LORA_DIR), adapter_name=lora_name, is_trainable=False)
-            for name, p in share_lm.named_parameters():  # PEFT loads adapters in float32; match the base
-                if f".{lora_name}." in name and "lora_" in name:
-                    p.data = p.data.to(device=device, dtype=dtype)
-            encoder = build_speech_encoder(cfg, init_weights=False)
-            adapter = _build_adapter(cfg, encoder, share_lm)
-            model = cls(cfg, encoder.to(device=device, dtype=dtype), adapter.to(device=device, dtype=dtype),
-                        share_lm, tokenizer)
-        else:
-            model = build_speechlm(cfg, device=device, dtype=dtype, tokenizer=tokenizer, lm_source=lm_source,
-                                   lora_dir=str(src / LORA_DIR) if (src / LORA_DIR).is_dir() else None,
-                                   lora_trainable=trainable)
+        model = build_speechlm(cfg, device=device, dtype=dtype, tokenizer=tokenizer, lm_source=lm_source,
+                               lora_dir=str(src / LORA_DIR) if (src / LORA_DIR).is_dir() else None,
+                               lora_trainable=trainable)
         model.encoder.load_state_dict(_to(load_file(str(src / ENCODER_FILE)), device, dtype))
         model.adapter.load_state_dict(_to(load_file(str(src / ADAPTER_FILE)), device, dtype))
         if not trainable:
@@ -525,10 +507,11 @@ def _build_lm(cfg: SpeechLMConfig, source: str | None, tokenizer, read_weights: 
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **kw))
 
 
-def _build_adapter(cfg: SpeechLMConfig, encoder: SpeechEncoder, lm: nn.Module) -> ModalityAdapter:
+def build_adapter(cfg: SpeechLMConfig, encoder_hidden: int, lm_hidden: int) -> ModalityAdapter:
+    """The config's modality adapter between an encoder and an LM of these widths (weights uninitialised)."""
     a = cfg.adapter
-    return ModalityAdapter(encoder.hidden_size, lm.config.get_text_config().hidden_size, a.hidden_size,
-                           a.num_layers, a.num_heads, a.ff_mult, a.conv_kernel_size, a.dropout, a.stack_frames)
+    return ModalityAdapter(encoder_hidden, lm_hidden, a.hidden_size, a.num_layers, a.num_heads, a.ff_mult,
+                           a.conv_kernel_size, a.dropout, a.stack_frames)
 
 
 def lm_tokenizer(cfg: SpeechLMConfig):
@@ -569,7 +552,7 @@ def build_speechlm(
             f"the tokenizer has {len(tokenizer)} tokens but the LM embeds only "
             f"{lm.get_input_embeddings().num_embeddings}; they do not belong together"
         )
-    adapter = _build_adapter(cfg, encoder, lm)
+    adapter = build_adapter(cfg, encoder.hidden_size, lm.config.get_text_config().hidden_size)
 
     if cfg.lm.mode == "lora":
         if lora_dir:

@@ -1,7 +1,7 @@
 """The SpeechLM as a vLLM model: the serving engine's view of a directory written by `SpeechLM.save_pretrained`.
 
 vLLM serves it the way it serves Ultravox: an out-of-tree multimodal model registered through vLLM's plugin entry
-point (`vllm.general_plugins` in pyproject.toml -> `register`). The parts:
+point (`vllm.general_plugins` in pyproject.toml -> `services.vllm_plugin.register`). The parts:
 
 - weights: the saved directory itself is the vLLM model folder. `config.json` (written beside the SpeechLM's own
   files by `models.engine_config.write_engine_config`) is the LM's config with `architectures` naming this class;
@@ -41,6 +41,7 @@ from vllm.multimodal.parse import MultiModalDataParser
 from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo,
                                         PromptReplacement)
 
+from models.conversation import ConversationError
 from models.speechlm import ADAPTER_FILE, ENCODER_FILE, LM_DIR
 
 LM_PREFIX = "language_model."
@@ -69,7 +70,7 @@ def _load_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
 
 def _build_tower(cfg, lm_hidden: int) -> tuple[nn.Module, nn.Module]:
     """The encoder (with its frontend) and the modality adapter, uninitialised: their weights are loaded."""
-    from models.speechlm import ModalityAdapter, build_speech_encoder
+    from models.speechlm import build_adapter, build_speech_encoder
 
     # vLLM builds the model under the serving dtype as torch's default: the frontend's computed buffers (window,
     # mel filterbank) must be made in fp32, as in training, and stay so through the dtype move below.
@@ -77,9 +78,7 @@ def _build_tower(cfg, lm_hidden: int) -> tuple[nn.Module, nn.Module]:
     torch.set_default_dtype(torch.float32)
     try:
         encoder = build_speech_encoder(cfg, init_weights=False)
-        a = cfg.adapter
-        adapter = ModalityAdapter(encoder.hidden_size, lm_hidden, a.hidden_size, a.num_layers, a.num_heads, a.ff_mult,
-                                  a.conv_kernel_size, a.dropout, a.stack_frames)
+        adapter = build_adapter(cfg, encoder.hidden_size, lm_hidden)
     finally:
         torch.set_default_dtype(default)
     return encoder.to(dtype=default).eval(), adapter.to(dtype=default).eval()
@@ -102,7 +101,7 @@ def engine_prompt(encoded, audio_token_count, marker_id: int) -> dict[str, Any]:
     """A `ConversationProcessor.encode(..., for_generation=True)` result -> vLLM's prompt: the token ids with each
     audio part's reserved positions (`audio_token_count(samples)` of them) collapsed to one `marker_id` (vLLM's
     processor expands it again to the same count), and the audio in order. A text token equal to the marker would
-    be taken for audio: refused, naming it."""
+    be taken for audio where there is audio: refused, naming it."""
     ids: list[int] = []
     i, audio_i = 0, 0
     while i < len(encoded.input_ids):
@@ -111,8 +110,9 @@ def engine_prompt(encoded, audio_token_count, marker_id: int) -> dict[str, Any]:
             i += audio_token_count(len(encoded.audios[audio_i]))
             audio_i += 1
         else:
-            if encoded.input_ids[i] == marker_id:
-                raise ValueError(f"the prompt's text holds token {marker_id}, the engine's audio marker")
+            if encoded.input_ids[i] == marker_id and encoded.audios:
+                raise ConversationError(f"the text holds token {marker_id}, the one the engine marks audio with "
+                                        "(the tokenizer's padding token): remove it")
             ids.append(encoded.input_ids[i])
             i += 1
     prompt: dict[str, Any] = {"prompt_token_ids": ids}

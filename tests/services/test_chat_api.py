@@ -321,6 +321,9 @@ BAD = {
     "unknown_model": ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "not served here"),
     "max_tokens_over": ({"model": "tiny", "max_tokens": 10000, "messages": [{"role": "user", "content": "hi"}]}, 400,
                         "over this server's limit of 64"),
+    # the tokenizer's padding token marks audio in the engine's prompt: typed beside audio, it is named, not a 500
+    "audio_marker_in_text": (_user({"type": "text", "text": "<pad> listen"}, _audio_part(A2)), 400,
+                             "the one the engine marks audio with"),
 }
 
 
