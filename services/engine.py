@@ -159,6 +159,7 @@ class EngineStore:
         self.tracking_uri, self.device, self.dtype = tracking_uri, device, dtype
         self._engines: dict[str, object] = {}
         self._loras: dict[str, set[str]] = {}
+        self._users: dict[str, int] = {}  # engine key -> served models using it
         self._loaded: weakref.WeakSet[ServedModel] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._lora_ids = itertools.count(1)
@@ -195,7 +196,24 @@ class EngineStore:
             served = ServedModel(folder, engine, lora, processor, processor.stop_token_ids(cfg.lm.end_of_turn),
                                  audio_marker_id(tokenizer), cfg.sampling_rate)
             self._loaded.add(served)
+            self._users[key] = self._users.get(key, 0) + 1
+            weakref.finalize(served, self._release, key, lora.lora_name if lora else None)
         return served
+
+    def _release(self, key: str, lora_name: str | None) -> None:
+        """A served model is gone (e.g. evicted by Serve's multiplexing): its engine stops when no other uses it."""
+        with self._lock:
+            if lora_name is not None:
+                self._loras.get(key, set()).discard(lora_name)
+            if key not in self._users:  # the store was shut down
+                return
+            self._users[key] -= 1
+            if self._users[key] == 0:
+                del self._users[key]
+                self._loras.pop(key, None)
+                engine = self._engines.pop(key, None)
+                if engine is not None:
+                    engine.shutdown()
 
     def _lora_mode(self) -> str:
         import torch
@@ -247,6 +265,7 @@ class EngineStore:
             for engine in self._engines.values():
                 engine.shutdown()
             self._engines.clear()
+            self._users.clear()
 
 
 def _dtype_name(dtype) -> str:

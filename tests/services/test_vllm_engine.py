@@ -164,3 +164,19 @@ def test_staggered_mixed_traffic_to_a_lora_fine_tune_is_answered_throughout(serv
     assert all(n >= 1 for n in lengths)
     _, ids = loop(model.answer(CONVERSATIONS["mixed"], MAX_NEW))
     assert ids == _reference(served["dirs"]["lora_a"])["mixed"]
+
+
+def test_an_engine_no_model_uses_any_more_is_stopped(served):
+    """Serve's multiplexing drops a fine-tune it evicts: when no served model uses its engine, the engine stops
+    (its memory goes back); one another model still uses stays. Run last: it drops the fixture's models."""
+    import gc
+
+    store, models = served["store"], served["models"]
+    before = store.stats()["shared_lm_bases"]
+    del models["lora_b"]
+    gc.collect()
+    # shared: lora_a still uses the engine (only the LoRA goes); merged: lora_b's own engine stops
+    assert store.stats()["shared_lm_bases"] == before - (served["lora"] == "merged")
+    del models["base"]
+    gc.collect()
+    assert store.stats()["shared_lm_bases"] == before - 1 - (served["lora"] == "merged")
