@@ -184,6 +184,7 @@ class EngineStore:
         processor = ConversationProcessor(tokenizer, geometry.count, cfg.audio_placeholder, cfg.sampling_rate)
         merge = (folder / LORA_DIR).is_dir() and self._lora_mode() == "merged"
         key = f"merged:{folder}" if merge else base_lm_key(folder) or f"folder:{folder}"
+        stop_ids, marker = processor.stop_token_ids(cfg.lm.end_of_turn), audio_marker_id(tokenizer)
         with self._lock:
             engine = self._engines.get(key)
             if engine is None:
@@ -193,11 +194,15 @@ class EngineStore:
                 n = next(self._lora_ids)
                 lora = LoRARequest(f"{folder.name}-{n}", n, str(folder / LORA_DIR))
                 self._loras.setdefault(key, set()).add(lora.lora_name)
-            served = ServedModel(folder, engine, lora, processor, processor.stop_token_ids(cfg.lm.end_of_turn),
-                                 audio_marker_id(tokenizer), cfg.sampling_rate)
-            self._loaded.add(served)
-            self._users[key] = self._users.get(key, 0) + 1
-            weakref.finalize(served, self._release, key, lora.lora_name if lora else None)
+            # made in a frame of its own: a traceback kept by a module this function imported holds this frame,
+            # and with it every local, which would keep the model (and its engine) alive for good
+            return self._register(key, ServedModel(folder, engine, lora, processor, stop_ids, marker,
+                                                   cfg.sampling_rate))
+
+    def _register(self, key: str, served: ServedModel) -> ServedModel:
+        self._loaded.add(served)
+        self._users[key] = self._users.get(key, 0) + 1
+        weakref.finalize(served, self._release, key, served.lora.lora_name if served.lora else None)
         return served
 
     def _release(self, key: str, lora_name: str | None) -> None:
