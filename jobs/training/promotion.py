@@ -115,10 +115,10 @@ def measure(recipe, tokenizer_files: dict | None, model_uri: str, tracking_uri: 
     first speech stage started from (None: the recipe's `lm_pretrained`, or a random init without one)."""
     import torch
 
-    from jobs.evaluation.run import load_for_inference
     from jobs.training.content import first_conversations
     from models.content_check import answer_loss, content_gap
     from models.precision import resolve_device
+    from services.model_store import load_speechlm
 
     settings, endpoint = recipe.promote, recipe.data.endpoint_url
     uris = settings.eval_uris or sorted({u for src in recipe.data.sources.values() for u in src.uris})
@@ -127,8 +127,9 @@ def measure(recipe, tokenizer_files: dict | None, model_uri: str, tracking_uri: 
     text = first_conversations(uris, "text", settings.text_samples, endpoint)
     random_start = start_from is None and not recipe.model.speechlm_config().lm.pretrained
     with torch.no_grad():
-        # fp32 like the starting model (built as training builds it): the retention compares weights, not dtypes
-        model = load_for_inference(model_uri, tracking_uri, "fp32")
+        # the trained PyTorch model in fp32, like the starting model (built as training builds it): the retention
+        # compares weights, not engines or dtypes (the served engine is tested equal to this model)
+        model = load_speechlm(model_uri, tracking_uri=tracking_uri, device=str(resolve_device("auto")))
         if len(speech) >= 2:
             out["content_gap"] = content_gap(model, speech).gap
         else:
