@@ -68,6 +68,11 @@ class EngineModel:
     def answer_token_losses(self, conversations) -> list[tuple[float, int]]:
         return self.run(self.served.answer_losses(list(conversations)))
 
+    def close(self) -> None:
+        """Stop the engine (its processes) now: a Ray task's worker process outlives the task, and so would they."""
+        self.store.shutdown()
+        self.run.close()
+
 
 class Predictor:
     """Ray Data actor: rows of the Shar datasource -> {id, prediction, reference, prompt, context, langs}.
@@ -215,7 +220,11 @@ def _content_check_task(suite: Suite, model_uri: str, tracking_uri: str | None, 
     convs = content_probe(suite.uris, suite.endpoint_url, size=suite.content_check)
     if not convs:
         return {}
-    return content_gap_of(load_for_inference(model_uri, tracking_uri, precision).answer_token_losses, convs).metrics()
+    model = load_for_inference(model_uri, tracking_uri, precision)
+    try:
+        return content_gap_of(model.answer_token_losses, convs).metrics()
+    finally:
+        model.close()
 
 
 def content_check(suite: Suite, model_uri: str, tracking_uri: str | None, placement: Placement = Placement()):

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model(tmp_path_factory, loop):  # the engine stops before its event loop does
     from models.config import tiny
     from models.speechlm import build_speechlm
     from models.tokenizer import build_tiny_tokenizer

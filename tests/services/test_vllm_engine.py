@@ -66,7 +66,8 @@ def saved(tmp_path_factory):
             "lora_b": _save_varied(root, "lora_b", "lora", seed=3)}
 
 
-@pytest.fixture(scope="module", params=["shared", "merged"])
+# `merged` (the CPU default) runs in `make test-slow`; the suite serves it over HTTP (test_chat_api's bf16 app)
+@pytest.fixture(scope="module", params=["shared", pytest.param("merged", marks=pytest.mark.slow)])
 def served(saved, loop, request):
     """The three models on engines, their LoRAs applied per request (shared) or merged into the weights."""
     from services.engine import EngineSettings, EngineStore
