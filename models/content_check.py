@@ -19,7 +19,7 @@ Legend: B conversations, L tokens, V vocabulary.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -100,10 +100,7 @@ def answer_token_losses(model, conversations: Sequence[Conversation], batch_size
 
 def answer_loss(model, conversations: Sequence[Conversation], batch_size: int = 8) -> float:
     """Mean cross-entropy per answer token over all `conversations` (not a mean of batch means)."""
-    return _mean(answer_token_losses(model, conversations, batch_size))
-
-
-def _mean(losses: list[tuple[float, int]]) -> float:
+    losses = answer_token_losses(model, conversations, batch_size)
     return sum(s for s, _ in losses) / max(sum(n for _, n in losses), 1)
 
 
@@ -111,18 +108,14 @@ def content_gap(model, conversations: Sequence[Conversation], batch_size: int = 
     """The answer loss with the right audio, another utterance of the same length, and the audio reversed.
     `conversations` need audio in a user turn and an assistant answer; the model is put in eval mode for the
     measurement and given back in the mode it had."""
+    convs = [c for c in conversations if c.audio_parts]
     was_training = model.training
     model.eval()
     try:
-        return content_gap_of(lambda convs: answer_token_losses(model, convs, batch_size), conversations)
+        result = ContentGap(matched=answer_loss(model, convs, batch_size),
+                            other=answer_loss(model, other_audio_same_length(convs), batch_size),
+                            reversed=answer_loss(model, time_reversed_audio(convs), batch_size),
+                            conversations=len(convs))
     finally:
         model.train(was_training)
-
-
-def content_gap_of(losses: Callable[[list[Conversation]], list[tuple[float, int]]],
-                   conversations: Sequence[Conversation]) -> ContentGap:
-    """`content_gap` with the answer losses from `losses` (conversations -> per conversation (summed loss, answer
-    tokens)): the trained model's own, or a serving engine's (`services.engine.ServedModel.answer_losses`)."""
-    convs = [c for c in conversations if c.audio_parts]
-    return ContentGap(matched=_mean(losses(convs)), other=_mean(losses(other_audio_same_length(convs))),
-                      reversed=_mean(losses(time_reversed_audio(convs))), conversations=len(convs))
+    return result

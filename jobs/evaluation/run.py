@@ -3,10 +3,10 @@ MLflow (what `python -m jobs.evaluate` runs, and the ablation's evaluation steps
 
 Every task's rows go through one pool of actors holding the model on the serving engine (vLLM, `services.engine`:
 what is evaluated is what is served; loaded once per actor, not per task); each conversation is cut before its last
-assistant turn and answered greedily (the reference is that last assistant turn); the content check (its losses
-from the same engine) runs meanwhile as a Ray task. Scores: ASR WER per language, AST BLEU per direction, exact
-match for text tasks and spoken instructions, the Appendix B judge when one is configured, and the reference
-answers' loss (the engine's prompt log-probabilities). Metrics go to the model's training run (found from the
+assistant turn and answered greedily (the reference is that last assistant turn). The content check (on the trained
+PyTorch model, as the promotion gate measures it) runs meanwhile as a Ray task. Scores: ASR WER per language, AST
+BLEU per direction, exact match for text tasks and spoken instructions, the Appendix B judge when one is
+configured, and the reference answers' loss (the engine's prompt log-probabilities). Metrics go to the model's training run (found from the
 registry), or to a new run in an experiment for a local model folder, with a per-sample table
 `eval/<suite>/samples.json`.
 """
@@ -68,10 +68,6 @@ class EngineModel:
     def answer_token_losses(self, conversations) -> list[tuple[float, int]]:
         return self.run(self.served.answer_losses(list(conversations)))
 
-    def close(self) -> None:
-        """Stop the engine (its processes) now: a Ray task's worker process outlives the task, and so would they."""
-        self.store.shutdown()
-        self.run.close()
 
 
 class Predictor:
@@ -214,17 +210,21 @@ def score(suite: Suite, task: EvalTask, rows: list[dict]) -> dict[str, float]:
 
 
 def _content_check_task(suite: Suite, model_uri: str, tracking_uri: str | None, precision: str) -> dict[str, float]:
+    """The content check on the trained PyTorch model, as the promotion gate measures it: a property of the weights
+    (does the model read its audio), not of the engine; it needs no engine of its own beside the predictors'."""
+    from jobs.training.console import quiet_console
     from jobs.training.content import content_probe
-    from models.content_check import content_gap_of
+    from models.content_check import content_gap
+    from models.precision import inference_dtype, resolve_device
+    from services.model_store import load_speechlm
 
     convs = content_probe(suite.uris, suite.endpoint_url, size=suite.content_check)
     if not convs:
         return {}
-    model = load_for_inference(model_uri, tracking_uri, precision)
-    try:
-        return content_gap_of(model.answer_token_losses, convs).metrics()
-    finally:
-        model.close()
+    quiet_console(os.environ)  # a Ray worker: no download progress bars in the job log
+    device = resolve_device("auto")
+    model = load_speechlm(model_uri, tracking_uri=tracking_uri, device=device, dtype=inference_dtype(device, precision))
+    return content_gap(model, convs).metrics()
 
 
 def content_check(suite: Suite, model_uri: str, tracking_uri: str | None, placement: Placement = Placement()):
