@@ -6,9 +6,9 @@ what is evaluated is what is served; loaded once per actor, not per task); each 
 assistant turn and answered greedily (the reference is that last assistant turn). The content check (on the trained
 PyTorch model, as the promotion gate measures it) runs meanwhile as a Ray task. Scores: ASR WER per language, AST
 BLEU per direction, exact match for text tasks and spoken instructions, the Appendix B judge when one is
-configured, and the reference answers' loss (the engine's prompt log-probabilities). Metrics go to the model's training run (found from the
-registry), or to a new run in an experiment for a local model folder, with a per-sample table
-`eval/<suite>/samples.json`.
+configured, and the reference answers' loss (the engine's prompt log-probabilities). Metrics go to the model's
+training run (found from the registry), or to a new run in an experiment for a local model folder, with a per-sample
+table `eval/<suite>/samples.json`.
 """
 
 from __future__ import annotations
