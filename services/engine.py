@@ -81,13 +81,17 @@ class ServedModel:
     def prompt(self, conversation) -> tuple[dict, int, int]:
         """The engine prompt of `conversation` (its last turn a user turn), its length in tokens (audio positions
         included) and its audio positions."""
+        enc = self.processor.encode(conversation, for_generation=True)
+        return self._engine_prompt(enc), len(enc.input_ids), int(sum(enc.audio_mask))
+
+    def _engine_prompt(self, encoded) -> dict:
+        """An encoded conversation as the engine takes it, its audio heard by this fine-tune's tower."""
         from services.vllm_speechlm import TOWER_KWARG, engine_prompt
 
-        enc = self.processor.encode(conversation, for_generation=True)
-        prompt = engine_prompt(enc, self.processor.audio_token_count, self.marker_id)
-        if enc.audios:
+        prompt = engine_prompt(encoded, self.processor.audio_token_count, self.marker_id)
+        if encoded.audios:
             prompt["mm_processor_kwargs"] = {TOWER_KWARG: str(self.folder)}
-        return prompt, len(enc.input_ids), int(sum(enc.audio_mask))
+        return prompt
 
     def sampling(self, max_new_tokens: int, greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0,
                  seed: int | None = None):
@@ -127,15 +131,11 @@ class ServedModel:
         import asyncio
 
         from models.processor import IGNORE_INDEX
-        from services.vllm_speechlm import TOWER_KWARG, engine_prompt
 
         async def one(conv) -> tuple[float, int]:
             enc = self.processor.encode(conv)
-            prompt = engine_prompt(enc, self.processor.audio_token_count, self.marker_id)
-            if enc.audios:
-                prompt["mm_processor_kwargs"] = {TOWER_KWARG: str(self.folder)}
             out = None
-            async for output in self.generate(prompt, self.scoring()):
+            async for output in self.generate(self._engine_prompt(enc), self.scoring()):
                 out = output
             # prompt_logprobs[i]: log p(token i | tokens before it), over the expanded prompt (= enc.input_ids)
             logprobs = out.prompt_logprobs
