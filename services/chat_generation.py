@@ -99,7 +99,10 @@ class EngineLoad:
         self.counts["streamed_requests"] += row.queue is not None
 
     def end(self, row: Row, timing: dict) -> None:
-        self._running[id(row.model.engine)].discard(row)
+        running = self._running[id(row.model.engine)]
+        running.discard(row)
+        if not running:  # idle: an engine that stops leaves nothing behind here
+            del self._running[id(row.model.engine)]
         self.counts["streamed_in_shared_calls"] += row.queue is not None and row.shared
         self.counts["prefill_s"] += timing["prefill_s"]
         self.counts["decode_s"] += timing["decode_s"]
