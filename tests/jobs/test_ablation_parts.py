@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from jobs.ablation import SeedState, adapt_recipe, check_claims, load_config, seeds_table
+from jobs.ablation_study.cache import SeedState
+from jobs.ablation_study.claims import check_claims
+from jobs.ablation_study.config import adapt_recipe, load_config
+from jobs.ablation_study.report import seeds_table
 from jobs.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
