@@ -28,6 +28,8 @@ class AblationConfig(StrictModel):
         unknown = {role: label for role, label in self.roles.items() if label not in self.recipes}
         if unknown:  # a renamed recipe key must not turn its checks into "not measured" unnoticed
             raise ValueError(f"roles {unknown} name no recipe; the recipes are {list(self.recipes)}")
+        if "text-lm" in self.recipes:  # its row, model and run name would be the text LM's: listed twice, replaced
+            raise ValueError("recipe label 'text-lm' is the text LM's row (the `text_lm` recipe); rename the recipe")
         return self
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

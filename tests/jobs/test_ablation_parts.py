@@ -57,6 +57,17 @@ def test_a_role_naming_no_recipe_is_refused(tmp_path):
         load_config(bad)
 
 
+def test_a_recipe_labelled_like_the_text_lm_row_is_refused(tmp_path):
+    """The text LM's row is "text-lm"; a recipe under that label would be listed twice in the comparison table (once
+    in result.json, a dict), trained under the text LM's run name and state key, and replace it."""
+    bad = tmp_path / "collides.yaml"
+    bad.write_text("name: x\nexperiment: y\ntext_lm: jobs/recipes/mini/text_lm.yaml\nspeech_steps: 5\n"
+                   "recipes: {text-lm: jobs/recipes/mini/joint.yaml}\nroles: {joint: text-lm}\nsuite: s\n"
+                   "metrics: [asr/wer]\n")
+    with pytest.raises(RecipeError, match="recipe label 'text-lm' is the text LM's row"):
+        load_config(bad)
+
+
 def test_bad_ablation_config_names_the_problem(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nexperiment: y\ntext_lm: jobs/recipes/mini/text_lm.yaml\nspeech_steps: 0\n"
