@@ -66,9 +66,10 @@ def measure(size: str, clips: int, seconds: float) -> dict:
     import torch
 
     from jobs.training.loop import Trainer
-    from jobs.training.memory_plan import BatchShape, Mode, model_shapes, plan_memory
+    from jobs.training.memory_plan import BatchShape, Mode, plan_memory
     from jobs.training.optim import build_optimizer, build_scheduler
     from models.conversation import AudioPart, Conversation, TextPart, Turn
+    from models.skeleton import shapes
     from models.speechlm import build_speechlm
     from models.tokenizer import build_tiny_tokenizer
 
@@ -102,11 +103,11 @@ def measure(size: str, clips: int, seconds: float) -> dict:
 
     labels = int((batch["labels"][:, 1:] != -100).sum())
     shape = BatchShape("asr_ast", clips, int(batch["input_ids"].shape[1]), seconds, labels)
-    plan = plan_memory(model_shapes(model), [shape], Mode(), gpu=False)
+    plan = plan_memory(shapes(model), [shape], Mode(), gpu=False)
     b = plan.batches["asr_ast"]
     return {"measured_mib": (peak - before) / 1024, "plan_mib": plan.peak(False) / 2**20,
             "fixed_mib": sum(plan.fixed.values()) / 2**20, "activations_mib": b["off"] / 2**20,
-            "params_m": model_shapes(model).total / 1e6, "positions": shape.positions, "loss": float(loss)}
+            "params_m": shapes(model).total / 1e6, "positions": shape.positions, "loss": float(loss)}
 
 
 def main() -> None:

@@ -38,19 +38,22 @@ def plain_loop(recipe, steps: int) -> dict:
     from data_ops.shar_datasource import row_to_conversation
     from jobs.training.loop import Trainer
     from jobs.training.optim import build_optimizer, build_scheduler, module_param_groups
-    from jobs.training.ray_run import tokenizer_files_for
+    from jobs.training.plan import resolve
+    from jobs.training.preflight import tokenizer_files_for
     from jobs.training.sft import build_model
 
-    model = build_model(recipe, recipe.stage_list()[0], tokenizer_files_for(recipe))
+    plan = resolve(recipe)
+    stage = plan.stages[0]
+    model = build_model(plan, stage, tokenizer_files_for(plan))
     tr = recipe.train
-    opt = build_optimizer(module_param_groups(model, tr.module_lrs()), lr=tr.lr, betas=tr.betas,
+    opt = build_optimizer(module_param_groups(model, stage.module_lrs), lr=stage.lr, betas=tr.betas,
                           weight_decay=tr.weight_decay)
     sched = build_scheduler(opt, warmup_steps=tr.warmup_steps, total_steps=steps, schedule=tr.schedule)
     trainer = Trainer(model, opt, sched, max_grad_norm=tr.max_grad_norm, clip=tr.clip)
     streams = {t: TypeStream(s.uris, t, s.batch_size, seed=recipe.run.seed, bucket_batches=recipe.data.bucket_batches,
                              max_batch_audio_s=s.max_batch_audio_s)
                for t, s in recipe.data.sources.items()}
-    draw = mix_sampler(recipe.data.ratios, recipe.run.seed)
+    draw = mix_sampler(stage.ratios, recipe.run.seed)
     warm = max(1, steps // 10)
     data_s = t_start = 0.0
     model.train()

@@ -93,7 +93,8 @@ class TypeStream:
                  open_rows: Callable[[list[ShardRead]], Iterator[dict]] | None = None,
                  max_audio_s: float | None = None, max_tokens: int | None = None,
                  count_tokens: Callable[[dict], int] | None = None,
-                 max_batch_audio_s: float | None = None, max_batch_tokens: int | None = None):
+                 max_batch_audio_s: float | None = None, max_batch_tokens: int | None = None,
+                 manifests: dict | None = None):
         if max_tokens is not None and count_tokens is None:
             raise ValueError(f"{data_type}: a token cap (max_tokens={max_tokens}) needs count_tokens")
         if max_batch_tokens is not None and count_tokens is None:
@@ -104,6 +105,7 @@ class TypeStream:
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.bucket_batches = max(1, bucket_batches)
         self.endpoint_url = endpoint_url
+        self.manifests = manifests  # the corpora's manifests by URI, when the caller has read them (else read here)
         self.open_rows = open_rows or (lambda reads: (row for r in reads for row in r.rows()))
         self.epoch = 0
         self.read_upto: dict[str, int] = {}  # shard key -> index after the last row read this epoch
@@ -116,7 +118,8 @@ class TypeStream:
     def _open_epoch(self) -> None:
         # Everything below `read_upto` was handed out or sits in `pending` (in memory): start reading after it.
         reads = plan_reads(self.uris, self.data_type, seed=self.seed, epoch=self.epoch, rank=self.rank,
-                           world_size=self.world_size, start=dict(self.read_upto), endpoint_url=self.endpoint_url)
+                           world_size=self.world_size, start=dict(self.read_upto), endpoint_url=self.endpoint_url,
+                           manifests=self.manifests)
         # iter(): Ray's `iter_rows()` is an iterable that restarts on every `for`; one iterator per epoch
         self._rows = iter(self.open_rows(reads))
 
@@ -240,7 +243,8 @@ class TypeStream:
             skip = {k: set(range(min(ids), max(ids) + 1)) - ids for k, ids in by_shard.items()}
             reads = [r for r in plan_reads(self.uris, self.data_type, seed=self.seed, epoch=self.epoch,
                                            rank=self.rank, world_size=self.world_size, start=start, skip=skip,
-                                           endpoint_url=self.endpoint_url) if r.key in by_shard]
+                                           endpoint_url=self.endpoint_url, manifests=self.manifests)
+                     if r.key in by_shard]
             for read in reads:
                 for row in read.rows():
                     if (row["shard"], row["index"]) in wanted:

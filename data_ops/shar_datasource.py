@@ -39,7 +39,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from data_ops.schema import SAMPLING_RATE, SchemaError, fill_conversation
-from data_ops.shards import ManifestError, ShardInfo, TypeInfo, read_manifest
+from data_ops.shards import CorpusManifest, ManifestError, ShardInfo, TypeInfo, read_manifest
 from data_ops.storage import Storage, StorageError, StorageUnavailable, open_storage
 from models import audio as models_audio
 from models.conversation import Conversation
@@ -177,8 +177,11 @@ class ShardRead:
                                offset=self.offset, stride=self.stride, name=self.key)
 
 
-def corpus_shards(uri: str, data_type: str, endpoint_url: str | None = None) -> tuple[Storage, list[ShardInfo]]:
-    manifest = read_manifest(uri, endpoint_url)
+def corpus_shards(uri: str, data_type: str, endpoint_url: str | None = None,
+                  manifest: CorpusManifest | None = None) -> tuple[Storage, list[ShardInfo]]:
+    """The storage and the shards of one data type of a corpus; `manifest`: the corpus's, when the caller has read
+    it already (else it is read here)."""
+    manifest = manifest or read_manifest(uri, endpoint_url)
     if data_type not in manifest.types:
         raise ManifestError(f"{uri}: no {data_type!r} shards; the corpus has {sorted(manifest.types)}")
     return open_storage(uri, endpoint_url), manifest.types[data_type].shards
@@ -186,16 +189,17 @@ def corpus_shards(uri: str, data_type: str, endpoint_url: str | None = None) -> 
 
 def plan_reads(uris: str | list[str], data_type: str, *, seed: int = 0, epoch: int = 0, rank: int = 0,
                world_size: int = 1, start: dict[str, int] | None = None, skip: dict[str, set[int]] | None = None,
-               endpoint_url: str | None = None) -> list[ShardRead]:
+               endpoint_url: str | None = None, manifests: dict | None = None) -> list[ShardRead]:
     """The read tasks of one epoch of one data type for one rank.
 
     Shards of all corpora are shuffled together by (seed, epoch). With at least `world_size` shards each rank gets
     whole shards (round robin); with fewer, every rank reads every shard and keeps rows index % world_size == rank.
-    `start`/`skip` (by shard key) drop rows a resumed reader has already consumed."""
+    `start`/`skip` (by shard key) drop rows a resumed reader has already consumed; `manifests` (by URI): the
+    corpora's manifests where the caller holds them (the training run reads each once)."""
     uris = [uris] if isinstance(uris, str) else list(uris)
     pool = []
     for uri in uris:
-        storage, shards = corpus_shards(uri, data_type, endpoint_url)
+        storage, shards = corpus_shards(uri, data_type, endpoint_url, (manifests or {}).get(uri))
         pool += [(storage, s, f"{uri.rstrip('/')}/{s.cuts}") for s in shards]
     perm = np.random.default_rng([seed, epoch]).permutation(len(pool))
     ordered = [pool[i] for i in perm]
@@ -267,16 +271,19 @@ def row_to_conversation(row: dict) -> Conversation:
     return fill_conversation(row["id"], json.loads(row["conversation"]), audio)
 
 
-def iter_corpus_rows(uri: str, data_type: str, *, endpoint_url: str | None = None) -> Iterator[dict]:
+def iter_corpus_rows(uri: str, data_type: str, *, endpoint_url: str | None = None,
+                     manifest: CorpusManifest | None = None) -> Iterator[dict]:
     """All rows of one data type in manifest order, in this process (no Ray): for small jobs and benchmarks."""
-    storage, shards = corpus_shards(uri, data_type, endpoint_url)
+    storage, shards = corpus_shards(uri, data_type, endpoint_url, manifest)
     for shard in shards:
         yield from iter_shard_rows(storage, shard, data_type)
 
 
-def iter_cut_dicts(uri: str, data_type: str, *, endpoint_url: str | None = None) -> Iterator[dict]:
-    """The cut manifests (JSON dicts, no audio) of one data type; unreadable lines are logged and skipped."""
-    manifest = read_manifest(uri, endpoint_url)
+def iter_cut_dicts(uri: str, data_type: str, *, endpoint_url: str | None = None,
+                   manifest: CorpusManifest | None = None) -> Iterator[dict]:
+    """The cut manifests (JSON dicts, no audio) of one data type; unreadable lines are logged and skipped.
+    `manifest`: the corpus's, when the caller has read it already."""
+    manifest = manifest or read_manifest(uri, endpoint_url)
     storage = open_storage(uri, endpoint_url)
     for shard in manifest.types.get(data_type, TypeInfo()).shards:
         try:

@@ -9,14 +9,13 @@ Parse the recipe -> connect to Ray -> `run_training` (jobs/training/ray_run.py: 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import signal
 import sys
 import time
 
-from jobs.recipe import RecipeError, check_data, check_model, describe_model, load_recipe, parse_recipe
+from jobs.recipe import RecipeError, load_recipe, parse_recipe
 from jobs.training.console import quiet_console
 from jobs.training.checkpoint import CheckpointMismatch
 from jobs.training.tracking import TrackingError
@@ -43,13 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {k: v for k, v in (("name", args.name), ("tracking_uri", args.tracking_uri)) if v}
         if overrides:
             recipe = parse_recipe({**recipe.model_dump(mode="json"), "run": {**recipe.run.model_dump(), **overrides}})
-        if args.check:
-            check_model(recipe)
-            print(describe_model(recipe.model.speechlm_config()))
-            print(json.dumps(check_data(recipe), indent=1))
-            from jobs.training.memory_plan import recipe_plan
+        if args.check:  # the checks `run_training` makes before launch, and what they found
+            from jobs.training.plan import resolve
+            from jobs.training.preflight import check_report
 
-            print(recipe_plan(recipe)[1])
+            print(check_report(resolve(recipe)))
             return 0
         import ray
 

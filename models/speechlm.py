@@ -35,7 +35,7 @@ from models.features import FastConformerFeatures, WhisperFeatures
 from models.loss import answer_loss, answer_nll_per_row, logit_softcap
 from models.precision import KeepComputedBuffers
 from models.processor import ConversationProcessor, move_batch
-from models.empty_weights import allocate_unwritten, unread_lm
+from models.skeleton import allocate_unwritten, unread_lm
 from models.engine_config import write_engine_config
 
 CONFIG_FILE = "speechlm_config.json"
@@ -539,7 +539,7 @@ def build_speechlm(
     `models.tokenizer.build_tiny_tokenizer()`), or none at all for a model that only computes (parameter counts on
     the meta device). `lm_source` overrides where LM weights load from; `lora_dir` loads a saved LoRA adapter with
     `PeftModel.from_pretrained` instead of creating a fresh one. `read_lm_weights=False`: a pretrained LM's weights
-    are allocated but not read (`models.empty_weights`), for a caller that loads them itself; the rest is built as
+    are allocated but not read (`models.skeleton`), for a caller that loads them itself; the rest is built as
     usual.
     """
     from peft import LoraConfig, PeftModel, get_peft_model

@@ -37,13 +37,14 @@ def pretrain_encoder_logged(cfg: AblationConfig, text_lm: Recipe, corpus: str, e
     from transformers import AutoTokenizer
 
     from jobs.training.encoder_pretraining import pretrain_encoder
+    from jobs.training.plan import resolve
     from jobs.training.tracking import client_for, create_run, log_metrics, log_params
 
     client = client_for(tracking_uri)
     run_id = create_run(client, cfg.experiment, f"{cfg.name}-encoder-ctc-s{seed}", tags={"vtb.ablation": cfg.name})
     log_params(client, run_id, {"steps": cfg.encoder_steps, "lr": cfg.encoder_lr, "seed": seed, "corpus": corpus})
     try:
-        return pretrain_encoder(corpus, text_lm.model.speechlm_config(), AutoTokenizer.from_pretrained(tokenizer_dir),
+        return pretrain_encoder(corpus, resolve(text_lm).model, AutoTokenizer.from_pretrained(tokenizer_dir),
                                 out, steps=cfg.encoder_steps, lr=cfg.encoder_lr, seed=seed, eval_corpus=eval_corpus,
                                 on_metrics=lambda metrics, step: log_metrics(client, run_id, metrics, step))
     finally:

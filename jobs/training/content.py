@@ -13,17 +13,18 @@ CONTENT_PROBE_SIZE = 16
 
 
 def first_conversations(corpus_uris: Sequence[str], data_type: str, size: int,
-                        endpoint_url: str | None = None) -> list:
+                        endpoint_url: str | None = None, manifests: dict | None = None) -> list:
     """The first `size` good rows of `data_type` of the corpora, in manifest order, as conversations (corpora
-    without that type are passed over)."""
+    without that type are passed over). `manifests` (by URI): the corpora's, where the caller has read them."""
     from data_ops.shar_datasource import is_error_row, iter_corpus_rows, row_to_conversation
     from data_ops.shards import read_manifest
 
     out: list = []
     for uri in corpus_uris:
-        if data_type not in read_manifest(uri, endpoint_url).types:
+        manifest = (manifests or {}).get(uri) or read_manifest(uri, endpoint_url)
+        if data_type not in manifest.types:
             continue
-        for row in iter_corpus_rows(uri, data_type, endpoint_url=endpoint_url):
+        for row in iter_corpus_rows(uri, data_type, endpoint_url=endpoint_url, manifest=manifest):
             if not is_error_row(row):
                 out.append(row_to_conversation(row))
             if len(out) == size:
@@ -32,10 +33,10 @@ def first_conversations(corpus_uris: Sequence[str], data_type: str, size: int,
 
 
 def content_probe(corpus_uris: Sequence[str], endpoint_url: str | None = None,
-                  size: int = CONTENT_PROBE_SIZE) -> list:
+                  size: int = CONTENT_PROBE_SIZE, manifests: dict | None = None) -> list:
     """A fixed set of speech conversations: the first `size` ASR/AST rows of the corpora, in order (empty when
     they have fewer than two: the check swaps audio between conversations). Training and evaluation both use it."""
-    probe = first_conversations(corpus_uris, "asr_ast", size, endpoint_url)
+    probe = first_conversations(corpus_uris, "asr_ast", size, endpoint_url, manifests)
     return probe if len(probe) >= 2 else []
 
 

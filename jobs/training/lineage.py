@@ -74,9 +74,10 @@ def source_version(entrypoint: str, repo: Path = REPO, env: dict | None = None) 
     return tags, diff
 
 
-def corpus_datasets(sources: dict[str, list[str]], endpoint_url: str | None, context: str) -> list:
+def corpus_datasets(sources: dict[str, list[str]], endpoint_url: str | None, context: str,
+                    manifests: dict | None = None) -> list:
     """MLflow `DatasetInput`s, one per data type: its corpora (source), a digest of their manifests' entries for
-    the type (which shards, how many cuts), and the counts (profile)."""
+    the type (which shards, how many cuts), and the counts (profile). `manifests` (by URI): those already read."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     from data_ops.shards import read_manifest
@@ -85,7 +86,7 @@ def corpus_datasets(sources: dict[str, list[str]], endpoint_url: str | None, con
     for dtype, uris in sources.items():
         entries, cuts, hours, shards = [], 0, 0.0, 0
         for uri in uris:
-            info = read_manifest(uri, endpoint_url).types.get(dtype)
+            info = ((manifests or {}).get(uri) or read_manifest(uri, endpoint_url)).types.get(dtype)
             if info is None:
                 continue
             entries.append({"uri": uri, "shards": [s.__dict__ for s in info.shards]})
@@ -102,8 +103,9 @@ def corpus_datasets(sources: dict[str, list[str]], endpoint_url: str | None, con
     return inputs
 
 
-def log_lineage(client, run_id: str, recipe, entrypoint: str) -> None:
-    """Source tags (and the uncommitted diff as an artifact), dataset inputs, and the recipe as `recipe.yaml`."""
+def log_lineage(client, run_id: str, recipe, entrypoint: str, manifests: dict | None = None) -> None:
+    """Source tags (and the uncommitted diff as an artifact), dataset inputs, and the recipe as `recipe.yaml`.
+    `manifests` (by URI): the corpora's, where the caller has read them."""
     import yaml
 
     tags, diff = source_version(entrypoint)
@@ -112,9 +114,10 @@ def log_lineage(client, run_id: str, recipe, entrypoint: str) -> None:
     if diff:
         client.log_text(run_id, diff.encode()[:MAX_DIFF_BYTES].decode(errors="ignore"), DIFF_ARTIFACT)
     endpoint = recipe.data.endpoint_url
-    inputs = corpus_datasets({t: src.uris for t, src in recipe.data.sources.items()}, endpoint, "training")
+    inputs = corpus_datasets({t: src.uris for t, src in recipe.data.sources.items()}, endpoint, "training", manifests)
     if recipe.promote.eval_uris:
-        inputs += corpus_datasets({t: recipe.promote.eval_uris for t in ("asr_ast", "text")}, endpoint, "evaluation")
+        inputs += corpus_datasets({t: recipe.promote.eval_uris for t in ("asr_ast", "text")}, endpoint, "evaluation",
+                                  manifests)
     if inputs:
         client.log_inputs(run_id, datasets=inputs)
     client.log_text(run_id, yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), "recipe.yaml")

@@ -5,8 +5,8 @@ GPU sizes it fits. `jobs.train --check` prints it.
     the recipe's largest micro-batch (with and without activation checkpointing; under a type's batch budget, the
     largest the budget allows), the answer-only loss's chunk of logits, the CUDA context; host RAM per worker
 
-Everything is computed from shapes: parameter counts by module come from building the model on the `meta` device
-(no weight is read or allocated, so the paper's 3B model costs nothing), activations from the architecture's widths
+Everything is computed from shapes: parameter counts by module and the widths come from the model built without its
+weights (`models.skeleton`: nothing read or allocated, so the paper's 3B model costs nothing), activations from them
 (`lm_layer`, `fastconformer_layer`, `conformer_layer`, ... below: per token, or per encoder frame, per layer, in
 bytes) times the batch's positions. It is an estimate, checked against measured CPU steps of three sizes by
 `bench/memory_plan.py` (within 25% there, fp32); bf16 byte counts follow the same tensor lists with autocast's
@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from models.skeleton import ModelShapes
 
 GIB = 2**30
 GPU_SIZES_GB = (24, 40, 48, 80, 141)
@@ -70,73 +72,6 @@ class BatchShape:
     audio_batch: float | None = None
     """Clips of `audio_s` in the batch, for the encoder and the adapter; None: `batch_size`. (An audio budget bounds
     the batch's audio, not its text: with one alone the LM still sees `batch_size` samples.)"""
-
-
-@dataclass
-class ModelShapes:
-    """What the plan needs of a built (meta) SpeechLM: parameter counts and the architecture's widths."""
-
-    params: dict[str, int]  # encoder, adapter, lora, lm
-    trainable: dict[str, int]
-    lm_embedding: int  # the LM's input embedding (not autocast; tied to the head)
-    lm: dict  # hidden, intermediate, layers, q_dim, kv_dim, vocab, lora_r, lora_in (widths into LoRA linears, a layer)
-    encoder: dict  # kind + widths
-    adapter: dict  # hidden, ff_mult, layers, in_dim, dropout
-    frames: object = field(repr=False, default=None)  # samples -> (encoder frames, LM positions)
-    largest_unit: int = 0  # parameters of the largest FSDP layer unit
-    root_unit: int = 0  # parameters outside every layer unit (FSDP's root: embeddings, head, projections)
-
-    @property
-    def total(self) -> int:
-        return sum(self.params.values())
-
-
-def model_shapes(model) -> ModelShapes:
-    """Shapes of a `models.speechlm.SpeechLM` (any device, `meta` included)."""
-    from torch import nn
-
-    from jobs.training.parallel import fsdp_units
-
-    params = model.parameter_counts()
-    trainable = {"encoder": 0, "adapter": 0, "lora": 0, "lm": 0}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            part = name.split(".", 1)[0]
-            trainable["lora" if "lora_" in name else part] += p.numel()
-    text = model.lm.config.get_text_config()
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    layer0 = model.lm.get_decoder().layers[0]
-    lora_in = [m.in_features for n, m in layer0.named_modules() if n.endswith("lora_A.default")
-               and isinstance(m, nn.Linear)]
-    lm = dict(hidden=text.hidden_size, intermediate=text.intermediate_size, layers=text.num_hidden_layers,
-              q_dim=heads * head_dim, kv_dim=text.num_key_value_heads * head_dim, vocab=text.vocab_size,
-              lora_r=model.config.lm.lora.r if lora_in else 0, lora_in=lora_in)
-    ec = model.encoder.encoder.config
-    if model.encoder.kind == "fastconformer":
-        enc = dict(kind="fastconformer", hidden=ec.hidden_size, intermediate=ec.intermediate_size,
-                   layers=ec.num_hidden_layers, heads=ec.num_attention_heads, channels=ec.subsampling_conv_channels,
-                   subsampling=ec.subsampling_factor, mels=ec.num_mel_bins,
-                   dropout=max(ec.dropout, ec.activation_dropout, ec.attention_dropout))
-    else:
-        enc = dict(kind="whisper", hidden=ec.d_model, intermediate=ec.encoder_ffn_dim, layers=ec.encoder_layers,
-                   heads=ec.encoder_attention_heads, mels=ec.num_mel_bins,
-                   dropout=max(ec.dropout, ec.activation_dropout, ec.attention_dropout))
-    a = model.config.adapter
-    units = fsdp_units(model)
-    in_units = sum(p.numel() for u in units for p in u.parameters())
-    return ModelShapes(
-        params=params, trainable=trainable, lm_embedding=model.lm.get_input_embeddings().weight.numel(), lm=lm,
-        encoder=enc, adapter=dict(hidden=a.hidden_size, ff_mult=a.ff_mult, layers=a.num_layers,
-                                  in_dim=model.encoder.hidden_size * a.stack_frames, stack=a.stack_frames,
-                                  dropout=a.dropout if a.train else 0.0),
-        frames=lambda n: (model.encoder.output_length(n), model.audio_token_count(n)),
-        largest_unit=max((sum(p.numel() for p in u.parameters()) for u in units), default=0),
-        root_unit=model_total(model) - in_units)
-
-
-def model_total(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,6 +160,18 @@ def whisper_front(enc: dict, mode: Mode) -> float:
     return mode.act * (2 * enc["mels"] + 7 * enc["hidden"])
 
 
+def _whisper_frames(enc_frames: int) -> int:
+    return math.ceil(enc_frames / 1500) * 1500  # every 30 s window is padded whole
+
+
+# Per encoder kind (the widths are `models.skeleton.ENCODER_WIDTHS`'): (enc, frames of the longest clip, mode) ->
+# (bytes per frame of one layer, bytes per frame of the front end, frames a clip occupies)
+ENCODER_ACTIVATIONS = {
+    "fastconformer": lambda enc, t, mode: (fastconformer_layer(enc, t, mode), fastconformer_front(enc, mode), t),
+    "whisper": lambda enc, t, mode: (whisper_layer(enc, mode), whisper_front(enc, mode), _whisper_frames(t)),
+}
+
+
 def conformer_layer(ad: dict, mode: Mode) -> float:
     """Per adapter frame of one `models.speechlm.ConformerLayer`: six LayerNorms' fp32 inputs and five outputs; two
     FFNs (m*H-wide linear output = SiLU input, SiLU output); qkv (3H), SDPA output, attn_out's input; pointwise_in
@@ -257,13 +204,11 @@ def activations(shapes: ModelShapes, batch: BatchShape, mode: Mode, checkpointin
     enc_frames, positions = shapes.frames(int(batch.audio_s * sampling_rate))
     n = batch.batch_size if batch.audio_batch is None else batch.audio_batch
     trains_below = shapes.trainable["encoder"] > 0
-    if enc["kind"] == "fastconformer":
-        layer, front = fastconformer_layer(enc, enc_frames, mode), fastconformer_front(enc, mode)
-        frames = n * enc_frames
-    else:
-        windows = math.ceil(enc_frames / 1500)
-        frames = n * windows * 1500  # every 30 s window is padded whole
-        layer, front = whisper_layer(enc, mode), whisper_front(enc, mode)
+    if enc["kind"] not in ENCODER_ACTIVATIONS:
+        raise ValueError(f"no activation count for encoder kind {enc['kind']!r} (jobs.training.memory_plan."
+                         "ENCODER_ACTIVATIONS)")
+    layer, front, frames = ENCODER_ACTIVATIONS[enc["kind"]](enc, enc_frames, mode)
+    frames *= n
     if trains_below:
         enc_layers = (enc["layers"] * 4 * enc["hidden"] + layer) if checkpointing else enc["layers"] * layer
         out["encoder"] = frames * (enc_layers + front)
@@ -401,28 +346,13 @@ def describe_plan(plan: Plan, mode: Mode, strategy: str, world: int, checkpointi
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def recipe_mode(recipe) -> Mode:
-    """The step's dtypes as the recipe asks them: bf16 for `precision: bf16`, and for `auto` on GPU workers (where
-    `models.precision.training_autocast_dtype` picks bf16 on any GPU with native bf16, which the plan assumes).
-    Under autocast the training job holds the frozen weights in bf16 (jobs/training/sft.py `prepare_model`)."""
-    tr = recipe.train
-    autocast = tr.precision == "bf16" or (tr.precision == "auto" and tr.use_gpu)
+def run_mode(train) -> Mode:
+    """The step's dtypes as the recipe's `train` section asks them: bf16 for `precision: bf16`, and for `auto` on GPU
+    workers (where `models.precision.training_autocast_dtype` picks bf16 on any GPU with native bf16, which the plan
+    assumes). Under autocast the training job holds the frozen weights in bf16 (jobs/training/sft.py
+    `prepare_model`)."""
+    autocast = train.precision == "bf16" or (train.precision == "auto" and train.use_gpu)
     return Mode(autocast=autocast, frozen_bf16=autocast)
-
-
-def meta_model(recipe, lm_mode: str | None = None):
-    """The recipe's SpeechLM on the meta device, from configs only (no weights read)."""
-    import torch
-
-    from jobs.recipe import config_only
-    from models.speechlm import build_speechlm
-
-    cfg = config_only(recipe.model.speechlm_config(lm_mode))
-    if not (recipe.model.speechlm_config().lm.tokenizer or recipe.model.speechlm_config().lm.pretrained):
-        # a random-init LM gets the offline tokenizer built from the corpora: its vocabulary is the recipe's
-        cfg.lm.config.setdefault("vocab_size", recipe.model.tokenizer_vocab_size)
-    with torch.device("meta"):
-        return build_speechlm(cfg, device="meta")
 
 
 def _text_of(conv: dict) -> tuple[str, int]:
@@ -431,7 +361,7 @@ def _text_of(conv: dict) -> tuple[str, int]:
     return text, len(turns)
 
 
-def largest_batches(recipe, model) -> list[BatchShape]:
+def largest_batches(plan, model) -> list[BatchShape]:
     """Per sampled data type: its batch size times its largest sample. The largest sample is bounded by the
     recipe's caps where set (`data.max_sample_audio_s`, `data.max_sample_tokens`: the streams skip anything
     larger), else read from the corpora's cut manifests (one pass, no audio): the longest audio, and the longest
@@ -441,7 +371,7 @@ def largest_batches(recipe, model) -> list[BatchShape]:
     samples of the longest size (`BatchShape`), never more than its batch size."""
     from data_ops.shar_datasource import iter_cut_dicts
 
-    d, cfg = recipe.data, recipe.model.speechlm_config()
+    d, cfg = plan.data, plan.model
     count = None
     source = cfg.lm.tokenizer or cfg.lm.pretrained
     if source:
@@ -449,7 +379,7 @@ def largest_batches(recipe, model) -> list[BatchShape]:
 
         tok = AutoTokenizer.from_pretrained(source)
         count = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
-    sampled = {t for stage in recipe.stage_list() for t, r in (stage.ratios or d.ratios).items() if r > 0}
+    sampled = {t for stage in plan.stages for t in stage.sampled_types}
     out = []
     for dtype, src in d.sources.items():
         if dtype not in sampled:
@@ -459,7 +389,7 @@ def largest_batches(recipe, model) -> list[BatchShape]:
         if need_audio or d.max_sample_tokens is None:
             longest, turns = "", 0
             for uri in src.uris:
-                for cut in iter_cut_dicts(uri, dtype, endpoint_url=d.endpoint_url):
+                for cut in iter_cut_dicts(uri, dtype, endpoint_url=d.endpoint_url, manifest=plan.manifests.get(uri)):
                     audio_s = max(audio_s, float(cut.get("duration") or 0.0))
                     text, n = _text_of((cut.get("custom") or {}).get("conversation") or {})
                     if len(text.encode()) > len(longest.encode()):
@@ -475,7 +405,7 @@ def largest_batches(recipe, model) -> list[BatchShape]:
             frame_s = audio_s / audio_positions if audio_positions else 0.0
             audio_s = min(audio_s, positions * frame_s)
         # the largest batch of this type in any stage (a stage may set its own, e.g. the demo's text-LM stage)
-        batch = max([src.batch_size] + [(st.batch_sizes or {}).get(dtype, 0) for st in recipe.stage_list()])
+        batch = max(stage.batch_sizes[dtype] for stage in plan.stages)
         out.append(_within_budget(BatchShape(dtype, batch, positions, round(audio_s, 3)), src, model,
                                   cfg.sampling_rate))
     return out
@@ -502,21 +432,23 @@ def _within_budget(shape: BatchShape, src, model, sampling_rate: int) -> BatchSh
                                audio_batch=min(bounds) if audio_s > 0 else None)
 
 
-def recipe_plan(recipe) -> tuple[Plan, str]:
-    """The recipe's plan and its table (`jobs.train --check`); the most memory-hungry stage's LM mode."""
-    tr = recipe.train
-    mode = recipe_mode(recipe)
+def run_memory_plan(plan) -> tuple[Plan, str]:
+    """The run's plan per worker and its table (`jobs.train --check`): the most memory-hungry stage's. `plan`: a
+    `jobs.training.plan.RunPlan` (its manifests read, where the corpora's longest samples are looked up)."""
+    from models.skeleton import shapes, skeleton
+
+    tr = plan.train
+    mode = run_mode(tr)
     # hybrid sharding: a worker holds 1/shard-size of the model, however many replicas there are
     sharded_over = tr.fsdp_shard_size or tr.num_workers
+    vocab = plan.recipe.model.tokenizer_vocab_size if plan.offline_tokenizer else None
     plans = []
-    for lm_mode in dict.fromkeys(s.lm_mode for s in recipe.stage_list()):
-        model = meta_model(recipe, lm_mode)
-        shapes = model_shapes(model)
-        cfg = recipe.model.speechlm_config(lm_mode)
-        plans.append(plan_memory(shapes, largest_batches(recipe, model), mode, strategy=tr.strategy,
+    for cfg in {s.model.model_dump_json(): s.model for s in plan.stages}.values():
+        model = skeleton(cfg, vocab_size=vocab)
+        plans.append(plan_memory(shapes(model), largest_batches(plan, model), mode, strategy=tr.strategy,
                                  world=sharded_over, gpu=tr.use_gpu,
                                  pretrained=bool(cfg.lm.pretrained or cfg.encoder.pretrained),
                                  lm_pretrained=bool(cfg.lm.pretrained)))
-    plan = max(plans, key=lambda p: p.peak(tr.activation_checkpointing))
+    worst = max(plans, key=lambda p: p.peak(tr.activation_checkpointing))
     strategy = f"hsdp (shards of {sharded_over})" if tr.fsdp_shard_size else tr.strategy
-    return plan, describe_plan(plan, mode, strategy, tr.num_workers, tr.activation_checkpointing)
+    return worst, describe_plan(worst, mode, strategy, tr.num_workers, tr.activation_checkpointing)

@@ -4,11 +4,11 @@ Before, every worker built the whole SpeechLM in host memory, read the pretraine
 stage's) and only then sharded it: ~7.5 GB a worker for the paper's pair, and an LM that does not fit one GPU
 could not be trained under FSDP, which had the whole model on each GPU before sharding. Now (`build_on_ranks`):
 
-1. every rank builds the model's structure with its parameters on the meta device (`skeleton`: no memory, no
-   file read; the buffers, which are computed, not loaded, are built for real: rotary frequencies, mel
+1. every rank builds the model's structure with its parameters on the meta device (`models.skeleton`: no memory,
+   no file read; the buffers, which are computed, not loaded, are built for real: rotary frequencies, mel
    filterbanks), prepares it as training wants it (frozen weights in the compute dtype, activation
    checkpointing), shards it (FSDP) and allocates its parameters on its device, uninitialized
-   (`models.empty_weights.allocate`): under FSDP only its own shards;
+   (`models.skeleton.allocate`): under FSDP only its own shards;
 2. rank 0 alone builds the model with values (`build_speechlm(read_lm_weights=False)`: the same seed, so the
    adapter, LoRA and any random init are drawn as before; the pretrained LM's weights allocated, not read),
    applies the previous stage's weights to it, and streams the pretrained LM's weights from its safetensors files
@@ -36,20 +36,6 @@ import torch.distributed as dist
 from torch import nn
 
 GROUP_BYTES = 256 * 2**20  # rank 0's weights in flight at once (its own, before the broadcast takes each tensor)
-
-
-def skeleton(cfg, tokenizer) -> nn.Module:
-    """The SpeechLM of `cfg` with every parameter on the meta device and its buffers computed on the host; the
-    pretrained parts built from their configs (`jobs.recipe.config_only`), nothing read."""
-    from accelerate import init_empty_weights
-
-    from jobs.recipe import config_only
-    from models.speechlm import build_speechlm
-
-    with init_empty_weights(include_buffers=False):
-        core = build_speechlm(config_only(cfg), device="meta", tokenizer=tokenizer)
-    core.lm.tie_weights()  # accelerate registers each name's meta parameter anew: the tied LM head came untied
-    return core
 
 
 def weight_groups(core: nn.Module) -> list[list[str]]:
@@ -166,7 +152,7 @@ def build_on_ranks(cfg, tokenizer, seed: int, rank: int, world: int, device, sha
     on rank 0 before any sharding and sent to every rank: the FLOP count, which needs a forward pass)."""
     from jobs.training.checkpoint import load_initial_weights
     from jobs.training.parallel import shard_mesh, shard_model
-    from models.empty_weights import allocate
+    from models.skeleton import allocate, skeleton
     from models.speechlm import build_speechlm, lm_tokenizer
 
     tokenizer = tokenizer if tokenizer is not None else lm_tokenizer(cfg)  # the LM's own: the skeleton reads no LM

@@ -26,15 +26,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from models.skeleton import layer_units
+
 Strategy = Literal["ddp", "fsdp"]
-
-
-def fsdp_units(core: nn.Module) -> list[nn.Module]:
-    """The modules `fully_shard` wraps one by one (innermost first is not needed: each is a layer)."""
-    from models.speechlm import ConformerLayer
-
-    layer_classes = {name for m in core.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
-    return [m for m in core.modules() if type(m).__name__ in layer_classes or isinstance(m, ConformerLayer)]
 
 
 def shard_mesh(world: int, shard_size: int | None, device_type: str):
@@ -84,7 +78,7 @@ def shard_model(core: nn.Module, mesh=None) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
-    for unit in fsdp_units(core):
+    for unit in layer_units(core):
         fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(core, mesh=mesh, mp_policy=mp)
     # the content check's per-conversation answer loss enters the model there, not through forward

@@ -95,22 +95,21 @@ def decide(measures: dict, settings) -> Verdict:
     return Verdict((content, retention), measures.get("eval_set", "?"))
 
 
-def _starting_model(recipe, tokenizer_files: dict | None, start_from, device: str):
+def _starting_model(plan, tokenizer_files: dict | None, start_from, device: str):
     """The model at the start of the first speech stage, in eval mode (LoRA freshly initialised adds nothing)."""
     from pathlib import Path
 
     from jobs.training.checkpoint import load_initial_weights
     from jobs.training.sft import build_model
 
-    stage = recipe.stage_list()[recipe.first_speech_stage()]
-    model = build_model(recipe, stage, tokenizer_files, device)
+    model = build_model(plan, plan.stages[plan.first_speech_stage], tokenizer_files, device)
     if start_from is not None:
         with start_from.as_directory() as path:
             load_initial_weights(model, Path(path))
     return model.eval()
 
 
-def measure(recipe, tokenizer_files: dict | None, model_uri: str, tracking_uri: str, start_from=None) -> dict:
+def measure(plan, tokenizer_files: dict | None, model_uri: str, tracking_uri: str, start_from=None) -> dict:
     """The gate's numbers for the model at `model_uri` (what gets registered); `start_from`: the checkpoint the
     first speech stage started from (None: the recipe's `lm_pretrained`, or a random init without one)."""
     import torch
@@ -120,12 +119,12 @@ def measure(recipe, tokenizer_files: dict | None, model_uri: str, tracking_uri: 
     from models.precision import resolve_device
     from services.model_store import load_speechlm
 
-    settings, endpoint = recipe.promote, recipe.data.endpoint_url
-    uris = settings.eval_uris or sorted({u for src in recipe.data.sources.values() for u in src.uris})
+    settings, endpoint = plan.promote, plan.data.endpoint_url
+    uris = settings.eval_uris or plan.corpus_uris
     out: dict = {"eval_set": ", ".join(uris) + ("" if settings.eval_uris else " (the training corpora)")}
-    speech = first_conversations(uris, "asr_ast", settings.speech_samples, endpoint)
-    text = first_conversations(uris, "text", settings.text_samples, endpoint)
-    random_start = start_from is None and not recipe.model.speechlm_config().lm.pretrained
+    speech = first_conversations(uris, "asr_ast", settings.speech_samples, endpoint, plan.manifests)
+    text = first_conversations(uris, "text", settings.text_samples, endpoint, plan.manifests)
+    random_start = start_from is None and not plan.model.lm.pretrained
     with torch.no_grad():
         # the trained PyTorch model in fp32, like the starting model (built as training builds it): the retention
         # compares weights, not engines or dtypes (the served engine is tested equal to this model)
@@ -138,7 +137,7 @@ def measure(recipe, tokenizer_files: dict | None, model_uri: str, tracking_uri: 
             out["text_loss_final"] = answer_loss(model.eval(), text)
             del model
             out["text_loss_start"] = answer_loss(
-                _starting_model(recipe, tokenizer_files, start_from, resolve_device("auto")), text)
+                _starting_model(plan, tokenizer_files, start_from, resolve_device("auto")), text)
         elif random_start:
             out.update(random_start=True, text_loss_why="does not apply: the run started from a random-init LM")
         else:

@@ -20,22 +20,21 @@ from typing import Any
 
 import numpy as np
 
-from jobs.recipe import Recipe, StageSection
+from jobs.training.plan import RunPlan, StagePlan
 
 
 @dataclass
 class WorkerJob:
-    """What the driver hands every worker of one stage (pickled by Ray as it is: no dict round trip)."""
+    """What the driver hands every worker of one stage (pickled by Ray as it is: no dict round trip): the run's plan
+    and this stage's, resolved once by the driver; a worker derives nothing from the recipe again."""
 
-    recipe: Recipe
-    stage: StageSection
+    plan: RunPlan
+    stage: StagePlan
     tokenizer_files: dict | None
     tracking_uri: str
     mlflow_run_id: str
     init_from: Any = None
     """The previous stage's last `ray.train.Checkpoint` (under storage_path, so any node can read it), or None."""
-    final: bool = True
-    step_offset: int = 0  # stages log on one step axis
     sample_log_dir: str | None = None
 
 
@@ -43,7 +42,7 @@ def log(msg: str) -> None:
     print(f"[train] {msg}", flush=True)
 
 
-def build_model(recipe: Recipe, stage: StageSection, tokenizer_files: dict | None, device="cpu",
+def build_model(plan: RunPlan, stage: StagePlan, tokenizer_files: dict | None, device="cpu",
                 read_lm_weights: bool = True):
     """The stage's SpeechLM, whole, in this process (seeded): what `prepare_model` builds on every rank, read once
     (`jobs.training.model_init`), and what rank 0 gathers a sharded model into at the end."""
@@ -52,9 +51,8 @@ def build_model(recipe: Recipe, stage: StageSection, tokenizer_files: dict | Non
     from jobs.training.tokenizer import load_tokenizer
     from models.speechlm import build_speechlm
 
-    torch.manual_seed(recipe.run.seed)
-    cfg = recipe.model.speechlm_config(stage.lm_mode)
-    return build_speechlm(cfg, device=device, tokenizer=load_tokenizer(tokenizer_files),
+    torch.manual_seed(plan.run.seed)
+    return build_speechlm(stage.model, device=device, tokenizer=load_tokenizer(tokenizer_files),
                           read_lm_weights=read_lm_weights)
 
 
@@ -68,24 +66,24 @@ def probe_conversation():
                          Turn.text("assistant", "A tone.")])
 
 
-def open_streams(recipe: Recipe, ratios: dict[str, float], rank: int, world: int, processor=None,
-                 batch_sizes: dict[str, int] | None = None) -> dict:
-    """This rank's stream of each sampled type. `processor` (the model's) counts a row's LM positions for
-    `data.max_sample_tokens` and the types' `max_batch_tokens` budgets: in the prefetch thread, a second encoding of
-    the rows that pass (the batch's own comes after), which is cheap next to a training step."""
+def open_streams(plan: RunPlan, stage: StagePlan, rank: int, world: int, processor=None) -> dict:
+    """This rank's stream of each type the stage samples, of the stage's batch size. `processor` (the model's)
+    counts a row's LM positions for `data.max_sample_tokens` and the types' `max_batch_tokens` budgets: in the
+    prefetch thread, a second encoding of the rows that pass (the batch's own comes after), which is cheap next to a
+    training step."""
     from data_ops.mix_sampler import TypeStream
     from data_ops.shar_datasource import reads_dataset, row_to_conversation
 
-    d = recipe.data
+    d = plan.data
     counts = d.max_sample_tokens or any(src.max_batch_tokens for src in d.sources.values())
     count = (lambda row: len(processor.encode(row_to_conversation(row)))) if counts else None
-    return {t: TypeStream(src.uris, t, (batch_sizes or {}).get(t, src.batch_size), seed=recipe.run.seed,
-                          rank=rank, world_size=world,
+    return {t: TypeStream(src.uris, t, stage.batch_sizes[t], seed=plan.run.seed,
+                          rank=rank, world_size=world, manifests=plan.manifests,
                           bucket_batches=d.bucket_batches, endpoint_url=d.endpoint_url,
                           open_rows=lambda reads: reads_dataset(reads).iter_rows(),
                           max_audio_s=d.max_sample_audio_s, max_tokens=d.max_sample_tokens, count_tokens=count,
                           max_batch_audio_s=src.max_batch_audio_s, max_batch_tokens=src.max_batch_tokens)
-            for t, src in d.sources.items() if ratios.get(t, 0) > 0}
+            for t, src in d.sources.items() if stage.ratios.get(t, 0) > 0}
 
 
 def skipped_samples(job: WorkerJob, prefetch, world: int, device, logged: dict | None) -> dict[str, float]:
@@ -95,7 +93,7 @@ def skipped_samples(job: WorkerJob, prefetch, world: int, device, logged: dict |
     in `logged`, which is updated."""
     from jobs.training.distributed import reduce_over_ranks
 
-    d = job.recipe.data
+    d = job.plan.data
     caps = {name: v for name, v in (("max_sample_audio_s", d.max_sample_audio_s),
                                     ("max_sample_tokens", d.max_sample_tokens)) if v is not None}
     limits = {t: {**caps, **{name: v for name, v in (("max_batch_audio_s", d.sources[t].max_batch_audio_s),
@@ -124,11 +122,11 @@ def build_trainer(job: WorkerJob, core, device, world: int):
     from jobs.training.parallel import wrap_model
     from models.precision import training_autocast_dtype
 
-    tr = job.recipe.train
+    tr = job.plan.train
     autocast_dtype = training_autocast_dtype(device, tr.precision)  # refuses bf16 on a GPU without it, first
     # `core` comes from `prepare_model` (`model_init.build_on_ranks`): rank 0's weights, broadcast to every rank
     model = wrap_model(core, tr.strategy, world, tr.fsdp_shard_size, torch.device(device).type, weights_synced=True)
-    optimizer = build_optimizer(module_param_groups(core, job.stage.module_lrs(tr)), lr=job.stage.lr or tr.lr,
+    optimizer = build_optimizer(module_param_groups(core, job.stage.module_lrs), lr=job.stage.lr,
                                 betas=tr.betas, weight_decay=tr.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=tr.warmup_steps, total_steps=job.stage.max_steps,
                                 schedule=tr.schedule, min_lr_ratio=tr.min_lr_ratio)
@@ -197,7 +195,7 @@ def log_window(window, job: WorkerJob, trainer, prefetch, rank: int, world: int,
         (gpu_gib,) = reduce_over_ranks([torch.cuda.max_memory_allocated(device) / 2**30], world, device, op="max")
     if rank != 0:
         return
-    prefix = "" if len(job.recipe.stage_list()) == 1 else f"{job.stage.name}/"
+    prefix = job.stage.metric_prefix
     metrics = window.metrics(world=world, prefix=prefix, loss=loss)
     if peak_flops:
         metrics["perf/mfu"] = metrics["perf/model_tflops_per_s"] * 1e12 / (peak_flops * world)
@@ -206,7 +204,7 @@ def log_window(window, job: WorkerJob, trainer, prefetch, rank: int, world: int,
     metrics[f"{prefix}lr"] = trainer.scheduler.get_last_lr()[0]
     metrics["data/error_rows"] = float(prefetch.error_rows())
     metrics.update(skipped)
-    logger.log_metrics(metrics, step=trainer.step + job.step_offset)
+    logger.log_metrics(metrics, step=trainer.step + job.stage.step_offset)
     by_type = ", ".join(f"{t} {metrics[f'{prefix}loss/{t}']:.3f}" for t in sorted(window.by_type))
     log(f"{job.stage.name} step {trainer.step}/{job.stage.max_steps} loss {loss:.4f} ({by_type}) "
         f"{metrics['throughput/samples_per_s']:.1f} samples/s {metrics['throughput/audio_s_per_s']:.1f} audio-s/s "
@@ -231,7 +229,7 @@ def log_final_model(job: WorkerJob, core, rank: int, logger, stream_states: dict
         if rank != 0:
             return
         # every weight comes from the gathered state: a pretrained LM's files are not read again
-        core = build_model(job.recipe, job.stage, job.tokenizer_files, read_lm_weights=False)
+        core = build_model(job.plan, job.stage, job.tokenizer_files, read_lm_weights=False)
         core.load_state_dict(weights)  # into fp32 weights: bf16 frozen ones are widened
     elif rank != 0:
         return
@@ -302,7 +300,7 @@ def prepare_model(job: WorkerJob, rank: int, world: int, device):
     from models.loss import answer_loss_kind
     from models.precision import cast_frozen_weights, training_autocast_dtype
 
-    tr = job.recipe.train
+    tr = job.plan.train
     autocast_dtype = training_autocast_dtype(device, tr.precision)
 
     def prepare(core):  # on the model's structure, before sharding
@@ -317,8 +315,8 @@ def prepare_model(job: WorkerJob, rank: int, world: int, device):
     # the previous stage's checkpoint: a local copy on rank 0's node only, the others receive the weights
     init = job.init_from.as_directory() if job.init_from is not None and rank == 0 else contextlib.nullcontext()
     with init as init_dir:
-        core, flops = build_on_ranks(job.recipe.model.speechlm_config(job.stage.lm_mode),
-                                     load_tokenizer(job.tokenizer_files), job.recipe.run.seed, rank, world, device,
+        core, flops = build_on_ranks(job.stage.model, load_tokenizer(job.tokenizer_files), job.plan.run.seed, rank,
+                                     world, device,
                                      sharded=tr.strategy == "fsdp", shard_size=tr.fsdp_shard_size,
                                      prepare=prepare,
                                      init_dir=Path(init_dir) if init_dir else None,
@@ -328,19 +326,20 @@ def prepare_model(job: WorkerJob, rank: int, world: int, device):
     if rank == 0:  # once per stage: a GPU run without Liger's fused loss says so, and why
         log(f"answer loss: {answer_loss_kind(core.lm.get_output_embeddings(), device)}")
     # every rank has the same weights (rank 0's); from here on each draws its own random numbers (dropout)
-    torch.manual_seed(worker_seed(job.recipe.run.seed, rank))
+    torch.manual_seed(worker_seed(job.plan.run.seed, rank))
     return core, trainer, flops, peak
 
 
-def content_monitor(job: WorkerJob, ratios: dict[str, float], rank: int, sharded: bool):
+def content_monitor(job: WorkerJob, rank: int, sharded: bool):
     """(probe conversations, `ContentMonitor`) of the content check; no probe when this rank takes no part or the
     stage trains no ASR. Under FSDP every rank takes part (each forward gathers the shards)."""
     from jobs.training.content import ContentMonitor, content_probe
 
-    asr_src = job.recipe.data.sources.get("asr_ast")
-    probe = (content_probe(asr_src.uris[:1], job.recipe.data.endpoint_url)
-             if (rank == 0 or sharded) and asr_src and ratios.get("asr_ast", 0) > 0 else [])
-    return probe, ContentMonitor(probe, job.recipe.train.warmup_steps, log=log if rank == 0 else lambda _: None)
+    data = job.plan.data
+    asr_src = data.sources.get("asr_ast")
+    probe = (content_probe(asr_src.uris[:1], data.endpoint_url, manifests=job.plan.manifests)
+             if (rank == 0 or sharded) and asr_src and job.stage.ratios.get("asr_ast", 0) > 0 else [])
+    return probe, ContentMonitor(probe, job.plan.train.warmup_steps, log=log if rank == 0 else lambda _: None)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -359,22 +358,21 @@ def train_loop_per_worker(config: dict) -> None:
 
     quiet_console(os.environ)
     job: WorkerJob = config["job"]
-    recipe, stage, tr = job.recipe, job.stage, job.recipe.train
+    plan, stage, tr = job.plan, job.stage, job.plan.train
     quiet_ray_data()  # one small dataset per shard read plan: a progress block for each would bury the log
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
 
     core, trainer, flops, peak = prepare_model(job, rank, world, device)
-    sharded, fingerprint = tr.strategy == "fsdp", recipe.training_fingerprint()  # checkpoints say which recipe
-    ratios = stage.ratios or recipe.data.ratios
-    streams = open_streams(recipe, ratios, rank, world, core.processor, stage.batch_sizes)
-    resume(trainer, streams, rank, fingerprint, device)
-    prefetch = BatchPrefetcher(streams, mix_sampler(ratios, recipe.run.seed),
+    sharded = tr.strategy == "fsdp"
+    streams = open_streams(plan, stage, rank, world, core.processor)
+    resume(trainer, streams, rank, plan.fingerprint, device)  # checkpoints say which recipe wrote them
+    prefetch = BatchPrefetcher(streams, mix_sampler(stage.ratios, plan.run.seed),
                                lambda rows: core.processor([row_to_conversation(r) for r in rows]),
                                start_step=trainer.step, grad_accum=tr.grad_accum)
 
-    probe, check_content = content_monitor(job, ratios, rank, sharded)
+    probe, check_content = content_monitor(job, rank, sharded)
     check_every = tr.content_check_every or tr.checkpoint_every
     sample_log = SampleLog(Path(job.sample_log_dir) / f"{stage.name}-rank{rank}.jsonl") if job.sample_log_dir else None
     logger = MlflowRunLogger(job.tracking_uri, job.mlflow_run_id, system_metrics=True) if rank == 0 else None
@@ -399,11 +397,11 @@ def train_loop_per_worker(config: dict) -> None:
             if probe and (step % check_every == 0 or last):
                 content = check_content(core, step)
                 if logger:
-                    logger.log_metrics(content, step=step + job.step_offset)
+                    logger.log_metrics(content, step=step + stage.step_offset)
             if step % tr.checkpoint_every == 0 or (last and tr.final_checkpoint):
                 report_checkpoint(trainer, stage.name, prefetch.consumed, float(step_loss), rank, world, sharded,
-                                  fingerprint, device)
-        if job.final:
+                                  plan.fingerprint, device)
+        if stage.final:
             log_final_model(job, core, rank, logger, prefetch.consumed)
     finally:
         prefetch.close()

@@ -14,21 +14,23 @@ from typing import Sequence
 ROWS_PER_TYPE = 2000
 
 
-def corpus_texts(uris: Sequence[str], endpoint_url: str | None = None, rows_per_type: int = ROWS_PER_TYPE) -> list[str]:
+def corpus_texts(uris: Sequence[str], endpoint_url: str | None = None, rows_per_type: int = ROWS_PER_TYPE,
+                 manifests: dict | None = None) -> list[str]:
     """The text parts of up to `rows_per_type` conversations of every data type of every corpus.
 
     Every type, not only the ones a recipe samples: a text-only recipe (the ablation's text LM) must still get a
     vocabulary that covers the transcripts and translations its LM will later be trained to write, as a real LM's
     tokenizer covers the languages it will be asked about; otherwise those words fall apart into single letters
-    and transcription becomes spelling.
+    and transcription becomes spelling. `manifests` (by URI): the corpora's, where the caller has read them.
     """
     from data_ops.shar_datasource import iter_cut_dicts
     from data_ops.shards import read_manifest
 
     texts: list[str] = []
     for uri in dict.fromkeys(uris):
-        for dtype in read_manifest(uri, endpoint_url).types:
-            for i, cut in enumerate(iter_cut_dicts(uri, dtype, endpoint_url=endpoint_url)):
+        manifest = (manifests or {}).get(uri) or read_manifest(uri, endpoint_url)
+        for dtype in manifest.types:
+            for i, cut in enumerate(iter_cut_dicts(uri, dtype, endpoint_url=endpoint_url, manifest=manifest)):
                 if i >= rows_per_type:
                     break
                 for turn in cut["custom"]["conversation"]["turns"]:
@@ -36,10 +38,12 @@ def corpus_texts(uris: Sequence[str], endpoint_url: str | None = None, rows_per_
     return texts
 
 
-def corpus_tokenizer_files(uris: Sequence[str], vocab_size: int, endpoint_url: str | None = None) -> dict[str, str]:
+def corpus_tokenizer_files(uris: Sequence[str], vocab_size: int, endpoint_url: str | None = None,
+                           manifests: dict | None = None) -> dict[str, str]:
     from models.tokenizer import build_tiny_tokenizer
 
-    return tokenizer_files(build_tiny_tokenizer(corpus_texts(uris, endpoint_url), vocab_size=vocab_size))
+    texts = corpus_texts(uris, endpoint_url, manifests=manifests)
+    return tokenizer_files(build_tiny_tokenizer(texts, vocab_size=vocab_size))
 
 
 def tokenizer_files(tokenizer) -> dict[str, str]:

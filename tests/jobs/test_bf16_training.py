@@ -55,7 +55,8 @@ def test_frozen_weights_in_bf16_train_like_fp32_and_halve_their_memory(tokenizer
     tolerances above (which bound bf16 against fp32; rounding the frozen weights once, as autocast did at every
     matmul, is a smaller change), the
     plan counts 2 bytes a frozen weight, and the model saved after widening them back loads as a plain fp32 model."""
-    from jobs.training.memory_plan import Mode, fixed_bytes, model_shapes
+    from jobs.training.memory_plan import Mode, fixed_bytes
+    from models.skeleton import shapes as model_shapes
     from models.precision import cast_frozen_weights
     from models.speechlm import SpeechLM
 

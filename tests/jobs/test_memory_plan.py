@@ -51,6 +51,16 @@ def _paper_recipe(corpus: str, tmp_path: Path, budget: dict | None = None, **tra
     return path
 
 
+def _memory_plan(recipe):
+    """The run's memory plan as `jobs.train --check` makes it: from the resolved recipe, its manifests read."""
+    from jobs.training.memory_plan import run_memory_plan
+    from jobs.training.plan import resolve
+    from jobs.training.preflight import check_data
+
+    plan = resolve(recipe)
+    return run_memory_plan(plan.with_manifests(check_data(plan).manifests))
+
+
 def test_check_prints_the_papers_plan_an_8k_batch_needs_checkpointing_on_80gb(corpus, tmp_path):
     out = subprocess.run([sys.executable, "-m", "jobs.train", "--config", str(_paper_recipe(corpus, tmp_path)),
                           "--check"], capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -68,9 +78,9 @@ def test_check_prints_the_papers_plan_an_8k_batch_needs_checkpointing_on_80gb(co
 
 def test_the_papers_fixed_memory_matches_the_gpu_readiness_estimates(corpus, tmp_path):
     from jobs.recipe import load_recipe
-    from jobs.training.memory_plan import GIB, recipe_plan
+    from jobs.training.memory_plan import GIB
 
-    plan, _ = recipe_plan(load_recipe(_paper_recipe(corpus, tmp_path)))
+    plan, _ = _memory_plan(load_recipe(_paper_recipe(corpus, tmp_path)))
     fixed = {k: v / GIB for k, v in plan.fixed.items()}
     # docs' estimate (Gemma 2B + 609M encoder, DDP, bf16 autocast over fp32 weights): weights ~12.8 GB, grads
     # ~2.8 GB, buckets ~2.8 GB, Adam ~5.6 GB (decimal GB; these are GiB); the training job now holds the frozen
@@ -85,7 +95,7 @@ def test_the_papers_fixed_memory_matches_the_gpu_readiness_estimates(corpus, tmp
     sharded = {}
     for shard_size in (None, 8):
         path = _paper_recipe(corpus, tmp_path, strategy="fsdp", num_workers=16, fsdp_shard_size=shard_size)
-        sharded[shard_size], table = recipe_plan(load_recipe(path))
+        sharded[shard_size], table = _memory_plan(load_recipe(path))
     assert "hsdp (shards of 8)" in table
     for k in ("weights", "gradients", "optimizer"):
         assert sharded[8].fixed[k] == pytest.approx(2 * sharded[None].fixed[k])
@@ -95,22 +105,22 @@ def test_a_batch_budget_is_the_plans_largest_batch(corpus, tmp_path):
     """The paper's 4 x 2048 speech batch under a 4096-position budget: at most 2 of the longest samples, so the LM's
     activations halve (the encoder's bound: 4096 audio positions, 2.048 clips of 160 s = 2000); an audio budget of 200 s bounds the encoder's clips (160 s each: 1.25 of them), not the LM's."""
     from jobs.recipe import load_recipe
-    from jobs.training.memory_plan import describe_plan, recipe_mode, recipe_plan
+    from jobs.training.memory_plan import describe_plan, run_mode
 
-    plain, _ = recipe_plan(load_recipe(_paper_recipe(corpus, tmp_path)))
-    tokens, table = recipe_plan(load_recipe(_paper_recipe(corpus, tmp_path, {"max_batch_tokens": 4096})))
+    plain, _ = _memory_plan(load_recipe(_paper_recipe(corpus, tmp_path)))
+    tokens, table = _memory_plan(load_recipe(_paper_recipe(corpus, tmp_path, {"max_batch_tokens": 4096})))
     shape = tokens.batches["asr_ast"]["shape"]
     assert (shape.batch_size, shape.positions, shape.audio_batch) == (2, 2048, 2.048)
     assert "asr_ast: 2 x 2048 positions, 160 s audio" in table
     lm = lambda p: p.batches["asr_ast"]["act_off"]["lm"]  # noqa: E731
     assert lm(tokens) == pytest.approx(lm(plain) / 2, rel=1e-9)
     assert tokens.peak(False) < plain.peak(False)
-    audio, _ = recipe_plan(load_recipe(_paper_recipe(corpus, tmp_path, {"max_batch_audio_s": 200.0})))
+    audio, _ = _memory_plan(load_recipe(_paper_recipe(corpus, tmp_path, {"max_batch_audio_s": 200.0})))
     shape = audio.batches["asr_ast"]["shape"]
     assert (shape.batch_size, shape.audio_batch) == (4, 1.25)
     assert audio.batches["asr_ast"]["act_off"]["lm"] == plain.batches["asr_ast"]["act_off"]["lm"]
     assert audio.batches["asr_ast"]["act_off"]["encoder"] < plain.batches["asr_ast"]["act_off"]["encoder"]
-    mode = recipe_mode(load_recipe(_paper_recipe(corpus, tmp_path)))
+    mode = run_mode(load_recipe(_paper_recipe(corpus, tmp_path)).train)
     assert "(1.25 clips in the encoder: budget)" in describe_plan(audio, mode, "ddp", 8, False)
 
 

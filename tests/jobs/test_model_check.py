@@ -15,7 +15,7 @@ import yaml
 from transformers import (AutoConfig, ParakeetEncoderConfig, ParakeetFeatureExtractor, WhisperConfig,
                           WhisperFeatureExtractor, WhisperModel)
 
-from jobs.recipe import model_summary
+from jobs.training.preflight import model_summary
 from models.config import vtblender_3b
 from tests.models.lm_families import FAMILIES, build_tokenizer
 

@@ -83,14 +83,16 @@ def world(tmp_path_factory):
 
 def _speech_sft(world, name: str, with_text: bool, steps: int):
     """Speech SFT from the text LM (the recipe's model, built as a training worker builds it), saved; its gate."""
+    from jobs.training.plan import resolve
     from jobs.training.sft import build_model
 
     recipe, root, speech, text = world
-    model = build_model(recipe, recipe.stage_list()[0], None)
+    plan = resolve(recipe)
+    model = build_model(plan, plan.stages[0], None)
     batches = [model.processor(speech)] + ([model.processor(text)] if with_text else [])
     _train(model, batches, steps * len(batches), 2e-3)
     model.save_pretrained(root / name)
-    return decide(measure(recipe, None, str(root / name), tracking_uri=None), recipe.promote)
+    return decide(measure(plan, None, str(root / name), tracking_uri=None), recipe.promote)
 
 
 def test_speech_only_sft_forgets_text_and_fails_the_retention_gate(world):

@@ -11,7 +11,9 @@ import yaml
 
 from data_ops.schema import conversation_to_cut
 from data_ops.shards import ShardWriter
-from jobs.recipe import RecipeError, check_data, load_recipe, parse_recipe
+from jobs.recipe import RecipeError, load_recipe, parse_recipe
+from jobs.training.plan import resolve
+from jobs.training.preflight import check_data
 from models.conversation import AudioPart, Conversation, TextPart, Turn
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,16 +110,16 @@ def _corpus(root, pcm_audio, types=("text", "asr_ast")):
 
 def test_data_checks_missing_shard_and_empty_type(tmp_path, pcm_audio):
     _corpus(tmp_path / "c", pcm_audio)
-    summary = check_data(parse_recipe(_base(str(tmp_path / "c"))))
+    summary = check_data(resolve(parse_recipe(_base(str(tmp_path / "c"))))).summary
     assert summary["asr_ast"]["cuts"] == 3 and summary["text"]["shards"] == 2
     (tmp_path / "c" / "asr_ast" / "recording.000001.tar").unlink()
     with pytest.raises(RecipeError, match=r"asr_ast/recording.000001.tar is listed in the manifest but missing"):
-        check_data(parse_recipe(_base(str(tmp_path / "c"))))
+        check_data(resolve(parse_recipe(_base(str(tmp_path / "c")))))
     _corpus(tmp_path / "only_text", pcm_audio, types=("text",))
     with pytest.raises(RecipeError, match=r"only_text has no 'asr_ast' shards"):
-        check_data(parse_recipe(_base(str(tmp_path / "only_text"))))
+        check_data(resolve(parse_recipe(_base(str(tmp_path / "only_text")))))
     with pytest.raises(RecipeError, match=r"manifest.json not found"):
-        check_data(parse_recipe(_base(str(tmp_path / "nothing"))))
+        check_data(resolve(parse_recipe(_base(str(tmp_path / "nothing")))))
 
 
 def test_bad_recipe_fails_before_any_worker_with_one_message(tmp_path):

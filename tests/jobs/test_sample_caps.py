@@ -6,8 +6,10 @@ resumes: tests/data_ops/test_mix_sampler.py.)"""
 from __future__ import annotations
 
 from data_ops.shar_datasource import iter_corpus_rows, row_to_conversation
-from jobs.recipe import check_data, parse_recipe
+from jobs.recipe import parse_recipe
 from jobs.training.batches import BatchPrefetcher
+from jobs.training.plan import resolve
+from jobs.training.preflight import check_data
 from jobs.training.sft import WorkerJob, open_streams, skipped_samples
 from tests.data_ops.test_mix_sampler import capped_corpus  # noqa: F401 (a fixture)
 
@@ -22,16 +24,17 @@ def _recipe(uri: str, budget: dict | None = None, **caps):
 
 def test_caps_are_counted_before_training_and_skips_are_logged_and_reported(capped_corpus, make_model,  # noqa: F811
                                                                             capsys):
-    assert "over_max_sample_audio_s" not in check_data(_recipe(capped_corpus))["asr_ast"]
-    assert check_data(_recipe(capped_corpus, max_sample_audio_s=1.0))["asr_ast"]["over_max_sample_audio_s"] == 1
+    assert "over_max_sample_audio_s" not in check_data(resolve(_recipe(capped_corpus))).summary["asr_ast"]
+    capped = check_data(resolve(_recipe(capped_corpus, max_sample_audio_s=1.0))).summary
+    assert capped["asr_ast"]["over_max_sample_audio_s"] == 1
 
     processor = make_model().processor
     tokens = {r["id"]: len(processor.encode(row_to_conversation(r))) for r in iter_corpus_rows(capped_corpus, "asr_ast")}
     cap = max(n for k, n in tokens.items() if k != "long-text") + 1
     recipe = _recipe(capped_corpus, max_sample_audio_s=1.0, max_sample_tokens=cap)
-    job = WorkerJob(recipe=recipe, stage=recipe.stage_list()[0], tokenizer_files=None, tracking_uri="",
-                    mlflow_run_id="")
-    streams = open_streams(recipe, recipe.data.ratios, 0, 1, processor)
+    plan = resolve(recipe)
+    job = WorkerJob(plan=plan, stage=plan.stages[0], tokenizer_files=None, tracking_uri="", mlflow_run_id="")
+    streams = open_streams(plan, plan.stages[0], 0, 1, processor)
     streams["asr_ast"].open_rows = lambda reads: (row for r in reads for row in r.rows())  # in-process, no Ray
     prefetch = BatchPrefetcher(streams, lambda step, micro: "asr_ast", lambda rows: {}, start_step=0, grad_accum=1)
     try:
@@ -60,9 +63,9 @@ def test_budgets_reach_the_streams_and_their_skips_are_reported(capped_corpus, m
     tokens = {r["id"]: len(processor.encode(row_to_conversation(r))) for r in iter_corpus_rows(capped_corpus, "asr_ast")}
     budget = 2 * max(n for k, n in tokens.items() if k != "long-text")
     recipe = _recipe(capped_corpus, budget={"max_batch_audio_s": 1.5, "max_batch_tokens": budget})
-    job = WorkerJob(recipe=recipe, stage=recipe.stage_list()[0], tokenizer_files=None, tracking_uri="",
-                    mlflow_run_id="")
-    streams = open_streams(recipe, recipe.data.ratios, 0, 1, processor)
+    plan = resolve(recipe)
+    job = WorkerJob(plan=plan, stage=plan.stages[0], tokenizer_files=None, tracking_uri="", mlflow_run_id="")
+    streams = open_streams(plan, plan.stages[0], 0, 1, processor)
     assert (streams["asr_ast"].max_batch_audio_s, streams["asr_ast"].max_batch_tokens) == (1.5, budget)
     streams["asr_ast"].open_rows = lambda reads: (row for r in reads for row in r.rows())  # in-process, no Ray
     prefetch = BatchPrefetcher(streams, lambda step, micro: "asr_ast", lambda rows: {}, start_step=0, grad_accum=1)

@@ -333,7 +333,8 @@ def test_non_gemma_lms_train_on_imported_data_and_change_only_what_the_recipe_tr
     from mlflow.tracking import MlflowClient
 
     from jobs.recipe import parse_recipe
-    from jobs.training.ray_run import tokenizer_files_for
+    from jobs.training.plan import resolve
+    from jobs.training.preflight import tokenizer_files_for
     from jobs.training.sft import build_model
     from jobs.training.tokenizer import load_tokenizer as load_tokenizer_files
     from services.model_store import load_speechlm
@@ -355,9 +356,9 @@ def test_non_gemma_lms_train_on_imported_data_and_change_only_what_the_recipe_tr
         assert run.data.params["data_summary.asr_ast.cuts"] == str(utterances), lm
         assert mc.get_metric_history(run.info.run_id, "loss/asr_ast"), f"{lm}: no batch of imported speech trained"
         trained = load_speechlm(f"runs:/{run.info.run_id}/model", tracking_uri=env["MLFLOW_TRACKING_URI"])
-        recipe = parse_recipe(raw)
-        files = tokenizer_files_for(recipe)
-        initial = build_model(recipe, recipe.stage_list()[0], files)
+        plan = resolve(parse_recipe(raw))
+        files = tokenizer_files_for(plan)
+        initial = build_model(plan, plan.stages[0], files)
         if files is not None:
             assert len(load_tokenizer_files(files)) == len(trained.tokenizer)
         else:  # the LM's own tokenizer, template included, travels with the model

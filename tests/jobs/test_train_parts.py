@@ -13,6 +13,7 @@ from jobs.recipe import parse_recipe
 from jobs.training.checkpoint import (STATE, TrainState, is_sharded_checkpoint, load_checkpoint, load_initial_weights,
                                       save_checkpoint)
 from jobs.training.optim import build_scheduler, clip_gradients, module_param_groups
+from jobs.training.plan import resolve
 from jobs.training.sft import build_model
 from jobs.training.tokenizer import tokenizer_files as write_tokenizer_files
 
@@ -45,15 +46,20 @@ def _recipe(lm_mode, **train):
                          "train": {"max_steps": 5, **train}})
 
 
+def _first_stage_model(recipe, tokenizer_files):
+    plan = resolve(recipe)
+    return build_model(plan, plan.stages[0], tokenizer_files)
+
+
 def test_each_module_trains_at_its_own_lr(tokenizer):
     recipe = _recipe("lora", lr=2e-3, encoder_lr=1e-4)
-    model = build_model(recipe, recipe.stage_list()[0], write_tokenizer_files(tokenizer))
+    model = _first_stage_model(recipe, write_tokenizer_files(tokenizer))
     groups = {g["name"]: g for g in module_param_groups(model, recipe.train.module_lrs())}
     assert {n: g["lr"] for n, g in groups.items()} == {"encoder": 1e-4, "adapter": 2e-3, "lm": 2e-3}
     assert {id(p) for p in groups["encoder"]["params"]} == {id(p) for p in model.encoder.parameters()}
     assert all("lora_" in n for n, p in model.lm.named_parameters() if any(p is q for q in groups["lm"]["params"]))
     frozen = _recipe("frozen")  # a frozen LM has no group at all
-    model = build_model(frozen, frozen.stage_list()[0], write_tokenizer_files(tokenizer))
+    model = _first_stage_model(frozen, write_tokenizer_files(tokenizer))
     assert [g["name"] for g in module_param_groups(model, frozen.train.module_lrs())] == ["encoder", "adapter"]
 
 
@@ -72,7 +78,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_state(tmp_path, to
     """Both layouts (the sharded one is FSDP's, torch distributed checkpoint; here written by one process)."""
     files = write_tokenizer_files(tokenizer)
     recipe = _recipe("full")  # tied embeddings train: the case safetensors refuses without a copy
-    a = build_model(recipe, recipe.stage_list()[0], files)
+    a = _first_stage_model(recipe, files)
     opt = torch.optim.AdamW([p for p in a.parameters() if p.requires_grad], lr=1e-2)
     sched = build_scheduler(opt, warmup_steps=2, total_steps=5, schedule="cosine")
     for _ in range(2):
@@ -85,7 +91,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_state(tmp_path, to
                                                  streams=[{"text": {"epoch": 1}}], rng=[{"cpu": [1, 2], "cuda": None}]), is_rank0=True,
                     sharded=sharded)
     assert is_sharded_checkpoint(tmp_path) == sharded
-    b = build_model(recipe, recipe.stage_list()[0], files)
+    b = _first_stage_model(recipe, files)
     opt_b = torch.optim.AdamW([p for p in b.parameters() if p.requires_grad], lr=1e-2)
     sched_b = build_scheduler(opt_b, warmup_steps=2, total_steps=5, schedule="cosine")
     state = load_checkpoint(tmp_path, b, opt_b, sched_b)
@@ -103,14 +109,14 @@ def test_next_stage_starts_from_previous_stage_weights(tmp_path, tokenizer, shar
     """B3 / the tiny recipe: stage 1's (full or frozen-LM) weights start stage 2's LoRA model, PEFT names or not,
     from either checkpoint layout."""
     files = write_tokenizer_files(tokenizer)
-    full = build_model(_recipe("full"), _recipe("full").stage_list()[0], files)
+    full = _first_stage_model(_recipe("full"), files)
     with torch.no_grad():
         for p in full.parameters():
             p.add_(0.5)
     opt = torch.optim.AdamW([p for p in full.parameters() if p.requires_grad])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     save_checkpoint(tmp_path, full, opt, TrainState(1, "s1", sched.state_dict(), [{}], [[0]]), True, sharded=sharded)
-    lora = build_model(_recipe("lora"), _recipe("lora").stage_list()[0], files)
+    lora = _first_stage_model(_recipe("lora"), files)
     assert len(load_initial_weights(lora, tmp_path)) > 0
     base = dict(full.lm.named_parameters())
     for name, p in lora.lm.named_parameters():
@@ -129,7 +135,7 @@ def test_offline_tokenizer_covers_every_type_of_the_corpus_not_only_the_sampled_
 
     from data_ops.schema import conversation_to_cut
     from data_ops.shards import ShardWriter
-    from jobs.training.ray_run import tokenizer_files_for
+    from jobs.training.preflight import tokenizer_files_for
     from jobs.training.tokenizer import load_tokenizer as load_tokenizer_files
     from models.conversation import AudioPart, Conversation, TextPart, Turn
 
@@ -146,7 +152,7 @@ def test_offline_tokenizer_covers_every_type_of_the_corpus_not_only_the_sampled_
     recipe = parse_recipe({"run": {"name": "t"}, "model": {"size": "tiny", "lm_mode": "full"},
                            "data": {"sources": {"text": {"uris": [str(tmp_path / "corpus")], "ratio": 1.0,
                                                          "batch_size": 1}}}, "train": {"max_steps": 5}})
-    tokenizer = load_tokenizer_files(tokenizer_files_for(recipe))
+    tokenizer = load_tokenizer_files(tokenizer_files_for(resolve(recipe)))
     assert tokenizer.tokenize(" Ludovica mercredi") == ["ĠLudovica", "Ġmercredi"]
 
 
@@ -277,11 +283,12 @@ def test_the_driver_refuses_another_recipes_run_folder_before_any_worker(tmp_pat
     a worker: a clear refusal at once instead of Ray Train retrying a worker that cannot pass."""
     from jobs.recipe import load_recipe
     from jobs.training.checkpoint import STATE, CheckpointMismatch, TrainState
-    from jobs.training.ray_run import check_resumable
+    from jobs.training.preflight import check_resumable
 
     recipe = load_recipe(Path(__file__).resolve().parents[2] / "jobs/recipes/mini/b3_two_stage.yaml")
     other = recipe.model_copy(deep=True)
     other.run.seed = 7
+    plan, other = resolve(recipe), resolve(other)
 
     def checkpoint(folder: str, name: str, fingerprint: str | None) -> None:
         path = tmp_path / folder / name
@@ -289,15 +296,16 @@ def test_the_driver_refuses_another_recipes_run_folder_before_any_worker(tmp_pat
         if fingerprint is not None:  # None: a checkpoint whose write was cut short
             (path / STATE).write_text(TrainState(step=1, stage="x", scheduler={}, recipe=fingerprint).to_json())
 
-    check_resumable(recipe, str(tmp_path), None)  # nothing there yet
+    check_resumable(plan, str(tmp_path), None)  # nothing there yet
     stage_folders = [f"{recipe.run.name}-{st.name}" for st in recipe.stage_list()]
-    checkpoint(stage_folders[0], "checkpoint_2026-01-01_00-00-00.000001", other.training_fingerprint())
-    checkpoint(stage_folders[0], "checkpoint_2026-01-01_00-00-01.000001", recipe.training_fingerprint())
+    assert [st.run_folder for st in plan.stages] == stage_folders
+    checkpoint(stage_folders[0], "checkpoint_2026-01-01_00-00-00.000001", other.fingerprint)
+    checkpoint(stage_folders[0], "checkpoint_2026-01-01_00-00-01.000001", plan.fingerprint)
     checkpoint(stage_folders[0], "checkpoint_2026-01-01_00-00-02.000001", None)
-    check_resumable(recipe, str(tmp_path), None)  # the newest complete checkpoint is this recipe's
-    checkpoint(stage_folders[1], "checkpoint_2026-01-01_00-00-03.000001", other.training_fingerprint())
+    check_resumable(plan, str(tmp_path), None)  # the newest complete checkpoint is this recipe's
+    checkpoint(stage_folders[1], "checkpoint_2026-01-01_00-00-03.000001", other.fingerprint)
     with pytest.raises(CheckpointMismatch, match=f"{stage_folders[1]}/checkpoint_2026-01-01_00-00-03"):
-        check_resumable(recipe, str(tmp_path), None)
+        check_resumable(plan, str(tmp_path), None)
 
 
 def test_a_changed_recipe_under_an_old_run_name_gets_its_own_mlflow_run(tmp_path):
@@ -311,6 +319,7 @@ def test_a_changed_recipe_under_an_old_run_name_gets_its_own_mlflow_run(tmp_path
     changed = recipe.model_copy(deep=True)
     changed.train.lr = 5.0e-4
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    recipe, changed = resolve(recipe), resolve(changed)
     first = mlflow_run_for(recipe, tracking, {})
     assert mlflow_run_for(recipe, tracking, {}) == first  # a resubmission of the same training
     other = mlflow_run_for(changed, tracking, {})

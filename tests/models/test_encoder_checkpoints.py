@@ -12,7 +12,9 @@ import torch
 from transformers import (ParakeetEncoder, ParakeetEncoderConfig, ParakeetFeatureExtractor, WhisperConfig,
                           WhisperFeatureExtractor, WhisperModel)
 
-from jobs.recipe import RecipeError, check_model, parse_recipe
+from jobs.recipe import RecipeError, parse_recipe
+from jobs.training.plan import resolve
+from jobs.training.preflight import check_model
 from models.config import tiny
 from models.conversation import AudioPart, Conversation, TextPart, Turn
 from models.checkpoint_check import checkpoint_problems
@@ -89,7 +91,7 @@ def test_a_checkpoint_that_does_not_fit_is_refused_with_every_problem(parakeet_1
         "data": {"sources": {"text": {"uris": [str(tmp_path)], "ratio": 1.0, "batch_size": 1}}},
         "train": {"max_steps": 1}})
     with pytest.raises(RecipeError, match=r"(?s)cannot be built from its checkpoints.*128 mel bins.*n_mels=80"):
-        check_model(recipe)
+        check_model(resolve(recipe))
 
 
 def test_a_missing_local_checkpoint_is_named_not_taken_for_a_hub_id(tmp_path):
