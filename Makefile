@@ -23,7 +23,7 @@ lint: install   # the house rules: ruff (style, function size, banned process-wi
 	.venv/bin/ruff check .
 	.venv/bin/lint-imports
 
-test-slow: install   # the tests too long for the suite: the shortened ablation miniature (~4.5 min), gpu-check at tiny size (~1.5 min), the non-Gemma training jobs (~2 min), the README's serving commands (~1 min), the content-learning overfit (~40 s)
+test-slow: install   # the tests too long for the suite (CI runs them after it): the shortened ablation miniature (~4.5 min), the two-node training job (~4 min), the evaluation job (~5 min), gpu-check at tiny size (~1.5 min), the non-Gemma training jobs (~2 min), the README's serving commands (~1 min), the content-learning overfit (~40 s), the merged-LoRA engine tests (~2 min)
 	$(PY) -m pytest -m slow
 
 test-fast: install   # unit tests only, no services

@@ -17,7 +17,8 @@ from jobs.evaluation.run import logged_samples
 from models.conversation import AudioPart, Conversation, TextPart, Turn
 from tests.jobs.ray_jobs import submit
 
-pytestmark = pytest.mark.integration
+# about 5 minutes (two jobs at once, each a vLLM engine on two cores): `make test-slow`, which CI runs too
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -61,6 +61,7 @@ def _worker_nodes(dashboard: str) -> dict[str, str]:
     return {a.actor_id: names.get(a.node_id) for a in actors}
 
 
+@pytest.mark.slow  # about 4 minutes: `make test-slow`, which CI runs too
 def test_two_stage_run_on_two_nodes_survives_a_lost_node_and_registers(stack, ray_local, corpus_conversations,
                                                                        tmp_path):
     """A multi-node run as a cluster does it: two worker nodes (one training slot each, so the two workers are on
