@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.job_submission import JobSubmissionClient
 
     from data_ops.tts import TTSError
-    from jobs.training.console import quiet_console
+    from jobs.common.console import quiet_console
 
     quiet_console(os.environ)
     for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.actors < 1 or (args.gpus_per_actor is not None and args.gpus_per_actor < 0):
         ap.error("--actors must be >= 1 and --gpus-per-actor >= 0")
-    from jobs.training.console import quiet_console
+    from jobs.common.console import quiet_console
     from services.model_store import ModelNotFound
 
     quiet_console(os.environ)
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import ray
 
-        from jobs.training.console import quiet_ray_data
+        from jobs.common.console import quiet_ray_data
 
         ray.init(log_to_driver=True)  # the cluster of RAY_ADDRESS (set by `ray job submit`), else a local one
         quiet_ray_data()

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from transformers import AutoTokenizer
 
-    from jobs.training.console import quiet_console
+    from jobs.common.console import quiet_console
 
     quiet_console(os.environ)
     from data_ops.shards import ManifestError

@@ -16,8 +16,8 @@ import signal
 import sys
 import time
 
+from jobs.common.console import quiet_console
 from jobs.recipe import RecipeError, check_data, check_model, describe_model, load_recipe, parse_recipe
-from jobs.training.console import quiet_console
 from jobs.training.checkpoint import CheckpointMismatch
 from jobs.training.tracking import TrackingError
 

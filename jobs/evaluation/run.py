@@ -39,7 +39,7 @@ def transcription_request(conv, lang: str):
 def load_for_inference(model_uri: str, tracking_uri: str | None, precision: str) -> "EngineModel":
     """The model on the serving engine (`services.engine`), on this Ray worker's device (a GPU when it was given
     one), in `precision`'s dtype there: what is evaluated is what is served."""
-    from jobs.training.console import quiet_console
+    from jobs.common.console import quiet_console
 
     quiet_console(os.environ)  # a Ray worker: no download progress bars in the job log
     return EngineModel(model_uri, tracking_uri, precision)
@@ -212,8 +212,8 @@ def score(suite: Suite, task: EvalTask, rows: list[dict]) -> dict[str, float]:
 def _content_check_task(suite: Suite, model_uri: str, tracking_uri: str | None, precision: str) -> dict[str, float]:
     """The content check on the trained PyTorch model, as the promotion gate measures it: a property of the weights
     (does the model read its audio), not of the engine; it needs no engine of its own beside the predictors'."""
-    from jobs.training.console import quiet_console
-    from jobs.training.content import content_probe
+    from jobs.common.console import quiet_console
+    from jobs.common.content import content_probe
     from models.content_check import content_gap
     from models.precision import inference_dtype, resolve_device
     from services.model_store import load_speechlm

@@ -115,7 +115,7 @@ def measure(recipe, tokenizer_files: dict | None, model_uri: str, tracking_uri: 
     first speech stage started from (None: the recipe's `lm_pretrained`, or a random init without one)."""
     import torch
 
-    from jobs.training.content import first_conversations
+    from jobs.common.content import first_conversations
     from models.content_check import answer_loss, content_gap
     from models.precision import resolve_device
     from services.model_store import load_speechlm

@@ -25,8 +25,8 @@ import json
 import os
 from pathlib import Path
 
+from jobs.common.console import WORKER_ENV
 from jobs.recipe import Recipe, RecipeError, check_data, check_model, parse_recipe
-from jobs.training.console import WORKER_ENV
 from jobs.training.lineage import log_lineage
 from jobs.training.tracking import (RECIPE_TAG, RUN_TAG, client_for, end_status, find_or_create_run, log_metrics,
                                    log_params, resolve_tracking_uri)

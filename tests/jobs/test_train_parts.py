@@ -230,7 +230,7 @@ def test_an_error_in_the_data_thread_reaches_the_training_loop(tmp_path):
 
 
 def test_content_monitor_warns_once_after_warmup_when_the_audio_path_is_dead(make_model, audio):
-    from jobs.training.content import ContentMonitor
+    from jobs.common.content import ContentMonitor
     from models.conversation import AudioPart, Conversation, TextPart, Turn
 
     model = make_model()
