@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.actors < 1 or (args.gpus_per_actor is not None and args.gpus_per_actor < 0):
         ap.error("--actors must be >= 1 and --gpus-per-actor >= 0")
     from jobs.common.console import quiet_console
-    from services.model_store import ModelNotFound
+    from models.saved import ModelNotFound
 
     quiet_console(os.environ)
     try:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.uris:
         suite.uris = list(args.uris)
-    from jobs.training.tracking import tracking_uri_or_report
+    from tracking.client import tracking_uri_or_report
 
     args.tracking_uri = tracking_uri_or_report(args.tracking_uri, dict(os.environ))
     if args.tracking_uri is None:

@@ -19,7 +19,7 @@ import time
 from jobs.common.console import quiet_console
 from jobs.recipe import RecipeError, check_data, check_model, describe_model, load_recipe, parse_recipe
 from jobs.training.checkpoint import CheckpointMismatch
-from jobs.training.tracking import TrackingError
+from tracking.client import TrackingError
 
 
 def stopped(signum, frame):

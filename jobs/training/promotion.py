@@ -118,7 +118,7 @@ def measure(recipe, tokenizer_files: dict | None, model_uri: str, tracking_uri: 
     from jobs.common.content import first_conversations
     from models.content_check import answer_loss, content_gap
     from models.precision import resolve_device
-    from services.model_store import load_speechlm
+    from tracking.models import load_speechlm
 
     settings, endpoint = recipe.promote, recipe.data.endpoint_url
     uris = settings.eval_uris or sorted({u for src in recipe.data.sources.values() for u in src.uris})

@@ -354,7 +354,8 @@ def train_loop_per_worker(config: dict) -> None:
     from data_ops.shar_datasource import row_to_conversation
     from jobs.training.batches import BatchPrefetcher
     from jobs.common.console import quiet_console, quiet_ray_data
-    from jobs.training.metrics import MetricsWindow, MlflowRunLogger
+    from jobs.training.metrics import MetricsWindow
+    from tracking.logs import MlflowRunLogger
     from models.processor import move_batch
 
     quiet_console(os.environ)

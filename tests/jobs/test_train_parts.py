@@ -305,7 +305,7 @@ def test_a_changed_recipe_under_an_old_run_name_gets_its_own_mlflow_run(tmp_path
     with another recipe (its run folder deleted to start again) gets a new run, whose params are its own."""
     from jobs.recipe import load_recipe
     from jobs.training.ray_run import mlflow_run_for
-    from jobs.training.tracking import client_for
+    from tracking.client import client_for
 
     recipe = load_recipe(Path(__file__).resolve().parents[2] / "jobs/recipes/mini/joint.yaml")
     changed = recipe.model_copy(deep=True)
