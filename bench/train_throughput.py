@@ -123,7 +123,7 @@ def main() -> None:
     from jobs.recipe import parse_recipe
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=max(4, args.workers + 3), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=max(4, args.workers + 3), include_dashboard=False, log_to_driver=False)  # noqa: TID251 - an entrypoint
     tmp = Path(tempfile.mkdtemp(prefix="vtb-bench-"))
     corpus = args.corpus
     if corpus is None:

@@ -41,7 +41,7 @@ def _ray_init():
     import ray
 
     if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True)  # noqa: TID251 - an entrypoint connects to Ray
 
 
 def _report(report: ImportReport) -> None:

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from jobs.common.console import quiet_ray_data
 
-        ray.init(log_to_driver=True)  # the cluster of RAY_ADDRESS (set by `ray job submit`), else a local one
+        # the cluster of RAY_ADDRESS (set by `ray job submit`), else a local one
+        ray.init(log_to_driver=True)  # noqa: TID251 - an entrypoint connects to Ray
         quiet_ray_data()
         out = evaluate_model(args.model, suite, args.tracking_uri, args.experiment,
                              Placement(args.actors, args.gpus_per_actor, args.precision))

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from jobs.training.ray_run import run_training
 
-        ray.init(log_to_driver=True)  # the cluster of RAY_ADDRESS (set by `ray job submit`), else a local one
+        # the cluster of RAY_ADDRESS (set by `ray job submit`), else a local one
+        ray.init(log_to_driver=True)  # noqa: TID251 - an entrypoint connects to Ray
         # `ray job stop` sends SIGTERM: end as a stop (the MLflow run is marked KILLED), not as a crash
         signal.signal(signal.SIGTERM, stopped)
         out = run_training(recipe, env=dict(os.environ), sample_log_dir=args.sample_log_dir,
