@@ -32,7 +32,7 @@ def main() -> None:
     import torch
 
     from models.speechlm import SpeechLM
-    from services.engine import BlockingRunner, EngineSettings, EngineStore
+    from models.engine import BlockingRunner, EngineSettings, EngineStore
     from tests.services.test_vllm_engine import CONVERSATIONS, _save_varied
 
     root = Path(tempfile.mkdtemp(prefix="vtb-bf16-drift-"))

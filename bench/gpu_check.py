@@ -135,7 +135,8 @@ def recipe(size: str, corpus: str, lm_dir: Path, root: Path, strategy: str, work
 def train(raw: dict, root: Path, env: dict, timeout_s: float) -> dict:
     """`python -m jobs.train` on the recipe; the run's logged throughput, MFU and memory (windows after the first)."""
     import yaml
-    from mlflow.tracking import MlflowClient
+
+    from tracking.client import client_for
 
     path = root / f"{raw['run']['name']}.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -145,7 +146,7 @@ def train(raw: dict, root: Path, env: dict, timeout_s: float) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"the training job failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
     run_id = re.search(r"\[train\] MLflow run (\w+)", proc.stdout).group(1)
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    client = client_for(env["MLFLOW_TRACKING_URI"])
     out = {"strategy": raw["train"]["strategy"], "workers": raw["train"]["num_workers"], "job_s": time.time() - t0,
            # the version itself (models:/name/N), whatever alias it got
            "run_id": run_id, "model": re.search(r"registered model: .*?(models:/[\w.-]+/\d+)", proc.stdout).group(1),

@@ -1,5 +1,5 @@
 """Benchmark (not a test): a serving replica's resident memory (its own and its vLLM engines' processes) with 1 vs 3
-fine-tunes of one base LM loaded, sharing one engine (`services.engine.EngineStore`, what the chat app does: each
+fine-tunes of one base LM loaded, sharing one engine (`models.engine.EngineStore`, what the chat app does: each
 fine-tune adds its LoRA and its audio tower) and on an engine each (the baseline).
 
     python -m bench.serve_memory [--lm-hidden 512] [--lm-layers 8]
@@ -29,8 +29,8 @@ def child(dirs: list[str], share: bool) -> dict:
 
     from models.conversation import AudioPart, Conversation, TextPart, Turn
     from models.speechlm import SpeechLM
-    from services.engine import BlockingRunner, EngineSettings, EngineStore
-    from services.model_store import process_rss_bytes
+    from models.engine import BlockingRunner, EngineSettings, EngineStore
+    from services.replica_memory import process_rss_bytes
 
     def rss() -> int:
         gc.collect()

@@ -4,7 +4,7 @@ Face `generate` in static batches), under the same clients, in one run.
     python -m bench.serve_throughput [--clients 16] [--requests 64] [--max-tokens 16] [--engines vllm,hf]
 
 Two tiny fine-tunes of one base LM (random init, saved locally) are served by each engine in this process:
-- vLLM: `services.engine` (what the chat app runs), one engine for both fine-tunes (LoRAs + their audio towers);
+- vLLM: `models.engine` (what the chat app runs), one engine for both fine-tunes (LoRAs + their audio towers);
 - HF static batches: what the chat app ran before: when generation is free, every request queued meanwhile (up to
   `--clients`) is one left-padded `SpeechLM.generate()` per fine-tune, everyone in it waiting for the longest.
 Each gets the same three loads: one client at a time; N concurrent clients sending the same mixed-modal request
@@ -86,9 +86,9 @@ class VllmEngine:
     name = "vLLM (continuous batching)"
 
     def __init__(self, dirs: dict, threads: int, clients: int):
-        from services.engine import EngineSettings, EngineStore
+        from models.engine import EngineSettings, EngineStore
 
-        from services.model_store import process_rss_bytes
+        from services.replica_memory import process_rss_bytes
 
         self.store = EngineStore(EngineSettings(kv_cache_gib=0.5, cpu_threads=threads, max_num_seqs=clients))
         self.models = {k: self.store.load(str(v)) for k, v in dirs.items()}

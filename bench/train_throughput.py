@@ -70,12 +70,11 @@ def plain_loop(recipe, steps: int) -> dict:
 
 
 def ray_job(recipe, tracking_uri: str) -> dict:
-    from mlflow.tracking import MlflowClient
-
     from jobs.training.ray_run import run_training
+    from tracking.client import client_for
 
     out = run_training(recipe)
-    client = MlflowClient(tracking_uri)
+    client = client_for(tracking_uri)
     steps = [m.value for m in client.get_metric_history(out["run_id"], "throughput/steps_per_s")][1:]
     wait = [m.value for m in client.get_metric_history(out["run_id"], "data/wait_share")][1:]
     return {"steps_per_s": float(np.mean(steps)), "data_wait_share": float(np.mean(wait))}
@@ -127,7 +126,7 @@ def main() -> None:
     from jobs.recipe import parse_recipe
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=max(4, args.workers + 3), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=max(4, args.workers + 3), include_dashboard=False, log_to_driver=False)  # noqa: TID251 - an entrypoint
     tmp = Path(tempfile.mkdtemp(prefix="vtb-bench-"))
     corpus = args.corpus
     if corpus is None:

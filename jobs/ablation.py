@@ -50,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="docs/ablation", help="tables, charts and result.json per seed")
     ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     args = ap.parse_args(argv)
-    from jobs.training.console import quiet_console
+    from jobs.common.console import quiet_console
 
     quiet_console(os.environ)
     command = "python -m jobs.ablation " + shlex.join(argv if argv is not None else sys.argv[1:])
     from jobs.training.checkpoint import CheckpointMismatch
-    from jobs.training.tracking import tracking_uri_or_report
+    from tracking.client import tracking_uri_or_report
 
     args.tracking_uri = tracking_uri_or_report(args.tracking_uri, dict(os.environ))
     if args.tracking_uri is None:
@@ -64,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(in_repo(args.config))
         import ray
 
-        from jobs.training.console import quiet_ray_data
+        from jobs.common.console import quiet_ray_data
 
-        ray.init(log_to_driver=True)  # the cluster of RAY_ADDRESS (set by `ray job submit`), else a local one
+        ray.init(log_to_driver=True)  # noqa: TID251 - the cluster of RAY_ADDRESS (set by `ray job submit`), else a local one
         quiet_ray_data()
         for seed in args.seed:
             result = run_seed(cfg, seed, Path(args.root).resolve(), Path(args.out).resolve(), args.tracking_uri,

@@ -27,14 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="folder for comparison.md and comparison.png")
     ap.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
     args = ap.parse_args(argv)
-    from mlflow.tracking import MlflowClient
-
-    from jobs.training.tracking import tracking_uri_or_report
+    from tracking.client import client_for, tracking_uri_or_report
 
     args.tracking_uri = tracking_uri_or_report(args.tracking_uri, dict(os.environ))
     if args.tracking_uri is None:
         return 2
-    client = MlflowClient(args.tracking_uri, registry_uri=args.tracking_uri)
+    client = client_for(args.tracking_uri)
     if args.experiment:
         exp = client.get_experiment_by_name(args.experiment)
         if exp is None:

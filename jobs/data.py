@@ -32,7 +32,7 @@ from data_ops.importers import (HF_LAYOUTS, ImportReport, read_audio_table, read
 from data_ops.schema import DATA_TYPES, SchemaError
 from data_ops.shards import ManifestError, ShardWriter, read_manifest
 from data_ops.storage import StorageError
-from jobs.training.console import quiet_console
+from jobs.common.console import quiet_console
 
 logger = logging.getLogger("vtblender.data")
 
@@ -41,7 +41,7 @@ def _ray_init():
     import ray
 
     if not ray.is_initialized():
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True)  # noqa: TID251 - an entrypoint connects to Ray
 
 
 def _report(report: ImportReport) -> None:

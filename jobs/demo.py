@@ -71,10 +71,10 @@ def submit_and_follow(client, entrypoint: list[str], env: dict, name: str, timeo
 
 def git_version() -> dict[str, str]:
     """VTB_GIT_COMMIT / VTB_GIT_DIRTY of this checkout for the jobs' environment: `ray job submit` uploads the
-    working directory without `.git`, so the training run learns its commit from these (jobs/training/lineage.py)."""
+    working directory without `.git`, so the training run learns its commit from these (tracking/lineage.py)."""
     from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_GIT_DIRTY
 
-    from jobs.training.lineage import source_version
+    from tracking.lineage import source_version
 
     tags, _ = source_version("jobs.demo", env={})
     return ({"VTB_GIT_COMMIT": tags[MLFLOW_GIT_COMMIT], "VTB_GIT_DIRTY": tags[MLFLOW_GIT_DIRTY]}
@@ -219,11 +219,10 @@ def chat_turn(client) -> str:
 
 def report_run(recipe: dict, tracking_uri: str) -> dict:
     """The run's gate verdict and numbers from MLflow; prints where the run and the registry are."""
-    from mlflow.tracking import MlflowClient
+    from tracking.client import client_for
+    from tracking.runs import runs_named
 
-    mc = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    run = mc.search_runs([mc.get_experiment_by_name(recipe["run"]["experiment"]).experiment_id],
-                         filter_string=f"tags.`vtb.run_name` = '{recipe['run']['name']}'")[0]
+    run = runs_named(client_for(tracking_uri), recipe["run"]["experiment"], recipe["run"]["name"])[0]
     print(f"[demo] MLflow run {run.info.run_id} ({run.info.status}): {tracking_uri}/#/experiments/"
           f"{run.info.experiment_id}/runs/{run.info.run_id}")
     print(f"[demo] MLflow model registry: {tracking_uri}/#/models/{recipe['run']['registered_model']}")
@@ -252,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.job_submission import JobSubmissionClient
 
     from data_ops.tts import TTSError
-    from jobs.training.console import quiet_console
+    from jobs.common.console import quiet_console
 
     quiet_console(os.environ)
     for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):

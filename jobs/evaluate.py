@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.actors < 1 or (args.gpus_per_actor is not None and args.gpus_per_actor < 0):
         ap.error("--actors must be >= 1 and --gpus-per-actor >= 0")
-    from jobs.training.console import quiet_console
-    from services.model_store import ModelNotFound
+    from jobs.common.console import quiet_console
+    from models.saved import ModelNotFound
 
     quiet_console(os.environ)
     try:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.uris:
         suite.uris = list(args.uris)
-    from jobs.training.tracking import tracking_uri_or_report
+    from tracking.client import tracking_uri_or_report
 
     args.tracking_uri = tracking_uri_or_report(args.tracking_uri, dict(os.environ))
     if args.tracking_uri is None:
@@ -63,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import ray
 
-        from jobs.training.console import quiet_ray_data
+        from jobs.common.console import quiet_ray_data
 
-        ray.init(log_to_driver=True)  # the cluster of RAY_ADDRESS (set by `ray job submit`), else a local one
+        # the cluster of RAY_ADDRESS (set by `ray job submit`), else a local one
+        ray.init(log_to_driver=True)  # noqa: TID251 - an entrypoint connects to Ray
         quiet_ray_data()
         out = evaluate_model(args.model, suite, args.tracking_uri, args.experiment,
                              Placement(args.actors, args.gpus_per_actor, args.precision))

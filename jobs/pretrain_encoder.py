@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from transformers import AutoTokenizer
 
-    from jobs.training.console import quiet_console
+    from jobs.common.console import quiet_console
 
     quiet_console(os.environ)
     from data_ops.shards import ManifestError
@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(corpus_tokenizer_files([args.corpus], args.tokenizer_vocab_size))
     log = client = run_id = None
     if args.tracking_uri:
-        from jobs.training.tracking import client_for, create_run, log_metrics, log_params
+        from tracking.client import client_for
+        from tracking.logs import log_metrics, log_params
+        from tracking.runs import create_run
 
         client = client_for(args.tracking_uri)
         run_id = create_run(client, args.experiment, f"encoder-ctc-{out.name}")

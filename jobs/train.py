@@ -15,10 +15,10 @@ import signal
 import sys
 import time
 
+from jobs.common.console import quiet_console
 from jobs.recipe import RecipeError, load_recipe, parse_recipe
-from jobs.training.console import quiet_console
 from jobs.training.checkpoint import CheckpointMismatch
-from jobs.training.tracking import TrackingError
+from tracking.client import TrackingError
 
 
 def stopped(signum, frame):
@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from jobs.training.ray_run import run_training
 
-        ray.init(log_to_driver=True)  # the cluster of RAY_ADDRESS (set by `ray job submit`), else a local one
+        # the cluster of RAY_ADDRESS (set by `ray job submit`), else a local one
+        ray.init(log_to_driver=True)  # noqa: TID251 - an entrypoint connects to Ray
         # `ray job stop` sends SIGTERM: end as a stop (the MLflow run is marked KILLED), not as a crash
         signal.signal(signal.SIGTERM, stopped)
         out = run_training(recipe, env=dict(os.environ), sample_log_dir=args.sample_log_dir,

@@ -3,7 +3,7 @@
 `SpeechLM.save_pretrained` writes it beside the SpeechLM's own files, so every saved model (a training job's
 output, an MLflow model version) is servable by vLLM as it is: no export step, nothing converted or copied. The
 file is the LM's own config (vLLM sizes its KV cache and builds its LM from it) with `architectures` naming the
-SpeechLM's vLLM class (`services.vllm_speechlm`) and a `vtblender` section saying where the LM's weights are and
+SpeechLM's vLLM class (`models.vllm_speechlm`) and a `vtblender` section saying where the LM's weights are and
 which token marks an audio part in an engine prompt; the tokenizer's files sit beside it, where vLLM looks.
 """
 

@@ -11,7 +11,8 @@ into it to the API routes).
 - Models: `model` (an MLflow URI `models:/name@alias` / `models:/name/3`, a `runs:/` URI or a local folder) is served
   as `served_model_name`; `models` adds more fine-tunes (id -> URI). The request's `model` field picks one; each
   replica keeps up to 3 extra fine-tunes loaded (`serve.multiplexed`, least recently used evicted).
-- Engine: vLLM (`services.engine`; the model class is `services.vllm_speechlm`). With `engine.lora: shared` (the
+- Engine: vLLM (`models.engine`; the model class is `models.vllm_speechlm`), finding MLflow URIs through
+  `tracking.models`. With `engine.lora: shared` (the
   GPU default) LoRA fine-tunes of one base LM share one engine: each adds its LoRA (a vLLM LoRA) and its own encoder
   and modality adapter (the method fine-tunes those too); `merged` (the CPU default) gives each its own engine with
   the LoRA merged in. `GET /v1/stats` says what is loaded. Resources are the config's `engine:` (KV-cache space,
@@ -42,11 +43,11 @@ from ray import serve
 
 from models.config import StrictModel
 from models.conversation import ConversationError
+from models.engine import EngineSettings
 from services.chat_generation import EngineLoad, Row, generate_row, sse
-from services.engine import EngineSettings
-from services.model_store import process_rss_bytes
 from services.openai_protocol import (CHAT_REQUEST_SCHEMA, APIError, ChatRequest, Limits, parse_chat_request,
                                      read_body)
+from services.replica_memory import process_rss_bytes
 
 
 class ServeConfig(StrictModel):
@@ -94,7 +95,8 @@ async def _conversation_error(request: Request, e: ConversationError) -> JSONRes
 class ChatDeployment:
     async def __init__(self, config: dict):
         from models.precision import inference_dtype, resolve_device
-        from services.engine import EngineStore
+        from models.engine import EngineStore
+        from tracking.models import model_resolver
 
         self.cfg = ServeConfig.model_validate(config)
         self.device = resolve_device(self.cfg.device)
@@ -104,7 +106,7 @@ class ChatDeployment:
         if self.cfg.api_key_env and not self.api_key:
             raise RuntimeError(f"api_key_env={self.cfg.api_key_env!r} but that environment variable is not set")
         self.created = int(time.time())
-        self.store = EngineStore(self.cfg.engine, self.cfg.tracking_uri, str(self.device), self.dtype)
+        self.store = EngineStore(self.cfg.engine, model_resolver(self.cfg.tracking_uri), str(self.device), self.dtype)
         self.load = EngineLoad()
         self._streams: set[asyncio.Task] = set()  # streaming generations running (kept referenced)
         # load the default model now, and hear a short silence with it: a replica is healthy only when it can answer

@@ -1,4 +1,4 @@
-"""Generation for the chat app: requests as rows on the vLLM engine (`services.engine`), streamed or not, and OpenAI
+"""Generation for the chat app: requests as rows on the vLLM engine (`models.engine`), streamed or not, and OpenAI
 SSE chunks.
 
 Every request, streaming or not, becomes a `Row`, run on its fine-tune's engine as soon as it arrives: the engine

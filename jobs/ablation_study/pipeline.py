@@ -21,7 +21,7 @@ from jobs.recipe import Recipe
 def export_text_lm(model_uri: str, tracking_uri: str, out: Path) -> Path:
     """The text LM of a trained (text-only) SpeechLM as a standalone Hugging Face checkpoint with its tokenizer:
     what `lm_pretrained` expects (the same code path as a real Gemma checkpoint)."""
-    from services.model_store import load_speechlm
+    from tracking.models import load_speechlm
 
     model = load_speechlm(model_uri, tracking_uri=tracking_uri)
     tmp = out.with_name(out.name + ".partial")
@@ -38,7 +38,9 @@ def pretrain_encoder_logged(cfg: AblationConfig, text_lm: Recipe, corpus: str, e
 
     from jobs.training.encoder_pretraining import pretrain_encoder
     from jobs.training.plan import resolve
-    from jobs.training.tracking import client_for, create_run, log_metrics, log_params
+    from tracking.client import client_for
+    from tracking.logs import log_metrics, log_params
+    from tracking.runs import create_run
 
     client = client_for(tracking_uri)
     run_id = create_run(client, cfg.experiment, f"{cfg.name}-encoder-ctc-s{seed}", tags={"vtb.ablation": cfg.name})
@@ -64,13 +66,12 @@ def evaluate_models(state: SeedState, labels: list[str], suite, root: Path, trac
 
 
 def run_seed(cfg: AblationConfig, seed: int, root: Path, out: Path, tracking_uri: str, command: str) -> dict:
-    from mlflow.tracking import MlflowClient
-
     from data_ops.demo_corpus import build_demo_corpus
     from data_ops.shards import ManifestError, read_manifest
     from jobs.evaluation.compare import compare_runs
     from jobs.evaluation.suite import load_suite
     from jobs.training.ray_run import run_training
+    from tracking.client import client_for
 
     t0, memory = time.time(), PeakMemory()
     root.mkdir(parents=True, exist_ok=True)
@@ -122,7 +123,7 @@ def run_seed(cfg: AblationConfig, seed: int, root: Path, out: Path, tracking_uri
     suite.uris = [eval_corpus]
     evaluate_models(state, ["text-lm", *cfg.recipes], suite, root, tracking_uri, cfg.experiment)
     # 6. the table, chart and claims
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    client = client_for(tracking_uri)
     labels = ["text-lm", *cfg.recipes]
     runs = [client.get_run(state["evaluated"][label]) for label in labels]
     metrics = [f"eval/{suite.name}/{m}" for m in cfg.metrics]

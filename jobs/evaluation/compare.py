@@ -60,7 +60,7 @@ def compare_runs(tracking_uri: str, runs: list, out: Path, *, suite: str | None 
     """Table + chart of the evaluation metrics of `runs` (MLflow Run objects) written to `out` and logged as a
     new run (tagged `vtb.kind=comparison`) in the first run's experiment. Returns (markdown, comparison run id).
     Raises ValueError when no run has evaluation metrics."""
-    from jobs.training.tracking import client_for
+    from tracking.client import client_for
 
     prefix = f"eval/{suite}/" if suite else "eval/"
     rows = [((names[i] if names else None) or r.info.run_name or r.info.run_id[:8],

@@ -1,7 +1,7 @@
 """Evaluation of a trained SpeechLM on a suite: Ray Data batch inference, scoring, the content check, and logging to
 MLflow (what `python -m jobs.evaluate` runs, and the ablation's evaluation steps).
 
-Every task's rows go through one pool of actors holding the model on the serving engine (vLLM, `services.engine`:
+Every task's rows go through one pool of actors holding the model on the serving engine (vLLM, `models.engine`:
 what is evaluated is what is served; loaded once per actor, not per task); each conversation is cut before its last
 assistant turn and answered greedily (the reference is that last assistant turn). The content check (on the trained
 PyTorch model, as the promotion gate measures it) runs meanwhile as a Ray task. Scores: ASR WER per language, AST
@@ -37,9 +37,9 @@ def transcription_request(conv, lang: str):
 
 
 def load_for_inference(model_uri: str, tracking_uri: str | None, precision: str) -> "EngineModel":
-    """The model on the serving engine (`services.engine`), on this Ray worker's device (a GPU when it was given
+    """The model on the serving engine (`models.engine`), on this Ray worker's device (a GPU when it was given
     one), in `precision`'s dtype there: what is evaluated is what is served."""
-    from jobs.training.console import quiet_console
+    from jobs.common.console import quiet_console
 
     quiet_console(os.environ)  # a Ray worker: no download progress bars in the job log
     return EngineModel(model_uri, tracking_uri, precision)
@@ -54,11 +54,12 @@ class EngineModel:
 
     def __init__(self, model_uri: str, tracking_uri: str | None, precision: str):
         from models.precision import inference_dtype, resolve_device
-        from services.engine import BlockingRunner, EngineSettings, EngineStore
+        from models.engine import BlockingRunner, EngineSettings, EngineStore
+        from tracking.models import model_resolver
 
         device = resolve_device("auto")
         self.dtype = inference_dtype(device, precision)
-        self.store = EngineStore(EngineSettings(**self.SETTINGS), tracking_uri, str(device), self.dtype)
+        self.store = EngineStore(EngineSettings(**self.SETTINGS), model_resolver(tracking_uri), str(device), self.dtype)
         self.run = BlockingRunner()
         self.served = self.store.load(model_uri)
 
@@ -212,11 +213,11 @@ def score(suite: Suite, task: EvalTask, rows: list[dict]) -> dict[str, float]:
 def _content_check_task(suite: Suite, model_uri: str, tracking_uri: str | None, precision: str) -> dict[str, float]:
     """The content check on the trained PyTorch model, as the promotion gate measures it: a property of the weights
     (does the model read its audio), not of the engine; it needs no engine of its own beside the predictors'."""
-    from jobs.training.console import quiet_console
-    from jobs.training.content import content_probe
+    from jobs.common.console import quiet_console
+    from jobs.common.content import content_probe
     from models.content_check import content_gap
     from models.precision import inference_dtype, resolve_device
-    from services.model_store import load_speechlm
+    from tracking.models import load_speechlm
 
     convs = content_probe(suite.uris, suite.endpoint_url, size=suite.content_check)
     if not convs:
@@ -236,31 +237,22 @@ def content_check(suite: Suite, model_uri: str, tracking_uri: str | None, placem
     return task.remote(suite, model_uri, tracking_uri, placement.precision)
 
 
-def training_run_of(model_uri: str, tracking_uri: str | None) -> str | None:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
-    if model_uri.startswith("runs:/"):
-        return model_uri[len("runs:/"):].split("/")[0]
-    if model_uri.startswith("models:/"):
-        from services.model_store import registered_version
-
-        return registered_version(client, model_uri).run_id
-    return None
-
-
 def evaluate_model(model_uri: str, suite: Suite, tracking_uri: str, experiment: str = "vtblender-eval",
                    placement: Placement = Placement()) -> dict:
     """Run every task of `suite` on the model and log metrics + per-sample table to MLflow: to the model's training
     run (registry or runs:/ URIs), else to a new run in `experiment`. Needs a connected Ray (`ray.init`, the
     caller's). Returns {"run_id", "metrics", "samples", "seconds"}; raises ModelNotFound / ManifestError."""
-    from jobs.training.tracking import client_for, experiment_id, log_metrics
-    from services.model_store import is_local_model, resolve_model_dir
+    from models.saved import is_local_model
+    from tracking.client import client_for
+    from tracking.experiments import experiment_id
+    from tracking.logs import log_metrics
+    from tracking.models import resolve_model_dir
+    from tracking.registry import training_run_of
 
     model_dir = resolve_model_dir(model_uri, tracking_uri)  # fail before any worker if the model is not there
     if is_local_model(model_uri):  # the actors run in another working directory: a relative folder is lost there
         model_uri = str(model_dir.resolve())
-    run_id = training_run_of(model_uri, tracking_uri)
+    run_id = training_run_of(client_for(tracking_uri), model_uri)
     t0 = time.time()
     all_metrics: dict[str, float] = {}
     samples: dict[str, list] = defaultdict(list)
@@ -303,10 +295,8 @@ def evaluate_model(model_uri: str, suite: Suite, tracking_uri: str, experiment: 
 def logged_samples(client, run_id: str, suite_name: str, task: str) -> list[dict]:
     """The rows of `task` in the per-sample table `evaluate_model` logged to `run_id` for suite `suite_name`
     (id, prediction, reference, ...), sorted by id: what per-sample statistics are computed from."""
-    import tempfile
+    from tracking.artifacts import read_json
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = client.download_artifacts(run_id, f"eval/{suite_name}/samples.json", tmp)
-        table = json.loads(Path(path).read_text())
+    table = read_json(client, run_id, f"eval/{suite_name}/samples.json")
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     return sorted((r for r in rows if r["task"] == task), key=lambda r: r["id"])

@@ -1,8 +1,5 @@
-"""Training metrics: a typed window of what happened since the last log line, and an explicit MLflow logger.
-
-No global MLflow state: `MlflowRunLogger` holds its own client and run id (`mlflow.set_tracking_uri` /
-`mlflow.start_run` would make every later call in the process write to whatever run was started last).
-"""
+"""Training metrics: a typed window of what happened since the last log line (`tracking.logs.MlflowRunLogger` logs
+them to the run)."""
 
 from __future__ import annotations
 
@@ -89,39 +86,3 @@ class MetricsWindow:
             out[f"{prefix}loss/{t}"] = float(np.mean(as_floats(v)))
             out[f"mix/{t}_batches"] = float(len(v))
         return out
-
-
-class MlflowRunLogger:
-    """Logs to one existing MLflow run through an explicit client; optionally samples system metrics (CPU, GPU,
-    memory) into the same run, as `mlflow.start_run(log_system_metrics=True)` would, without a global active run."""
-
-    def __init__(self, tracking_uri: str, run_id: str, *, system_metrics: bool = False):
-        from jobs.training.tracking import client_for
-
-        self.client = client_for(tracking_uri)
-        self.run_id = run_id
-        self.monitor = None
-        if system_metrics:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self.monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=tracking_uri)
-            self.monitor.start()
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from jobs.training.tracking import log_metrics
-
-        log_metrics(self.client, self.run_id, metrics, step)
-
-    def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, local_dir, artifact_path)
-
-    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, local_path, artifact_path)
-
-    def log_dict(self, obj: dict, artifact_file: str) -> None:
-        self.client.log_dict(self.run_id, obj, artifact_file)
-
-    def close(self) -> None:
-        if self.monitor is not None:
-            self.monitor.finish()
-            self.monitor = None

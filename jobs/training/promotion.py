@@ -114,10 +114,10 @@ def measure(plan, tokenizer_files: dict | None, model_uri: str, tracking_uri: st
     first speech stage started from (None: the recipe's `lm_pretrained`, or a random init without one)."""
     import torch
 
-    from jobs.training.content import first_conversations
+    from jobs.common.content import first_conversations
     from models.content_check import answer_loss, content_gap
     from models.precision import resolve_device
-    from services.model_store import load_speechlm
+    from tracking.models import load_speechlm
 
     settings, endpoint = plan.promote, plan.data.endpoint_url
     uris = settings.eval_uris or plan.corpus_uris

@@ -26,14 +26,16 @@ import json
 import os
 from pathlib import Path
 
+from jobs.common.console import WORKER_ENV
 from jobs.recipe import Recipe
-from jobs.training.console import WORKER_ENV
 from jobs.training.plan import RunPlan, resolve
 from jobs.training.preflight import (check_cluster_fits, check_paths_on_every_node, check_resumable, check_run,
                                      tokenizer_files_for)
-from jobs.training.lineage import log_lineage
-from jobs.training.tracking import (RECIPE_TAG, RUN_TAG, client_for, end_status, find_or_create_run, log_metrics,
-                                   log_params, resolve_tracking_uri)
+from tracking.client import client_for, resolve_tracking_uri
+from tracking.lineage import log_lineage
+from tracking.logs import log_metrics, log_params
+from tracking.registry import register_run_model
+from tracking.runs import RECIPE_TAG, end_status, find_or_create_run, resume_run
 
 # The environment a worker needs from the driver's (object storage and MLflow credentials, Ray's auth mode, and the
 # network interfaces the collectives bind: gloo, which takes the host-side collectives, binds to whatever the host
@@ -73,8 +75,8 @@ def mlflow_run_for(plan: RunPlan, tracking_uri: str, data_summary: dict) -> str:
         params = flat_params(plan.recipe)
         params.update({f"data_summary.{t}.{k}": str(v) for t, d in data_summary.items() for k, v in d.items()})
         log_params(client, run_id, params)
-    elif client.get_run(run_id).info.status != "RUNNING":
-        client.update_run(run_id, status="RUNNING")
+    else:
+        resume_run(client, run_id)
     return run_id
 
 
@@ -118,32 +120,6 @@ def promotion_verdict(plan: RunPlan, tokenizer_files: dict | None, tracking_uri:
     log_metrics(client_for(tracking_uri), run_id, {f"promote/{k}": v for k, v in measures.items()
                                                     if isinstance(v, float)})
     return decide(measures, plan.promote)
-
-
-def register_model(plan: RunPlan, tracking_uri: str, run_id: str, verdict) -> str | None:
-    """Tag the run with the gate's verdict; register the run's `model` artifact as a new version of
-    `run.registered_model`, tagged the same, with `run.alias` only when the verdict passed (an alias that serving
-    follows keeps pointing at the last version that passed). Returns `models:/name/version` (None without a
-    registered_model)."""
-    from mlflow.exceptions import MlflowException
-
-    client = client_for(tracking_uri)
-    tags = verdict.tags()
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
-    name = plan.run.registered_model
-    if not name:
-        return None
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description="VoiceTextBlender SpeechLM (vtblender)")
-    run = client.get_run(run_id)
-    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run_id,
-                                          tags={RUN_TAG: plan.run.name, **tags})
-    if verdict.passed:
-        client.set_registered_model_alias(name, plan.run.alias, version.version)
-    return f"models:/{name}/{version.version}"
 
 
 def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str | None = None, log=print,
@@ -216,7 +192,11 @@ def _train_and_register(plan: RunPlan, env: dict, tracking_uri: str, run_id: str
     first_speech = plan.first_speech_stage
     start_from = checkpoints[first_speech - 1] if first_speech else None
     verdict = promotion_verdict(plan, tokenizer_files, tracking_uri, run_id, start_from, worker_env)
-    registered = register_model(plan, tracking_uri, run_id, verdict)
+    # the gate's verdict tags the run and the version; the recipe's alias only when every gate passed (an alias
+    # that serving follows keeps pointing at the last version that passed)
+    registered = register_run_model(client_for(tracking_uri), run_id, plan.run.registered_model,
+                                    run_name=plan.run.name, tags=verdict.tags(),
+                                    alias=plan.run.alias if verdict.passed else None)
     if verdict.enabled:
         where = (f"{registered} {'with' if verdict.passed else 'WITHOUT'} the alias @{plan.run.alias}"
                  if registered else "no registered_model")

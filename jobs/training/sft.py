@@ -333,7 +333,7 @@ def prepare_model(job: WorkerJob, rank: int, world: int, device):
 def content_monitor(job: WorkerJob, rank: int, sharded: bool):
     """(probe conversations, `ContentMonitor`) of the content check; no probe when this rank takes no part or the
     stage trains no ASR. Under FSDP every rank takes part (each forward gathers the shards)."""
-    from jobs.training.content import ContentMonitor, content_probe
+    from jobs.common.content import ContentMonitor, content_probe
 
     data = job.plan.data
     asr_src = data.sources.get("asr_ast")
@@ -352,8 +352,9 @@ def train_loop_per_worker(config: dict) -> None:
     from data_ops.mix_sampler import mix_sampler
     from data_ops.shar_datasource import row_to_conversation
     from jobs.training.batches import BatchPrefetcher
-    from jobs.training.console import quiet_console, quiet_ray_data
-    from jobs.training.metrics import MetricsWindow, MlflowRunLogger
+    from jobs.common.console import quiet_console, quiet_ray_data
+    from jobs.training.metrics import MetricsWindow
+    from tracking.logs import MlflowRunLogger
     from models.processor import move_batch
 
     quiet_console(os.environ)

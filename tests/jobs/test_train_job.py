@@ -75,7 +75,7 @@ def test_two_stage_run_on_two_nodes_survives_a_lost_node_and_registers(stack, ra
     from jobs.recipe import RecipeError, parse_recipe
     from jobs.training.ray_run import check_paths_on_every_node
     from jobs.training.sft import probe_conversation
-    from services.model_store import load_speechlm
+    from tracking.models import load_speechlm
 
     env = stack.env()
     _write_corpus("s3://vtb-it/corpus", corpus_conversations, env)
@@ -238,7 +238,7 @@ def _check_lineage(mc, run, exp, corpus_conversations) -> None:
     assert run.data.tags["mlflow.source.git.commit"] == head
     assert run.data.tags["mlflow.source.git.dirty"] == str(dirty).lower()
     assert run.data.tags["mlflow.source.name"].startswith("python -m jobs.train --config")
-    from jobs.training.lineage import source_digest
+    from tracking.lineage import source_digest
 
     assert run.data.tags["vtb.source.digest"] == source_digest()  # the uploaded working directory is this code
     inputs = {d.dataset.name.split()[0]: d for d in run.inputs.dataset_inputs}
@@ -338,7 +338,7 @@ def test_non_gemma_lms_train_on_imported_data_and_change_only_what_the_recipe_tr
     from jobs.training.preflight import tokenizer_files_for
     from jobs.training.sft import build_model
     from jobs.training.tokenizer import load_tokenizer as load_tokenizer_files
-    from services.model_store import load_speechlm
+    from tracking.models import load_speechlm
 
     env = stack.env()
     corpus = str(tmp_path / "corpus")

@@ -236,7 +236,7 @@ def test_an_error_in_the_data_thread_reaches_the_training_loop(tmp_path):
 
 
 def test_content_monitor_warns_once_after_warmup_when_the_audio_path_is_dead(make_model, audio):
-    from jobs.training.content import ContentMonitor
+    from jobs.common.content import ContentMonitor
     from models.conversation import AudioPart, Conversation, TextPart, Turn
 
     model = make_model()
@@ -313,7 +313,7 @@ def test_a_changed_recipe_under_an_old_run_name_gets_its_own_mlflow_run(tmp_path
     with another recipe (its run folder deleted to start again) gets a new run, whose params are its own."""
     from jobs.recipe import load_recipe
     from jobs.training.ray_run import mlflow_run_for
-    from jobs.training.tracking import client_for
+    from tracking.client import client_for
 
     recipe = load_recipe(Path(__file__).resolve().parents[2] / "jobs/recipes/mini/joint.yaml")
     changed = recipe.model_copy(deep=True)

@@ -9,7 +9,7 @@ import pytest
 def loop():
     """Runs a coroutine on one event loop for the module's engines (an engine serves the loop it first generated
     on): `loop(coro)` returns its result."""
-    from services.engine import BlockingRunner
+    from models.engine import BlockingRunner
 
     runner = BlockingRunner()
     yield lambda coro: runner(coro, timeout=300)

@@ -23,7 +23,7 @@ def model(tmp_path_factory, loop):  # the engine stops before its event loop doe
     from models.config import tiny
     from models.speechlm import build_speechlm
     from models.tokenizer import build_tiny_tokenizer
-    from services.engine import EngineSettings, EngineStore
+    from models.engine import EngineSettings, EngineStore
 
     torch.manual_seed(3)
     m = build_speechlm(tiny(), tokenizer=build_tiny_tokenizer(["hello there, how are you?"]))

@@ -7,7 +7,7 @@ import torch
 
 from models.config import tiny
 from models.precision import computed_buffers
-from services.model_store import base_lm_key
+from models.saved import base_lm_key
 from tests.services.serve_app import save_fine_tunes
 
 
@@ -21,9 +21,9 @@ def test_only_equal_bases_are_shared(tmp_path):
 
 
 def test_an_engines_audio_tower_in_bf16_keeps_its_computed_buffers_fp32(tmp_path):
-    """The tower `services.vllm_speechlm` builds for each fine-tune (the engine builds under its dtype as torch's
+    """The tower `models.vllm_speechlm` builds for each fine-tune (the engine builds under its dtype as torch's
     default): the mel filterbank, window and position frequencies stay fp32 beside bf16 weights."""
-    from services.vllm_speechlm import _build_tower, _speech_config
+    from models.vllm_speechlm import _build_tower, _speech_config
 
     folder = save_fine_tunes(tmp_path, ["a"], config=tiny(encoder_kind="whisper"))["a"]
     default = torch.get_default_dtype()

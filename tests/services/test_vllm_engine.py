@@ -1,4 +1,4 @@
-"""The served model is the trained model: vLLM (`services.engine`) answers token for token as the SpeechLM's own
+"""The served model is the trained model: vLLM (`models.engine`) answers token for token as the SpeechLM's own
 `generate` on the same saved folder, in fp32, for text, audio and mixed prompts, for a base model and LoRA
 fine-tunes: with the LoRAs applied per request, two fine-tunes sharing one engine (their LoRAs and audio towers
 picked per request, in one batch), and with each LoRA merged into its own engine's weights.
@@ -70,7 +70,7 @@ def saved(tmp_path_factory):
 @pytest.fixture(scope="module", params=["shared", pytest.param("merged", marks=pytest.mark.slow)])
 def served(saved, loop, request):
     """The three models on engines, their LoRAs applied per request (shared) or merged into the weights."""
-    from services.engine import EngineSettings, EngineStore
+    from models.engine import EngineSettings, EngineStore
 
     store = EngineStore(EngineSettings(kv_cache_gib=0.25, max_num_seqs=8, lora=request.param))
     models = {name: store.load(str(d)) for name, d in saved.items()}

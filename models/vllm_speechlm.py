@@ -1,7 +1,7 @@
 """The SpeechLM as a vLLM model: the serving engine's view of a directory written by `SpeechLM.save_pretrained`.
 
 vLLM serves it the way it serves Ultravox: an out-of-tree multimodal model registered through vLLM's plugin entry
-point (`vllm.general_plugins` in pyproject.toml -> `services.vllm_plugin.register`). The parts:
+point (`vllm.general_plugins` in pyproject.toml -> `models.vllm_plugin.register`). The parts:
 
 - weights: the saved directory itself is the vLLM model folder. `config.json` (written beside the SpeechLM's own
   files by `models.engine_config.write_engine_config`) is the LM's config with `architectures` naming this class;

@@ -12,4 +12,4 @@ def register() -> None:
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "services.vllm_speechlm:VTBlenderSpeechLM")
+        ModelRegistry.register_model(ARCHITECTURE, "models.vllm_speechlm:VTBlenderSpeechLM")

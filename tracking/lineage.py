@@ -15,8 +15,8 @@ from pathlib import Path
 from mlflow.utils.mlflow_tags import (MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_DIRTY, MLFLOW_GIT_REPO_URL,
                                       MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE)
 
-REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("jobs", "models", "data_ops", "services")
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("jobs", "models", "data_ops", "services", "tracking")
 SOURCE_UNKNOWN_TAG = "vtb.source.unknown"
 SOURCE_DIGEST_TAG = "vtb.source.digest"
 DIFF_ARTIFACT = "source/uncommitted.diff"

@@ -1,13 +1,17 @@
-"""The serving engine: trained SpeechLMs on vLLM (`services/vllm_speechlm.py`), as the chat app and batch
+"""The serving engine: trained SpeechLMs on vLLM (`models/vllm_speechlm.py`), as the chat app and batch
 evaluation use them.
 
-`EngineStore.load(uri)` gives a `ServedModel` for a saved SpeechLM (an MLflow URI or a folder). Which fine-tunes
-share an engine (the rule, `EngineSettings.lora`): with `shared` (the default on a GPU), fine-tunes whose LM is the
-same base (`model_store.base_lm_key`: the same pretrained checkpoint, or byte-equal saved base weights) share one
-vLLM engine, each with its LM's LoRA as a vLLM LoRA and its own audio tower (encoder and modality adapter, which the
-method fine-tunes too), read by the engine the first time one of its audios comes. With `merged` (the default on a
-CPU, where vLLM's LoRA costs an einsum per token), each fine-tune's LoRA is merged into a copy of its LM and it has
-an engine of its own. A model without a LoRA (a frozen or fully trained LM) has an engine of its own either way.
+`EngineStore.load(uri)` gives a `ServedModel` for a saved SpeechLM: a local folder, or whatever name the store's
+`resolve` function turns into one (the callers give `tracking.models.model_resolver` for MLflow URIs; this module
+knows nothing of MLflow).
+
+Which fine-tunes share an engine (the rule, `EngineSettings.lora`): with `shared` (the default on a GPU), fine-tunes
+whose LM is the same base (`models.saved.base_lm_key`: the same pretrained checkpoint, or byte-equal saved base
+weights) share one vLLM engine, each with its LM's LoRA as a vLLM LoRA and its own audio tower (encoder and modality
+adapter, which the method fine-tunes too), read by the engine the first time one of its audios comes. With `merged`
+(the default on a CPU, where vLLM's LoRA costs an einsum per token), each fine-tune's LoRA is merged into a copy of
+its LM and it has an engine of its own. A model without a LoRA (a frozen or fully trained LM) has an engine of its
+own either way.
 
 `ServedModel` does what a request needs: the exact training prompt (`prompt`: the model's own
 `ConversationProcessor`, audio collapsed to one marker per part for vLLM to expand), and `generate`, an async
@@ -25,14 +29,14 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from models.config import StrictModel
-from services.model_store import base_lm_key, resolve_model_dir
+from models.saved import base_lm_key, local_model_dir
 
 
 class EngineSettings(StrictModel):
@@ -86,7 +90,7 @@ class ServedModel:
 
     def _engine_prompt(self, encoded) -> dict:
         """An encoded conversation as the engine takes it, its audio heard by this fine-tune's tower."""
-        from services.vllm_speechlm import TOWER_KWARG, engine_prompt
+        from models.vllm_speechlm import TOWER_KWARG, engine_prompt
 
         prompt = engine_prompt(encoded, self.processor.audio_token_count, self.marker_id)
         if encoded.audios:
@@ -153,10 +157,12 @@ class ServedModel:
 class EngineStore:
     """vLLM engines for saved SpeechLMs, shared by fine-tunes of one base LM (module docstring). Thread-safe."""
 
-    def __init__(self, settings: EngineSettings | None = None, tracking_uri: str | None = None,
+    def __init__(self, settings: EngineSettings | None = None, resolve: Callable[[str], Path] | None = None,
                  device: str = "cpu", dtype=None):
+        """`resolve`: a model's name -> its local folder (default: names are folders)."""
         self.settings = settings or EngineSettings()
-        self.tracking_uri, self.device, self.dtype = tracking_uri, device, dtype
+        self.resolve = resolve or local_model_dir
+        self.device, self.dtype = device, dtype
         self._engines: dict[str, object] = {}
         self._loras: dict[str, set[str]] = {}
         self._users: dict[str, int] = {}  # engine key -> served models using it
@@ -173,9 +179,9 @@ class EngineStore:
         from models.engine_config import ENGINE_CONFIG_FILE, audio_marker_id
         from models.processor import ConversationProcessor
         from models.speechlm import CONFIG_FILE, LORA_DIR, TOKENIZER_DIR
-        from services.vllm_speechlm import AudioGeometry
+        from models.vllm_speechlm import AudioGeometry
 
-        folder = resolve_model_dir(uri, self.tracking_uri).resolve()
+        folder = self.resolve(uri).resolve()
         if not (folder / ENGINE_CONFIG_FILE).is_file():
             _write_engine_config(folder)
         cfg = SpeechLMConfig.model_validate_json((folder / CONFIG_FILE).read_text())
