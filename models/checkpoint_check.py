@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from models.config import SpeechLMConfig, checkpoint_source
+from models.skeleton import lm_skeleton
 from models.speechlm import check_lora_targets
 
 
@@ -48,13 +48,7 @@ def checkpoint_problems(cfg: SpeechLMConfig) -> list[str]:
                                 f"mel bins, the config says n_mels={cfg.n_mels}")
     if cfg.lm.mode == "lora" and not isinstance(cfg.lm.lora.target_modules, str):
         try:  # the LM's layers, built on the meta device from its config (no weights read)
-            if cfg.lm.pretrained:
-                lm_config = AutoConfig.from_pretrained(checkpoint_source(cfg.lm.pretrained, "lm.pretrained"))
-            else:
-                kw = dict(cfg.lm.config)
-                lm_config = AutoConfig.for_model(kw.pop("model_type"), **kw)
-            with torch.device("meta"):
-                check_lora_targets(AutoModelForCausalLM.from_config(lm_config), cfg.lm.lora.target_modules)
+            check_lora_targets(lm_skeleton(cfg), cfg.lm.lora.target_modules)
         except ValueError as err:
             problems.append(str(err))
         except OSError as err:

@@ -1,5 +1,7 @@
 """The house rules that standard tools check (`make lint`: ruff and import-linter, configured in pyproject.toml),
-run here too so that `make test` fails on them; and file length, which neither tool has a rule for."""
+run here too so that `make test` fails on them; and file length, which neither tool has a rule for: 600 lines for
+any file, 300 for an entrypoint (`jobs/*.py`: parse, connect, call components, print; library code lives in the
+component packages)."""
 
 from __future__ import annotations
 
@@ -32,3 +34,11 @@ def test_no_tracked_file_runs_past_600_lines():
         if lines > 600:
             long_files.append(f"{name} ({lines} lines)")
     assert long_files == []
+
+
+def test_entrypoints_stay_thin():
+    entrypoints = [p for p in sorted((ROOT / "jobs").glob("*.py")) if b'if __name__ == "__main__":' in p.read_bytes()]
+    assert len(entrypoints) >= 8  # demo, data, train, pretrain_encoder, evaluate, compare, ablation, convert_nemo
+    long_entrypoints = [f"{p.relative_to(ROOT)} ({n} lines)" for p in entrypoints
+                        if (n := p.read_bytes().count(b"\n")) > 300]
+    assert long_entrypoints == []
