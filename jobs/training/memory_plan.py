@@ -405,7 +405,7 @@ def largest_batches(plan, model) -> list[BatchShape]:
             frame_s = audio_s / audio_positions if audio_positions else 0.0
             audio_s = min(audio_s, positions * frame_s)
         # the largest batch of this type in any stage (a stage may set its own, e.g. the demo's text-LM stage)
-        batch = max(stage.batch_sizes[dtype] for stage in plan.stages)
+        batch = max([src.batch_size] + [stage.batch_sizes[dtype] for stage in plan.stages])
         out.append(_within_budget(BatchShape(dtype, batch, positions, round(audio_s, 3)), src, model,
                                   cfg.sampling_rate))
     return out

@@ -130,8 +130,9 @@ def run_training(recipe: Recipe, *, env: dict | None = None, sample_log_dir: str
     path. The MLflow run ends FINISHED, or FAILED / KILLED when an error or a stop (Ctrl-C, SIGTERM) ends it first."""
     env = dict(os.environ if env is None else env)
     plan = resolve(recipe)  # the one place the recipe is derived from: workers get the plan
-    plan, data_summary = check_run(plan, log)
+    plan, data_summary = check_run(plan)
     tracking_uri = resolve_tracking_uri(plan.run.tracking_uri, env)
+    log(f"[train] recipe OK; data: {json.dumps(data_summary)}")
     storage_path, fs = ray_storage(plan.run.storage_path, plan.data.endpoint_url)
     check_resumable(plan, storage_path, fs)
     run_id = mlflow_run_for(plan, tracking_uri, data_summary)

@@ -68,7 +68,7 @@ def test_each_derivation_is_made_once_by_the_driver_and_never_below_it(tmp_path,
     recipe = _two_stage(_corpus(tmp_path / "corpus", pcm_audio), tmp_path)
     plan = resolve(recipe)
     assert counted == {"model configs": 2, "fingerprints": 1, "manifest reads": 0}  # one config per stage
-    plan, _ = check_run(plan, log=lambda _: None)
+    plan, _ = check_run(plan)
     files = tokenizer_files_for(plan)
     run_memory_plan(plan)
     assert counted == {"model configs": 2, "fingerprints": 1, "manifest reads": 1}  # one corpus, read once
