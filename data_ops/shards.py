@@ -108,6 +108,12 @@ def read_manifest(uri: str, endpoint_url: str | None = None) -> CorpusManifest:
     return CorpusManifest.from_json(text, where)
 
 
+def known_manifest(uri: str, endpoint_url: str | None = None, known: dict | None = None) -> CorpusManifest:
+    """The manifest of `uri` from `known` (by URI: manifests a caller has read already, e.g. a training run's data
+    check), else read now."""
+    return (known or {}).get(uri) or read_manifest(uri, endpoint_url)
+
+
 class ShardWriter:
     """Stream cuts of each data type into Shar shards at `out_uri`; `close()` writes the manifest.
 

@@ -80,13 +80,13 @@ def corpus_datasets(sources: dict[str, list[str]], endpoint_url: str | None, con
     the type (which shards, how many cuts), and the counts (profile). `manifests` (by URI): those already read."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    from data_ops.shards import read_manifest
+    from data_ops.shards import known_manifest
 
     inputs = []
     for dtype, uris in sources.items():
         entries, cuts, hours, shards = [], 0, 0.0, 0
         for uri in uris:
-            info = ((manifests or {}).get(uri) or read_manifest(uri, endpoint_url)).types.get(dtype)
+            info = known_manifest(uri, endpoint_url, manifests).types.get(dtype)
             if info is None:
                 continue
             entries.append({"uri": uri, "shards": [s.__dict__ for s in info.shards]})

@@ -17,11 +17,11 @@ def first_conversations(corpus_uris: Sequence[str], data_type: str, size: int,
     """The first `size` good rows of `data_type` of the corpora, in manifest order, as conversations (corpora
     without that type are passed over). `manifests` (by URI): the corpora's, where the caller has read them."""
     from data_ops.shar_datasource import is_error_row, iter_corpus_rows, row_to_conversation
-    from data_ops.shards import read_manifest
+    from data_ops.shards import known_manifest
 
     out: list = []
     for uri in corpus_uris:
-        manifest = (manifests or {}).get(uri) or read_manifest(uri, endpoint_url)
+        manifest = known_manifest(uri, endpoint_url, manifests)
         if data_type not in manifest.types:
             continue
         for row in iter_corpus_rows(uri, data_type, endpoint_url=endpoint_url, manifest=manifest):

@@ -443,7 +443,7 @@ def run_memory_plan(plan) -> tuple[Plan, str]:
     sharded_over = tr.fsdp_shard_size or tr.num_workers
     vocab = plan.recipe.model.tokenizer_vocab_size if plan.offline_tokenizer else None
     plans = []
-    for cfg in {s.model.model_dump_json(): s.model for s in plan.stages}.values():
+    for cfg, _ in plan.distinct_models():
         model = skeleton(cfg, vocab_size=vocab)
         plans.append(plan_memory(shapes(model), largest_batches(plan, model), mode, strategy=tr.strategy,
                                  world=sharded_over, gpu=tr.use_gpu,

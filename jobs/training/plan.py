@@ -94,6 +94,14 @@ class RunPlan:
     def corpus_uris(self) -> list[str]:
         return sorted({u for src in self.data.sources.values() for u in src.uris})
 
+    def distinct_models(self) -> list[tuple[SpeechLMConfig, list[str]]]:
+        """Each distinct model config the stages train, with the names of the stages that train it (a staged recipe
+        changes the LM mode; stages that share a config share its checks and its memory plan)."""
+        out: dict[str, tuple[SpeechLMConfig, list[str]]] = {}
+        for stage in self.stages:
+            out.setdefault(stage.model.model_dump_json(), (stage.model, []))[1].append(stage.name)
+        return list(out.values())
+
     def with_manifests(self, manifests: dict[str, CorpusManifest]) -> "RunPlan":
         return dataclasses.replace(self, manifests=dict(manifests))
 

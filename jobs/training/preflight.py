@@ -28,8 +28,7 @@ def check_model(plan: RunPlan) -> None:
     (each distinct config checked once: stages differ in LM mode, which decides whether LoRA targets apply)."""
     from models.checkpoint_check import checkpoint_problems
 
-    configs = {s.model.model_dump_json(): s.model for s in plan.stages}
-    problems = list(dict.fromkeys(p for cfg in configs.values() for p in checkpoint_problems(cfg)))
+    problems = list(dict.fromkeys(p for cfg, _ in plan.distinct_models() for p in checkpoint_problems(cfg)))
     if problems:
         raise RecipeError("the recipe's model cannot be built from its checkpoints:\n" +
                           "\n".join(f"  {p}" for p in problems))
@@ -121,15 +120,9 @@ def check_report(plan: RunPlan) -> str:
     data = check_data(plan)
     plan = plan.with_manifests(data.manifests)
     vocab = plan.recipe.model.tokenizer_vocab_size if plan.offline_tokenizer else None
-    models = []  # each distinct model the stages train (a staged recipe changes the LM mode)
-    for stage in plan.stages:
-        if all(stage.model != cfg for cfg, _ in models):
-            models.append((stage.model, [stage.name]))
-        else:
-            next(names for cfg, names in models if cfg == stage.model).append(stage.name)
     described = [describe_model(cfg, vocab) if len(plan.stages) == 1 else
                  f"stage {', '.join(names)} (LM {cfg.lm.mode}):\n" + describe_model(cfg, vocab)
-                 for cfg, names in models]
+                 for cfg, names in plan.distinct_models()]
     return "\n".join([*described, json.dumps(data.summary, indent=1), run_memory_plan(plan)[1]])
 
 

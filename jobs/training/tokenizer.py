@@ -24,11 +24,11 @@ def corpus_texts(uris: Sequence[str], endpoint_url: str | None = None, rows_per_
     and transcription becomes spelling. `manifests` (by URI): the corpora's, where the caller has read them.
     """
     from data_ops.shar_datasource import iter_cut_dicts
-    from data_ops.shards import read_manifest
+    from data_ops.shards import known_manifest
 
     texts: list[str] = []
     for uri in dict.fromkeys(uris):
-        manifest = (manifests or {}).get(uri) or read_manifest(uri, endpoint_url)
+        manifest = known_manifest(uri, endpoint_url, manifests)
         for dtype in manifest.types:
             for i, cut in enumerate(iter_cut_dicts(uri, dtype, endpoint_url=endpoint_url, manifest=manifest)):
                 if i >= rows_per_type:
